@@ -1,0 +1,481 @@
+"""The layered-storage contract (Docker's graphdriver, kept recognisable) and the
+machinery every driver shares.
+
+Contract (:class:`Driver`)::
+
+    create(id, parent=None, opts) -> Layer   new *writable* layer; content = parent's
+    freeze(id, frozen_id) -> Layer            new *frozen* (read-only) layer holding id's
+                                              current content; id stays writable, unchanged
+    remove(id)                                idempotent; deferred while children exist
+    get(id, mount_label="") -> Path           refcounted; frozen layers give a read-only view
+    put(id)                                   idempotent
+    exists(id) -> bool
+    status() -> [(key, value)]
+    cleanup()                                 release mounts, finish deferred work, drop leftovers
+    resize(id, size_bytes)                    raise a writable layer's size limit
+    diff(id, parent) -> tar stream            OCI layer tar of id relative to parent
+    changes(id, parent) -> [Change]
+    apply_diff(id, parent, stream) -> int     apply an OCI layer tar onto writable id
+    diff_size(id, parent) -> int
+
+Rules: only frozen layers are parents; IDs pass :func:`csi.ids.check_layer_id` before
+anything else; every error is a :mod:`csi.errors` type.
+
+:class:`LayerDriver` implements the contract once — ID checks, per-layer locks,
+the crash-safe record protocol (:mod:`csi.graphdriver.metadata`), reference counts,
+deferred removal, start-up reconciliation — and leaves the storage work to a few
+primitives (``_make``, ``_freeze``, ``_destroy``, ``_activate``, ``_deactivate``, ...).
+
+Crash protocol: *create* records ``creating`` first, does the disk work, then marks
+``ready``; *remove* marks ``removing`` (forget first), destroys, then deletes the record.
+At start-up :meth:`LayerDriver.reconcile` rolls back ``creating`` layers (or lets the
+driver finish a freeze through ``_recover_freeze``), finishes ``removing`` ones, removes
+on-disk entries no record knows of, frees hidden layers without children, and brings
+mounts back in line with the persisted reference counts.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import IO, ClassVar
+
+from csi.errors import AlreadyExists, Busy, InvalidArgument, NotFound, StrataError, Unsupported
+from csi.graphdriver.metadata import Layer, LayerKind, LayerState, LayerStore
+from csi.ids import check_layer_id
+
+__all__ = [
+    "Capacity", "Change", "ChangeKind", "CreateOpts", "Driver", "Layer", "LayerDriver", "LayerKind", "LayerState",
+]
+
+
+@dataclass(frozen=True)
+class CreateOpts:
+    """Options of :meth:`Driver.create`. ``size_bytes`` None means no limit."""
+
+    size_bytes: int | None = None
+    mount_label: str = ""
+    storage_opt: Mapping[str, str] | None = None
+
+
+class ChangeKind(str, Enum):
+    ADDED = "added"
+    MODIFIED = "modified"
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True)
+class Change:
+    path: str  # absolute, within the layer ("/a/b")
+    kind: ChangeKind
+
+
+@dataclass(frozen=True)
+class Capacity:
+    total_bytes: int
+    available_bytes: int
+
+
+class Driver(ABC):
+    """The public contract. See the module docstring."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def create(self, layer_id: str, parent: str | None = None, opts: CreateOpts | None = None) -> Layer: ...
+
+    @abstractmethod
+    def freeze(self, layer_id: str, frozen_id: str) -> Layer: ...
+
+    @abstractmethod
+    def remove(self, layer_id: str) -> None: ...
+
+    @abstractmethod
+    def get(self, layer_id: str, mount_label: str = "") -> Path: ...
+
+    @abstractmethod
+    def put(self, layer_id: str) -> None: ...
+
+    @abstractmethod
+    def exists(self, layer_id: str) -> bool: ...
+
+    @abstractmethod
+    def layer(self, layer_id: str) -> Layer: ...
+
+    @abstractmethod
+    def layers(self) -> list[Layer]: ...
+
+    @abstractmethod
+    def status(self) -> list[tuple[str, str]]: ...
+
+    @abstractmethod
+    def cleanup(self) -> None: ...
+
+    @abstractmethod
+    def resize(self, layer_id: str, size_bytes: int) -> None: ...
+
+    @abstractmethod
+    def capacity(self) -> Capacity: ...
+
+    @abstractmethod
+    def diff(self, layer_id: str, parent: str | None = None) -> IO[bytes]: ...
+
+    @abstractmethod
+    def changes(self, layer_id: str, parent: str | None = None) -> list[Change]: ...
+
+    @abstractmethod
+    def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int: ...
+
+    @abstractmethod
+    def diff_size(self, layer_id: str, parent: str | None = None) -> int: ...
+
+
+class LayerDriver(Driver):
+    """Shared machinery; subclasses implement the primitives below.
+
+    ``home`` is the driver's own directory (``<root>/<name>``), created by ``__init__``.
+    Subclasses keep their ``__init__`` signature ``(home, options)`` and raise
+    NotSupported / PrerequisitesMissing / IncompatibleFilesystem from ``check_support``.
+    """
+
+    name: ClassVar[str] = "abstract"
+
+    def __init__(self, home: str | os.PathLike[str], options: Mapping[str, str] | None = None) -> None:
+        self.home = Path(home)
+        self.options: Mapping[str, str] = dict(options or {})
+        self.check_support(self.home, self.options)
+        self.home.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.home, 0o700)
+        self.store = LayerStore(self.home)
+        self._locks: dict[str, threading.RLock] = {}
+        self._locks_guard = threading.Lock()
+        self._setup()
+        self.reconcile()
+
+    # ------------------------------------------------------------------ primitives
+
+    @classmethod
+    def check_support(cls, home: Path, options: Mapping[str, str]) -> None:
+        """Raise a DriverUnavailable subclass when this driver cannot run for ``home``."""
+
+    def _setup(self) -> None:
+        """Prepare the home (sub-directories, quota set-up). Runs before reconcile."""
+
+    @abstractmethod
+    def _make(self, layer: Layer, parent: Layer | None) -> None:
+        """Create ``layer`` (writable) on disk with the content of ``parent``; enforce
+        ``layer.size_bytes`` where possible. May leave partial state on failure:
+        ``_destroy`` must clean it."""
+
+    @abstractmethod
+    def _freeze(self, source: Layer, frozen: Layer) -> str | None:
+        """Create ``frozen`` on disk holding ``source``'s current content.
+
+        ``frozen.parent`` is set to ``source.parent`` by the caller. Return the ID that
+        ``source`` should have as parent afterwards (``frozen.id`` when the driver rebased
+        ``source`` onto the new layer, as overlay does), or ``source.parent``.
+        ``source.mounts`` tells whether it is in use."""
+
+    def _recover_freeze(self, source: Layer, frozen: Layer) -> str | None | bool:
+        """A freeze was interrupted by a crash. Either finish it and return the parent
+        ``source`` must have (like ``_freeze``), or return False to roll it back
+        (``_destroy(frozen)`` follows). Default: roll back."""
+        return False
+
+    @abstractmethod
+    def _destroy(self, layer_id: str) -> None:
+        """Remove everything on disk for ``layer_id``; tolerate partial or absent state."""
+
+    @abstractmethod
+    def _on_disk(self) -> set[str]:
+        """IDs of the layers present on disk (to find orphans)."""
+
+    @abstractmethod
+    def _path(self, layer: Layer) -> Path:
+        """Where ``get`` exposes the layer's full content."""
+
+    def _activate(self, layer: Layer, chain: list[Layer], mount_label: str) -> None:
+        """Make ``_path(layer)`` show the content (mount). ``chain`` = layer, parent, ...
+        Frozen layers must be exposed read-only."""
+
+    def _deactivate(self, layer: Layer) -> None:
+        """Undo ``_activate``; tolerate an already-gone mount."""
+
+    def _is_active(self, layer: Layer) -> bool:
+        """Whether ``_activate`` is in effect (used by reconcile). Default: always."""
+        return True
+
+    def _set_size(self, layer: Layer, size_bytes: int) -> None:
+        """Apply a size limit to an existing writable layer. Default: unsupported."""
+        raise Unsupported(f"{self.name}: {self.size_enforcement()}")
+
+    def size_enforcement(self) -> str:
+        """One line for ``status()``: how (or why not) sizes are enforced."""
+        return "none"
+
+    def _status_extra(self) -> list[tuple[str, str]]:
+        return []
+
+    def _usage(self, layer: Layer) -> int | None:
+        """Bytes the layer itself occupies, if cheaply known."""
+        return None
+
+    # ------------------------------------------------------------------ helpers
+
+    @contextmanager
+    def _locked(self, *layer_ids: str) -> Iterator[None]:
+        """Hold the per-layer locks of ``layer_ids`` (sorted, to avoid deadlocks)."""
+        locks = []
+        with self._locks_guard:
+            for lid in sorted(set(i for i in layer_ids if i)):
+                locks.append(self._locks.setdefault(lid, threading.RLock()))
+        for lock in locks:
+            lock.acquire()
+        try:
+            yield
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+
+    def _visible(self, layer_id: str, what: str = "layer") -> Layer:
+        check_layer_id(layer_id, what)
+        layer = self.store.get(layer_id)
+        if layer is None or layer.hidden or layer.state is not LayerState.READY:
+            raise NotFound(f"{what} {layer_id} does not exist")
+        return layer
+
+    def chain(self, layer_id: str) -> list[Layer]:
+        """The layer and its ancestors, nearest first."""
+        result: list[Layer] = []
+        current: str | None = layer_id
+        while current is not None:
+            layer = self.store.require(current)
+            result.append(layer)
+            current = layer.parent
+            if len(result) > 10_000:
+                raise StrataError(f"parent cycle at layer {layer_id}")
+        return result
+
+    def _live_children(self, layer_id: str) -> list[Layer]:
+        return [c for c in self.store.children(layer_id) if c.state is not LayerState.REMOVING]
+
+    # ------------------------------------------------------------------ contract
+
+    def create(self, layer_id: str, parent: str | None = None, opts: CreateOpts | None = None) -> Layer:
+        check_layer_id(layer_id)
+        opts = opts or CreateOpts()
+        if opts.size_bytes is not None and opts.size_bytes < 0:
+            raise InvalidArgument(f"size must not be negative, got {opts.size_bytes}")
+        with self._locked(layer_id, parent or ""):
+            if self.store.get(layer_id) is not None:
+                raise AlreadyExists(f"layer {layer_id} already exists")
+            parent_layer = None
+            if parent is not None:
+                parent_layer = self._visible(parent, "parent layer")
+                if not parent_layer.frozen:
+                    raise InvalidArgument(f"parent layer {parent} is writable: only frozen layers can be parents")
+            layer = Layer(id=layer_id, parent=parent, kind=LayerKind.WRITABLE, size_bytes=opts.size_bytes)
+            self.store.insert(layer)
+            try:
+                self._make(layer, parent_layer)
+            except BaseException:
+                self._rollback(layer_id)
+                raise
+            return self.store.update(layer_id, state=LayerState.READY)
+
+    def _rollback(self, layer_id: str) -> None:
+        try:
+            self._destroy(layer_id)
+        finally:
+            self.store.delete(layer_id)
+
+    def freeze(self, layer_id: str, frozen_id: str) -> Layer:
+        check_layer_id(layer_id)
+        check_layer_id(frozen_id, "frozen layer id")
+        with self._locked(layer_id, frozen_id):
+            source = self._visible(layer_id)
+            if source.frozen:
+                raise InvalidArgument(f"layer {layer_id} is already frozen")
+            if self.store.get(frozen_id) is not None:
+                raise AlreadyExists(f"layer {frozen_id} already exists")
+            frozen = Layer(id=frozen_id, parent=source.parent, kind=LayerKind.FROZEN, origin=layer_id)
+            self.store.insert(frozen)
+            try:
+                new_parent = self._freeze(source, frozen)
+            except BaseException:
+                self._rollback(frozen_id)
+                raise
+            with self.store.transaction():
+                if new_parent != source.parent:
+                    self.store.update(layer_id, parent=new_parent)
+                return self.store.update(frozen_id, state=LayerState.READY)
+
+    def remove(self, layer_id: str) -> None:
+        check_layer_id(layer_id)
+        with self._locked(layer_id):
+            layer = self.store.get(layer_id)
+            if layer is None or layer.hidden:
+                return
+            if layer.mounts > 0:
+                raise Busy(f"layer {layer_id} is in use ({layer.mounts} mount reference(s))")
+            if self._live_children(layer_id):
+                self.store.update(layer_id, hidden=True)
+                return
+            self._remove_now(layer)
+
+    def _remove_now(self, layer: Layer) -> None:
+        self.store.update(layer.id, state=LayerState.REMOVING)
+        self._destroy(layer.id)
+        self.store.delete(layer.id)
+        if layer.parent is not None:
+            self._free_if_orphaned(layer.parent)
+
+    def _free_if_orphaned(self, layer_id: str) -> None:
+        """Remove a hidden layer once its last child is gone (cascades up)."""
+        parent = self.store.get(layer_id)
+        if parent is not None and parent.hidden and parent.mounts == 0 and not self._live_children(layer_id):
+            with self._locked(layer_id):
+                self._remove_now(parent)
+
+    def get(self, layer_id: str, mount_label: str = "") -> Path:
+        check_layer_id(layer_id)
+        with self._locked(layer_id):
+            layer = self._visible(layer_id)
+            if layer.mounts == 0 or not self._is_active(layer):
+                self._activate(layer, self.chain(layer_id), mount_label)
+            try:
+                self.store.update(layer_id, mounts=layer.mounts + 1)
+            except BaseException:
+                if layer.mounts == 0:
+                    self._deactivate(layer)
+                raise
+            return self._path(layer)
+
+    def put(self, layer_id: str) -> None:
+        check_layer_id(layer_id)
+        with self._locked(layer_id):
+            layer = self.store.get(layer_id)
+            if layer is None or layer.mounts == 0:
+                return
+            if layer.mounts == 1:
+                self._deactivate(layer)
+            self.store.update(layer_id, mounts=layer.mounts - 1)
+
+    def exists(self, layer_id: str) -> bool:
+        try:
+            self._visible(layer_id)
+        except (NotFound, InvalidArgument):
+            return False
+        return True
+
+    def layer(self, layer_id: str) -> Layer:
+        return self._visible(layer_id)
+
+    def layers(self) -> list[Layer]:
+        return [l for l in self.store.all() if l.state is LayerState.READY and not l.hidden]
+
+    def resize(self, layer_id: str, size_bytes: int) -> None:
+        if size_bytes < 0:
+            raise InvalidArgument(f"size must not be negative, got {size_bytes}")
+        with self._locked(layer_id):
+            layer = self._visible(layer_id)
+            if layer.frozen:
+                raise InvalidArgument(f"layer {layer_id} is frozen: its size cannot change")
+            if layer.size_bytes is not None and size_bytes < layer.size_bytes:
+                raise InvalidArgument(f"cannot shrink layer {layer_id} from {layer.size_bytes} to {size_bytes} bytes")
+            self._set_size(layer, size_bytes)
+            self.store.update(layer_id, size_bytes=size_bytes)
+
+    def capacity(self) -> Capacity:
+        st = os.statvfs(self.home)
+        return Capacity(total_bytes=st.f_blocks * st.f_frsize, available_bytes=st.f_bavail * st.f_frsize)
+
+    def usage(self, layer_id: str) -> int | None:
+        return self._usage(self._visible(layer_id))
+
+    def status(self) -> list[tuple[str, str]]:
+        all_layers = self.store.all()
+        cap = self.capacity()
+        return [
+            ("driver", self.name),
+            ("home", str(self.home)),
+            ("layers", str(sum(1 for l in all_layers if not l.hidden))),
+            ("frozen layers", str(sum(1 for l in all_layers if l.frozen and not l.hidden))),
+            ("hidden layers (removal deferred)", str(sum(1 for l in all_layers if l.hidden))),
+            ("size enforcement", self.size_enforcement()),
+            ("capacity bytes", str(cap.total_bytes)),
+            ("available bytes", str(cap.available_bytes)),
+            *self._status_extra(),
+        ]
+
+    # ------------------------------------------------------------------ recovery
+
+    def reconcile(self) -> None:
+        """Bring disk and records back in line after a crash (see module docstring)."""
+        for layer in self.store.all():
+            if layer.state is LayerState.REMOVING:
+                self._destroy(layer.id)
+                self.store.delete(layer.id)
+            elif layer.state is LayerState.CREATING:
+                self._recover_creating(layer)
+        known = {l.id for l in self.store.all()}
+        for orphan in self._on_disk() - known:
+            self._destroy(orphan)
+        for layer in self.store.all():
+            if layer.hidden:
+                self._free_if_orphaned(layer.id)
+        for layer in self.store.all():
+            if layer.state is LayerState.READY and layer.mounts > 0 and not self._is_active(layer):
+                self._activate(layer, self.chain(layer.id), "")
+
+    def _recover_creating(self, layer: Layer) -> None:
+        source = self.store.get(layer.origin) if layer.origin else None
+        if layer.frozen and source is not None and source.state is LayerState.READY:
+            outcome = self._recover_freeze(source, layer)
+            if outcome is not False:
+                with self.store.transaction():
+                    if outcome != source.parent:
+                        self.store.update(source.id, parent=outcome)
+                    self.store.update(layer.id, state=LayerState.READY)
+                return
+        self._rollback(layer.id)
+
+    def cleanup(self) -> None:
+        """Release every mount, finish deferred removals, drop on-disk leftovers."""
+        self.reconcile()
+        for layer in self.store.all():
+            if layer.mounts > 0:
+                with self._locked(layer.id):
+                    self._deactivate(layer)
+                    self.store.update(layer.id, mounts=0)
+        for layer in self.store.all():
+            if layer.hidden:
+                self._free_if_orphaned(layer.id)
+
+    # ------------------------------------------------------------------ diffs (naive default)
+
+    def diff(self, layer_id: str, parent: str | None = None) -> IO[bytes]:
+        from csi.graphdriver.naive_diff import NaiveDiffer
+
+        return NaiveDiffer(self).diff(layer_id, parent)
+
+    def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
+        from csi.graphdriver.naive_diff import NaiveDiffer
+
+        return NaiveDiffer(self).changes(layer_id, parent)
+
+    def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int:
+        from csi.graphdriver.naive_diff import NaiveDiffer
+
+        return NaiveDiffer(self).apply_diff(layer_id, parent, stream)
+
+    def diff_size(self, layer_id: str, parent: str | None = None) -> int:
+        from csi.graphdriver.naive_diff import NaiveDiffer
+
+        return NaiveDiffer(self).diff_size(layer_id, parent)

@@ -1,0 +1,188 @@
+"""Crash-safe layer records: one sqlite3 database (WAL) per driver home.
+
+On-disk layout: ``<home>/layers.db`` with one table::
+
+    layers(id TEXT PRIMARY KEY, parent TEXT NULL, kind TEXT, size_bytes INTEGER NULL,
+           state TEXT, hidden INTEGER, mounts INTEGER, origin TEXT NULL,
+           created REAL, extra TEXT)
+
+``state`` is ``creating`` (intent recorded, disk work may be half done),
+``ready`` (committed) or ``removing`` (forgotten, disk work may be half done).
+``mounts`` is the persisted get/put reference count. ``origin`` is the writable layer a
+frozen layer was frozen from (for a freeze in progress, it is what recovery needs).
+``extra`` is a small JSON object a driver may use for its own per-layer facts.
+Every write is its own transaction (``synchronous=FULL``): once a call returns, the
+record survives ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from csi.errors import AlreadyExists, NotFound
+
+
+class LayerKind(str, Enum):
+    WRITABLE = "writable"  # a volume: read-write, never a parent
+    FROZEN = "frozen"  # a snapshot: read-only, may be a parent
+
+
+class LayerState(str, Enum):
+    CREATING = "creating"
+    READY = "ready"
+    REMOVING = "removing"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer's record."""
+
+    id: str
+    parent: str | None
+    kind: LayerKind
+    size_bytes: int | None = None
+    state: LayerState = LayerState.CREATING
+    hidden: bool = False
+    mounts: int = 0
+    origin: str | None = None
+    created: float = field(default_factory=time.time)
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def frozen(self) -> bool:
+        return self.kind is LayerKind.FROZEN
+
+    def with_(self, **changes: Any) -> Layer:
+        return replace(self, **changes)
+
+
+_COLUMNS = ("id", "parent", "kind", "size_bytes", "state", "hidden", "mounts", "origin", "created", "extra")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS layers (
+    id TEXT PRIMARY KEY,
+    parent TEXT,
+    kind TEXT NOT NULL,
+    size_bytes INTEGER,
+    state TEXT NOT NULL,
+    hidden INTEGER NOT NULL DEFAULT 0,
+    mounts INTEGER NOT NULL DEFAULT 0,
+    origin TEXT,
+    created REAL NOT NULL,
+    extra TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent);
+"""
+
+
+def _row_to_layer(row: tuple[Any, ...]) -> Layer:
+    d = dict(zip(_COLUMNS, row))
+    return Layer(
+        id=d["id"],
+        parent=d["parent"],
+        kind=LayerKind(d["kind"]),
+        size_bytes=d["size_bytes"],
+        state=LayerState(d["state"]),
+        hidden=bool(d["hidden"]),
+        mounts=int(d["mounts"]),
+        origin=d["origin"],
+        created=float(d["created"]),
+        extra=json.loads(d["extra"] or "{}"),
+    )
+
+
+class LayerStore:
+    """The records of one driver home. Thread-safe; every method is one transaction."""
+
+    FILENAME = "layers.db"
+
+    def __init__(self, home: Path) -> None:
+        self.path = Path(home) / self.FILENAME
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Group several writes atomically."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def get(self, layer_id: str) -> Layer | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {','.join(_COLUMNS)} FROM layers WHERE id=?", (layer_id,)).fetchone()
+        return _row_to_layer(row) if row else None
+
+    def require(self, layer_id: str) -> Layer:
+        layer = self.get(layer_id)
+        if layer is None:
+            raise NotFound(f"layer {layer_id} does not exist")
+        return layer
+
+    def all(self) -> list[Layer]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {','.join(_COLUMNS)} FROM layers ORDER BY created, id").fetchall()
+        return [_row_to_layer(r) for r in rows]
+
+    def children(self, layer_id: str) -> list[Layer]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {','.join(_COLUMNS)} FROM layers WHERE parent=? ORDER BY id", (layer_id,)
+            ).fetchall()
+        return [_row_to_layer(r) for r in rows]
+
+    def insert(self, layer: Layer) -> None:
+        values = (
+            layer.id, layer.parent, layer.kind.value, layer.size_bytes, layer.state.value,
+            int(layer.hidden), layer.mounts, layer.origin, layer.created, json.dumps(layer.extra),
+        )
+        try:
+            with self._lock:
+                self._db.execute(f"INSERT INTO layers ({','.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})", values)
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(f"layer {layer.id} already exists") from exc
+
+    def update(self, layer_id: str, **fields: Any) -> Layer:
+        """Set the given columns; returns the updated record."""
+        sets, values = [], []
+        for key, value in fields.items():
+            if key not in _COLUMNS or key == "id":
+                raise KeyError(key)
+            if isinstance(value, Enum):
+                value = value.value
+            elif key == "extra":
+                value = json.dumps(value)
+            elif isinstance(value, bool):
+                value = int(value)
+            sets.append(f"{key}=?")
+            values.append(value)
+        with self._lock:
+            cur = self._db.execute(f"UPDATE layers SET {','.join(sets)} WHERE id=?", (*values, layer_id))
+            if cur.rowcount != 1:
+                raise NotFound(f"layer {layer_id} does not exist")
+        return self.require(layer_id)
+
+    def delete(self, layer_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM layers WHERE id=?", (layer_id,))
