@@ -269,6 +269,8 @@ class LayerDriver(Driver):
 
     def create(self, layer_id: str, parent: str | None = None, opts: CreateOpts | None = None) -> Layer:
         check_layer_id(layer_id)
+        if parent is not None:
+            check_layer_id(parent, "parent layer id")
         opts = opts or CreateOpts()
         if opts.size_bytes is not None and opts.size_bytes < 0:
             raise InvalidArgument(f"size must not be negative, got {opts.size_bytes}")
@@ -381,6 +383,7 @@ class LayerDriver(Driver):
         return [l for l in self.store.all() if l.state is LayerState.READY and not l.hidden]
 
     def resize(self, layer_id: str, size_bytes: int) -> None:
+        check_layer_id(layer_id)
         if size_bytes < 0:
             raise InvalidArgument(f"size must not be negative, got {size_bytes}")
         with self._locked(layer_id):
@@ -433,6 +436,9 @@ class LayerDriver(Driver):
         for layer in self.store.all():
             if layer.state is LayerState.READY and layer.mounts > 0 and not self._is_active(layer):
                 self._activate(layer, self.chain(layer.id), "")
+            elif layer.state is LayerState.READY and layer.mounts == 0:
+                # a crash between _activate and the refcount update leaves a mount nobody holds
+                self._deactivate(layer)
 
     def _recover_creating(self, layer: Layer) -> None:
         source = self.store.get(layer.origin) if layer.origin else None

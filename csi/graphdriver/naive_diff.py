@@ -1,0 +1,241 @@
+"""The naive differ: diffs of drivers without a native one, by walking two trees.
+
+``NaiveDiffer(driver)`` mounts the layer and the parent with ``driver.get`` (and
+``put``s them afterwards) and compares the two trees path by path.
+
+A path is *added* (only in the layer), *deleted* (only in the parent; paths below a
+deleted directory are implied, not listed) or *modified*: a different type, mode,
+uid/gid, device number, size, mtime (ns), xattr set, symlink target, hard-link group
+(the paths sharing the inode), or — when all of that is equal — different content
+(``verify_content``, on by default: copies keep mtimes and timestamps can be coarse, so
+size+mtime alone may miss an overwrite; ``False`` gives an rsync-like quick check).
+A directory with changes below it is listed as modified too (as Docker does), so its
+metadata travels with the diff. A directory counts as *replaced* when the parent had
+entries in it and none of their names is left: the tar then carries an opaque marker
+instead of one whiteout per old entry.
+
+``diff`` writes the OCI layer tar (:mod:`csi.graphdriver.ocitar`) into an anonymous
+temporary file in the driver home, so the mounts are released before the caller reads.
+``diff_size`` is **the length in bytes of that tar stream** (headers and padding
+included), computed by writing the same stream into a counter.
+``apply_diff`` applies a tar onto the writable layer ``id`` whose parent must be
+``parent``, and returns the content bytes of the regular files it wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+from csi.errors import InvalidArgument
+from csi.graphdriver.ocitar import LayerTarWriter, apply_tar, read_xattrs
+from csi.ids import check_layer_id
+
+if TYPE_CHECKING:
+    from csi.graphdriver.base import Change, LayerDriver
+
+_COMPARE_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class DiffEntry:
+    """One step of a diff, in tar order (a directory before its content)."""
+
+    path: str  # relative, "a/b"
+    kind: str  # "added" | "modified" | "deleted" | "opaque"
+    implied: bool = False  # a deletion covered by its directory's opaque marker
+
+
+class _Tree:
+    """``lstat`` of every path below a root, and the hard-link groups."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+        self.stats: dict[str, os.stat_result] = {}
+        self.children: dict[str, list[str]] = {"": []}
+        self._groups: dict[tuple[int, int], list[str]] = {}
+        if root is not None:
+            self._scan("")
+
+    def _scan(self, rel: str) -> None:
+        assert self.root is not None
+        names: list[str] = []
+        with os.scandir(self.root / rel if rel else self.root) as it:
+            for entry in it:
+                child = f"{rel}/{entry.name}" if rel else entry.name
+                st = entry.stat(follow_symlinks=False)
+                self.stats[child] = st
+                names.append(entry.name)
+                if stat.S_ISDIR(st.st_mode):
+                    self.children[child] = []
+                    self._scan(child)
+                elif st.st_nlink > 1:
+                    self._groups.setdefault((st.st_dev, st.st_ino), []).append(child)
+        self.children[rel] = sorted(names)
+
+    def path(self, rel: str) -> Path:
+        assert self.root is not None
+        return self.root / rel
+
+    def link_group(self, rel: str) -> frozenset[str]:
+        st = self.stats[rel]
+        if st.st_nlink <= 1 or stat.S_ISDIR(st.st_mode):
+            return frozenset((rel,))
+        return frozenset(self._groups.get((st.st_dev, st.st_ino), [rel]))
+
+
+class NaiveDiffer:
+    """Diff, changes, apply and size by walking trees (see module docstring)."""
+
+    def __init__(self, driver: LayerDriver, *, verify_content: bool = True) -> None:
+        self.driver = driver
+        self.verify_content = verify_content
+
+    # ------------------------------------------------------------------ contract
+
+    def diff(self, layer_id: str, parent: str | None = None) -> IO[bytes]:
+        out = tempfile.TemporaryFile(dir=self.driver.home)
+        try:
+            self._write(layer_id, parent, out)
+            out.seek(0)
+        except BaseException:
+            out.close()
+            raise
+        return out
+
+    def diff_size(self, layer_id: str, parent: str | None = None) -> int:
+        counter = _Counter()
+        self._write(layer_id, parent, counter)  # type: ignore[arg-type]
+        return counter.count
+
+    def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
+        from csi.graphdriver.base import Change, ChangeKind
+
+        with self._trees(layer_id, parent) as (new, old):
+            entries = list(self.compare(new, old))
+        return [Change("/" + e.path, ChangeKind(e.kind)) for e in entries if e.kind != "opaque"]
+
+    def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int:
+        check_layer_id(layer_id)
+        if parent is not None:
+            check_layer_id(parent, "parent layer id")
+        layer = self.driver.layer(layer_id)
+        if layer.frozen:
+            raise InvalidArgument(f"layer {layer_id} is frozen: a diff can only be applied to a writable layer")
+        if layer.parent != parent:
+            raise InvalidArgument(f"layer {layer_id} has parent {layer.parent!r}, not {parent!r}")
+        root = self.driver.get(layer_id)
+        try:
+            return apply_tar(root, stream)
+        finally:
+            self.driver.put(layer_id)
+
+    # ------------------------------------------------------------------ walking
+
+    @contextmanager
+    def _trees(self, layer_id: str, parent: str | None) -> Iterator[tuple[_Tree, _Tree]]:
+        check_layer_id(layer_id)
+        if parent is not None:
+            check_layer_id(parent, "parent layer id")
+        self.driver.layer(layer_id)
+        if parent is not None:
+            self.driver.layer(parent)
+        with ExitStack() as stack:
+            new_root = self.driver.get(layer_id)
+            stack.callback(self.driver.put, layer_id)
+            old_root = None
+            if parent is not None:
+                old_root = self.driver.get(parent)
+                stack.callback(self.driver.put, parent)
+            yield _Tree(new_root), _Tree(old_root)
+
+    def compare(self, new: _Tree, old: _Tree) -> Iterator[DiffEntry]:
+        """The diff entries of ``new`` against ``old``, in tar order."""
+        yield from self._compare_dir("", new, old, old_is_dir=old.root is not None)
+
+    def _compare_dir(self, rel: str, new: _Tree, old: _Tree, *, old_is_dir: bool) -> Iterator[DiffEntry]:
+        new_names = new.children.get(rel, [])
+        old_names = old.children.get(rel, []) if old_is_dir else []
+        opaque = bool(old_names) and not set(old_names) & set(new_names)
+        if opaque:
+            yield DiffEntry(rel, "opaque")
+        for name in sorted(set(old_names) - set(new_names)):
+            yield DiffEntry(f"{rel}/{name}" if rel else name, "deleted", implied=opaque)
+        for name in new_names:
+            child = f"{rel}/{name}" if rel else name
+            st = new.stats[child]
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if name not in old_names:
+                yield DiffEntry(child, "added")
+                if is_dir:
+                    yield from self._compare_dir(child, new, old, old_is_dir=False)
+                continue
+            ost = old.stats[child]
+            if not is_dir:
+                if self._differs(child, st, ost, new, old):
+                    yield DiffEntry(child, "modified")
+                continue
+            below = list(self._compare_dir(child, new, old, old_is_dir=stat.S_ISDIR(ost.st_mode)))
+            if below or self._differs(child, st, ost, new, old):
+                yield DiffEntry(child, "modified")
+            yield from below
+
+    def _differs(self, rel: str, st: os.stat_result, ost: os.stat_result, new: _Tree, old: _Tree) -> bool:
+        if (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns) != (ost.st_mode, ost.st_uid, ost.st_gid, ost.st_mtime_ns):
+            return True
+        mode = st.st_mode
+        if not stat.S_ISDIR(mode):
+            if st.st_size != ost.st_size or st.st_nlink != ost.st_nlink:
+                return True
+            if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) and st.st_rdev != ost.st_rdev:
+                return True
+            if st.st_nlink > 1 and new.link_group(rel) != old.link_group(rel):
+                return True
+        if stat.S_ISLNK(mode) and os.readlink(new.path(rel)) != os.readlink(old.path(rel)):
+            return True
+        if read_xattrs(new.path(rel)) != read_xattrs(old.path(rel)):
+            return True
+        if stat.S_ISREG(mode) and self.verify_content and (st.st_dev, st.st_ino) != (ost.st_dev, ost.st_ino):
+            return not _same_content(new.path(rel), old.path(rel))
+        return False
+
+    def _write(self, layer_id: str, parent: str | None, out: IO[bytes]) -> None:
+        with self._trees(layer_id, parent) as (new, old), LayerTarWriter(out) as writer:
+            for entry in self.compare(new, old):
+                if entry.kind == "opaque":
+                    writer.add_opaque(entry.path)
+                elif entry.kind == "deleted":
+                    if not entry.implied:
+                        writer.add_whiteout(entry.path)
+                else:
+                    writer.add(new.path(entry.path), entry.path, new.stats[entry.path])
+
+
+class _Counter:
+    """A write-only sink that counts bytes (for :meth:`NaiveDiffer.diff_size`)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def write(self, data: bytes) -> int:
+        self.count += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.count
+
+
+def _same_content(a: Path, b: Path) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            chunk_a, chunk_b = fa.read(_COMPARE_CHUNK), fb.read(_COMPARE_CHUNK)
+            if chunk_a != chunk_b:
+                return False
+            if not chunk_a:
+                return True
