@@ -20,12 +20,15 @@ redirects and the native diff is exact), ``metacopy=off`` (every copied-up file 
 its data, so the upper dir is a complete diff), ``xino=off`` (plain inode numbers).
 Lowers are short names relative to ``<home>/l`` (the mount's ``cwd``); beyond one page
 ``csi.mount`` uses ``fsconfig(lowerdir+)``, so chains reach the kernel's 500 lowers.
+A chain (a layer and its ancestors) is at most ``max_chain`` = 500 layers; ``create``
+beyond it raises OutOfRange.
 
 Freeze (a snapshot of writable layer S into frozen layer F):
 
 * S not mounted — O(1): S's diff dir is renamed to become F's diff (F.parent = S.parent),
   S gets a fresh empty diff dir (same root mode, owner, times) and is rebased onto F.
-* S mounted — cost of the bytes S changed since its parent: S's upper dir is copied into
+* S mounted (or already as deep as a chain may be, ``max_chain``) — cost of the bytes S
+  changed since its parent: S's upper dir is copied into
   F (extents cloned where the filesystem can, e.g. btrfs); S keeps its parent. The
   copy reads the live upper dir: every file is copied as it is at that moment (overlay
   copy-ups are atomic renames from the work dir), but files written during the copy are
@@ -60,7 +63,7 @@ from pathlib import Path
 from typing import IO, ClassVar
 
 from csi import mount as mnt
-from csi.errors import Busy, IncompatibleFilesystem, NotSupported
+from csi.errors import Busy, IncompatibleFilesystem, NotSupported, OutOfRange
 from csi.graphdriver import layerdiff
 from csi.graphdriver.base import Change, Layer, LayerDriver
 from csi.graphdriver.layout import OVERLAY_WHITEOUTS, Layout, WhiteoutFormat, copy_tree, remove_path
@@ -124,6 +127,7 @@ class OverlayDriver(LayerDriver):
 
     name: ClassVar[str] = "overlay"
     whiteouts: ClassVar[WhiteoutFormat] = OVERLAY_WHITEOUTS
+    max_chain: ClassVar[int] = 500  # layers in one view: the kernel's limit of lowers
 
     # ------------------------------------------------------------------ support
 
@@ -186,6 +190,9 @@ class OverlayDriver(LayerDriver):
 
     def _make(self, layer: Layer, parent: Layer | None) -> None:
         lowers = self._shorts(self.chain(parent.id)) if parent else []
+        if len(lowers) + 1 > self.max_chain:
+            raise OutOfRange(f"{self.name} layers stack at most {self.max_chain} deep; "
+                             f"layer {layer.id} would be {len(lowers) + 1}")
         self.layout.make(layer.id, writable=True, lowers=lowers)
         self._quota_hook(layer)
 
@@ -255,7 +262,7 @@ class OverlayDriver(LayerDriver):
     # ------------------------------------------------------------------ freeze
 
     def _freeze(self, source: Layer, frozen: Layer) -> str | None:
-        if source.mounts == 0:
+        if source.mounts == 0 and len(self.chain(source.id)) < self.max_chain:
             if self._is_active(source):
                 self._deactivate(source)
             return self._freeze_by_rename(source, frozen)
