@@ -7,13 +7,13 @@ not subvolume/snapshot create and destroy, quota enable or qgroup limits. So the
 structures from ``linux/btrfs.h`` and ``linux/btrfs_tree.h`` are packed here with
 :mod:`struct`; nothing parses ``btrfs`` command output.
 
-Every function takes open file descriptors (a directory fd for names inside it, or
-any fd within the filesystem) and raises :class:`OSError` with the kernel's errno and
+The ioctl wrappers take open file descriptors (a directory fd for names inside it,
+or any fd within the filesystem; names must be single path components) and raise :class:`OSError` with the kernel's errno and
 the operation in the message; callers translate errnos into strata errors.
 
 Covered: create subvolume (``SUBVOL_CREATE_V2``), snapshot (``SNAP_CREATE_V2``,
 read-only or writable), destroy (``SNAP_DESTROY_V2`` by name), subvolume flags
-(``SUBVOL_GETFLAGS``/``SETFLAGS``), subvolume info (``GET_SUBVOL_INFO``: id, uuid,
+(``SUBVOL_GETFLAGS``), subvolume info (``GET_SUBVOL_INFO``: id, uuid,
 parent uuid, flags), quota (``QUOTA_CTL`` enable, ``QUOTA_RESCAN_WAIT``, quota-tree
 search for the status, qgroup usage and limits), ``QGROUP_LIMIT``, and ``statfs(2)``'s
 ``f_type`` (Python's ``os.statvfs`` lacks it).
@@ -26,6 +26,7 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -76,7 +77,6 @@ _QUOTA_CTL_ARGS = struct.Struct("=2Q")
 IOC_SNAP_CREATE_V2 = _ioc(_W, 23, _VOL_ARGS_V2.size)
 IOC_SUBVOL_CREATE_V2 = _ioc(_W, 24, _VOL_ARGS_V2.size)
 IOC_SUBVOL_GETFLAGS = _ioc(_R, 25, 8)
-IOC_SUBVOL_SETFLAGS = _ioc(_W, 26, 8)
 IOC_TREE_SEARCH = _ioc(_R | _W, 17, _SEARCH_ARGS_SIZE)
 IOC_QUOTA_CTL = _ioc(_R | _W, 40, _QUOTA_CTL_ARGS.size)
 IOC_QGROUP_LIMIT = _ioc(_R, 43, _QGROUP_LIMIT_ARGS.size)  # declared _IOR in the uapi header
@@ -141,8 +141,12 @@ class QgroupLimit:
 # ------------------------------------------------------------------ helpers
 
 def _call(fd: int, request: int, buf: bytearray | int, what: str) -> None:
+    """One ioctl; a bytearray argument is passed by reference so the kernel can fill it."""
     try:
-        fcntl.ioctl(fd, request, buf, True) if isinstance(buf, bytearray) else fcntl.ioctl(fd, request, buf)
+        if isinstance(buf, bytearray):
+            fcntl.ioctl(fd, request, buf, True)
+        else:
+            fcntl.ioctl(fd, request, buf)
     except OSError as exc:
         raise OSError(exc.errno, f"btrfs {what}: {os.strerror(exc.errno or 0)}") from exc
 
@@ -175,7 +179,8 @@ def filesystem_magic(path: str | os.PathLike[str]) -> int:
     if _libc.statfs(os.fsencode(os.fspath(path)), buf) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"statfs {os.fspath(path)}: {os.strerror(err)}")
-    return struct.unpack_from("=q", buf.raw)[0] & 0xFFFFFFFF
+    magic: int = struct.unpack_from("=q", buf.raw)[0]
+    return magic & 0xFFFFFFFF
 
 
 def is_subvolume_root(path: str | os.PathLike[str]) -> bool:
@@ -184,7 +189,7 @@ def is_subvolume_root(path: str | os.PathLike[str]) -> bool:
         st = os.lstat(path)
     except FileNotFoundError:
         return False
-    return os.path.stat.S_ISDIR(st.st_mode) and st.st_ino == FIRST_FREE_OBJECTID \
+    return stat.S_ISDIR(st.st_mode) and st.st_ino == FIRST_FREE_OBJECTID \
         and filesystem_magic(path) == BTRFS_SUPER_MAGIC
 
 
@@ -217,13 +222,8 @@ def destroy_subvolume(dir_fd: int, name: str) -> None:
 def get_flags(fd: int) -> int:
     buf = bytearray(8)
     _call(fd, IOC_SUBVOL_GETFLAGS, buf, "get subvolume flags")
-    return struct.unpack("=Q", buf)[0]
-
-
-def set_readonly(fd: int, readonly: bool) -> None:
-    flags = get_flags(fd)
-    flags = flags | SUBVOL_RDONLY if readonly else flags & ~SUBVOL_RDONLY
-    _call(fd, IOC_SUBVOL_SETFLAGS, bytearray(struct.pack("=Q", flags)), "set subvolume flags")
+    flags: int = struct.unpack("=Q", buf)[0]
+    return flags
 
 
 def subvolume_info(fd: int) -> SubvolumeInfo:

@@ -179,6 +179,17 @@ class TestSupport:
 
 
 class TestSubvolumes:
+    @pytest.mark.parametrize("name", ["../x", "a/b", ".", "..", "", "a\x00b", "x" * 4040])
+    def test_ioctl_layer_refuses_path_like_names(self, btrfs_dir: Path, name: str) -> None:
+        fd = os.open(btrfs_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with pytest.raises(OSError) as info:
+                ioc.create_subvolume(fd, name)
+            assert info.value.errno == errno.EINVAL
+        finally:
+            os.close(fd)
+        assert os.listdir(btrfs_dir) == [] and os.listdir(btrfs_dir.parent).count("x") == 0
+
     def test_layers_are_subvolumes_and_frozen_ones_read_only(self, drv: BtrfsDriver) -> None:
         drv.create("w")
         wpath = drv.get("w")
