@@ -12,7 +12,7 @@ filesystem, a btrfs loop file) under a fresh scratch directory and removes them,
 every mount and loop device, on exit, errors, Ctrl-C and SIGTERM.
 
 Exit status: 0 when every case ran (goals may MISS: they are figures, not tests),
-1 when a case failed, 2 on bad flags.
+1 when a case failed, 2 on bad flags, 130 when interrupted (Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
@@ -138,7 +138,12 @@ def run(options: BenchOptions) -> tuple[list[Section], str]:
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(list(sys.argv[1:] if argv is None else argv))
     started = time.perf_counter()
-    sections, header = run(options)
+    try:
+        sections, header = run(options)
+    except KeyboardInterrupt as exc:
+        print(f"strata bench: interrupted ({exc or 'Ctrl-C'}); mounts, loop device and scratch removed",
+              file=sys.stderr)
+        return 130
     elapsed = time.perf_counter() - started
     failed = [case for s in sections for case, why in s.skipped if why.startswith("FAILED")]
     goals = [g for s in sections for g in s.goals]
