@@ -350,6 +350,33 @@ class TestRecovery:
         finally:
             restarted.store.close()
 
+    def test_rename_and_limit_lost_by_a_power_cut_are_repaired(self, drv: BtrfsDriver) -> None:
+        """A power cut may lose what follows the snapshot ioctl's commit (the rename to
+        the final name, the qgroup limit): here both are undone by hand, as the disk
+        would look after such a cut, and the restart must put them back."""
+        drv.create("w", opts=CreateOpts(size_bytes=64 << 20))
+        (drv.get("w") / "f").write_text("kept")
+        drv.put("w")
+        drv.freeze("w", "snap")
+        drv.create("clone", "snap", CreateOpts(size_bytes=32 << 20))
+        for lid in ("snap", "clone"):
+            os.rename(drv.subvolumes / lid, drv.subvolumes / f".tmp-{lid}")
+        ioc_fd = os.open(drv.subvolumes / "w", os.O_RDONLY)
+        try:
+            ioc.set_qgroup_limit(ioc_fd, ioc.qgroup_id(ioc.subvolume_info(ioc_fd).id), max_referenced=None)
+        finally:
+            os.close(ioc_fd)
+        restarted = reopen(drv)
+        try:
+            assert sorted(os.listdir(restarted.subvolumes)) == ["clone", "snap", "w"]
+            assert {l.id for l in restarted.layers()} == {"clone", "snap", "w"}
+            assert (restarted.subvolumes / "clone" / "f").read_text() == "kept"
+            assert _info(restarted.subvolumes / "snap").readonly
+            assert _limit(restarted.subvolumes / "w") == ioc.QgroupLimit(max_referenced=64 << 20, max_exclusive=None)
+            assert _limit(restarted.subvolumes / "clone") == ioc.QgroupLimit(max_referenced=32 << 20, max_exclusive=None)
+        finally:
+            restarted.store.close()
+
     def test_interrupted_create_and_freeze_rolled_back(self, drv: BtrfsDriver) -> None:
         drv.create("w")
         drv.store.insert(Layer(id="half", parent=None, kind=LayerKind.WRITABLE))
