@@ -65,7 +65,7 @@ class LifecycleConfig:
     sizes: tuple[int, ...]
     rounds: int = 200
     clients: int = 8
-    concurrent_creates: int = 800
+    concurrent_creates: int = 400
     small_volume_bytes: int = 16 * MIB
     change_bytes: int = MIB
 
