@@ -22,6 +22,7 @@ import pytest
 from csi import mount as mnt
 from csi.bench.drivers import GOAL_GET_PUT_P50_S
 from csi.bench.fsenv import format_size, parse_size
+from csi.bench.lifecycle import LIFECYCLE_RPCS, plugin_available
 from csi.bench.report import Latency, at_least, at_most, percentile, ratio
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +82,18 @@ def test_quick_run_prints_tables_with_figures_and_computed_goals(bench_scratch: 
         assert goals[f"{case['case']}: get p50, 10-layer chain"] == expected
         for size in case["sizes"]:
             assert size["copy_s"] > 0 and size["freeze_unmounted_s"] > 0
+    csi = next(s for s in document["sections"] if s["name"] == "CSI plugin")
+    if plugin_available() is None:
+        assert {c["case"] for c in csi["figures"]["cases"]} == {c["case"] for c in drivers["figures"]["cases"]}
+        for case in csi["figures"]["cases"]:
+            assert case["error"] is None
+            assert [rpc for rpc, _ in case["latency"]] == list(LIFECYCLE_RPCS)
+            assert case["creates_per_s"] > 0
+            assert len(case["data"]) == 2
+        assert re.search(rf"vfs on ext4\s+CreateVolume\s+{TIME}\s+{TIME}", out)
+        assert all(g["verdict"] in ("PASS", "MISS") for g in csi["goals"])
+    else:
+        assert csi["figures"]["cases"] == [] and "CSI plugin" in out and plugin_available() in out
     _assert_nothing_left(bench_scratch)
 
 

@@ -159,7 +159,8 @@ def _wait_ready(proc: subprocess.Popen[bytes], socket: Path, log_path: Path, lim
         if socket.exists():
             stubs = Stubs.connect(socket)
             try:
-                if stubs.identity.Probe(pb.ProbeRequest(), timeout=2).ready.value:
+                answer = stubs.identity.Probe(pb.ProbeRequest(), timeout=2)
+                if not answer.HasField("ready") or answer.ready.value:  # unset means ready (CSI spec)
                     return
             except grpc.RpcError:
                 pass
