@@ -48,6 +48,7 @@ from pathlib import Path
 from csi import mount as mnt
 from csi.errors import (
     InvalidArgument,
+    OutOfRange,
     PrerequisitesMissing,
     ResourceExhausted,
     StrataError,
@@ -61,6 +62,7 @@ LOOP_WARNING = ("devicemapper runs on sparse loop files (dm.loopback=true): for 
                 "never production; give a real thin pool with dm.thinpooldev")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 FILESYSTEMS = ("ext4", "xfs")
+XFS_MIN_BYTES = 300 << 20  # mkfs.xfs refuses smaller filesystems
 
 
 def parse_size(text: str, what: str) -> int:
@@ -104,12 +106,15 @@ class DmConfig:
         if pool is None and not loop:
             raise PrerequisitesMissing("no thin pool configured: set dm.thinpooldev=/dev/mapper/POOL "
                                        "(or dm.loopback=true for development)")
+        base = parse_size(options.get("dm.basesize", "10G"), "dm.basesize")
+        if fs == "xfs" and base < XFS_MIN_BYTES:
+            raise InvalidArgument(f"dm.basesize {base} is below XFS's minimum of {XFS_MIN_BYTES} bytes")
         block = parse_size(options.get("dm.blocksize", "64K"), "dm.blocksize")
         if block % (64 << 10) or block > (1 << 30):
             raise InvalidArgument("dm.blocksize must be a multiple of 64K up to 1G")
         return cls(
             fs=fs,
-            base_bytes=parse_size(options.get("dm.basesize", "10G"), "dm.basesize"),
+            base_bytes=base,
             min_free_percent=int(pct),
             pool_device=pool,
             loop_data_bytes=parse_size(options.get("dm.loopdatasize", "100G"), "dm.loopdatasize"),
@@ -153,8 +158,23 @@ class DevmapperDriver(LayerDriver):
             self.pool = Path(self.cfg.pool_device).name
             if not dm.exists(self.pool):
                 raise PrerequisitesMissing(f"dm.thinpooldev {self.cfg.pool_device}: no such device-mapper device")
+        for name, suspended in dm.list_devices(self._prefix + "-").items():
+            if suspended:  # killed between suspend and resume (snapshot of an active origin)
+                log.warning("resuming %s, left suspended by an interrupted snapshot", name)
+                dm.resume(name)
         self.block_sectors = dm.pool_block_sectors(self.pool)
         self._reconcile_transaction()
+
+    def reconcile(self) -> None:
+        """Base reconciliation, then deactivate thin devices nothing holds (crash leftovers)."""
+        super().reconcile()
+        held = {self._dev_name(l.id) for l in self.store.all() if l.mounts > 0}
+        for name in dm.list_devices(self._prefix + "-"):
+            if name != self.pool and name not in held:
+                for mp in mnt.mount_points():
+                    if mp.source == str(dm.device_path(name)):
+                        mnt.unmount(mp.target, detach=True)
+                dm.remove(name)
 
     def _loop_pool(self) -> str:
         loopdir = self.home / "loop"
@@ -167,7 +187,7 @@ class DevmapperDriver(LayerDriver):
                     f.truncate(size)  # sparse and zeroed: a fresh pool's metadata must start zeroed
                     os.fsync(f.fileno())
                 tmp.rename(path)
-        name = f"{self._prefix}-pool"
+        name = f"{self._prefix}.pool"  # "." never occurs in a layer id
         if not dm.exists(name):
             data_dev, meta_dev = dm.attach_loop(data), dm.attach_loop(meta)
             sectors = data.stat().st_size // dm.SECTOR
@@ -341,6 +361,8 @@ class DevmapperDriver(LayerDriver):
             sectors = self._sectors_for(want) if want is not None else parent.extra["sectors"]
         else:
             sectors = self._sectors_for(want if want is not None else self.cfg.base_bytes)
+            if self.cfg.fs == "xfs" and sectors * dm.SECTOR < XFS_MIN_BYTES:
+                raise OutOfRange(f"size {want} is below XFS's minimum of {XFS_MIN_BYTES} bytes (dm.fs=xfs)")
         self._check_free(f"new layer {layer.id}")
         if parent is None:
             layer, _ = self._pool_message(layer, "create_thin {id}")

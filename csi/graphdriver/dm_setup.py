@@ -112,6 +112,19 @@ def exists(name: str) -> bool:
     return proc.returncode == 0
 
 
+def list_devices(prefix: str) -> dict[str, bool]:
+    """Mapped devices whose name starts with ``prefix`` -> whether each is suspended."""
+    env = {**os.environ, "DM_DISABLE_UDEV": "1"}
+    proc = subprocess.run(["dmsetup", "info", "-c", "--noheadings", "--separator", " ", "-o", "name,suspended"],
+                          capture_output=True, text=True, env=env)
+    result = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].startswith(prefix):
+            result[parts[0]] = parts[1].lower() == "suspended"
+    return result
+
+
 def create(name: str, table: str, *, readonly: bool = False) -> None:
     _dmsetup("create", name, *(["--readonly"] if readonly else []), "--table", table)
 
@@ -165,16 +178,25 @@ def message(pool: str, text: str) -> None:
         raise
 
 
-def pool_status(pool: str) -> PoolStatus:
-    line = _dmsetup("status", pool).strip()
+def parse_pool_status(line: str) -> PoolStatus:
+    """Parse a ``dmsetup status`` line of a thin-pool (see the module docstring)."""
     parts = line.split()
     if len(parts) < 4 or parts[2] != "thin-pool":
-        raise DmError(f"{pool} is not a thin-pool: {line!r}")
+        raise DmError(f"not a thin-pool status line: {line!r}")
     if parts[3] == "Fail":
-        raise DmError(f"thin-pool {pool} has failed (needs thin_check/thin_repair)")
+        raise DmError("thin-pool has failed (needs thin_check/thin_repair)")
+    if len(parts) < 8:
+        raise DmError(f"short thin-pool status line: {line!r}")
     meta_used, meta_total = (int(x) for x in parts[4].split("/"))
     data_used, data_total = (int(x) for x in parts[5].split("/"))
-    return PoolStatus(int(parts[3]), meta_used, meta_total, data_used, data_total, parts[7] if len(parts) > 7 else "")
+    return PoolStatus(int(parts[3]), meta_used, meta_total, data_used, data_total, parts[7])
+
+
+def pool_status(pool: str) -> PoolStatus:
+    try:
+        return parse_pool_status(_dmsetup("status", pool).strip())
+    except DmError as exc:
+        raise DmError(f"thin pool {pool}: {exc}") from exc
 
 
 def pool_block_sectors(pool: str) -> int:

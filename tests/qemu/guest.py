@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.qemu.image import BootImage, prepare
+from .image import BootImage, prepare
 
 QEMU = "qemu-system-x86_64"
 

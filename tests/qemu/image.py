@@ -70,11 +70,14 @@ def _run(cmd: list[str], cwd: Path | None = None) -> str:
 
 def kernel_package() -> str:
     """The versioned package the meta package depends on, e.g. ``linux-image-6.1.0-56-amd64``."""
-    out = _run(["apt-cache", "depends", META_PACKAGE])
-    for line in out.splitlines():
-        dep = line.strip()
-        if dep.startswith("Depends: linux-image-") and dep.endswith("-amd64"):
-            return dep.split(":", 1)[1].strip()
+    for attempt in range(2):
+        proc = subprocess.run(["apt-cache", "depends", META_PACKAGE], capture_output=True, text=True)
+        for line in proc.stdout.splitlines():
+            dep = line.strip()
+            if dep.startswith("Depends: linux-image-") and dep.endswith("-amd64"):
+                return dep.split(":", 1)[1].strip()
+        if attempt == 0:  # a fresh machine may have no package lists yet
+            _run(["apt-get", "update", "-qq"])
     raise ImageError(f"apt-cache knows no kernel behind {META_PACKAGE} (run apt-get update)")
 
 

@@ -16,8 +16,6 @@ import pytest
 
 from csi import mount as mnt
 
-DM_OPTIONS = {"dm.loopback": "true", "dm.loopdatasize": "4G", "dm.loopmetadatasize": "64M", "dm.basesize": "64M"}
-
 
 @pytest.fixture
 def guest_scratch() -> Iterator[Path]:
