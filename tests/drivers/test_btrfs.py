@@ -35,6 +35,15 @@ class TestBtrfs(DriverConformance):
             yield drv  # type: ignore[misc]
 
 
+
+def test_state_machine_btrfs_against_vfs(btrfs_dir: Path, ext4_dir: Path) -> None:
+    """Random file operations, freezes (read-only snapshots), clones (writable snapshots)
+    and diff round trips on btrfs, compared step by step with vfs on ext4."""
+    from test_statemachine import run_driver_state_machine
+
+    run_driver_state_machine(BtrfsDriver, btrfs_dir, ext4_dir)
+
+
 # --------------------------------------------------------------------------- btrfs's own checks
 
 def _info(path: Path) -> ioc.SubvolumeInfo:
