@@ -138,7 +138,7 @@ class BenchFilesystems:
             subprocess.run(["losetup", "-d", self.loop_device], check=False, capture_output=True)
             self.loop_device = None
         if not mnt.mounts_under(self.scratch):
-            shutil.rmtree(self.scratch, ignore_errors=True)
+            remove_tree(self.scratch)
         self.backings.clear()
 
 
@@ -221,7 +221,12 @@ def copy_tree(source: Path, target: Path) -> None:
 
 
 def remove_tree(path: Path) -> None:
+    """Delete ``path``; frozen vfs layers are immutable (``chattr +i``), so when a plain
+    removal leaves something behind the flag is cleared on the tree and it is tried again."""
     shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path) and shutil.which("chattr") is not None:
+        subprocess.run(["chattr", "-R", "-f", "-i", str(path)], check=False, capture_output=True)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def parse_size(text: str) -> int:
