@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -104,7 +105,8 @@ def _header(options: BenchOptions, fs: BenchFilesystems) -> str:
     backings = ", ".join(f"{name}: {b.path} ({b.name})" for name, b in fs.backings.items())
     return "\n".join([
         f"strata bench {__version__} - {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
-        f"machine: {platform.node()}, kernel {platform.release()}, {_cpus()} CPUs, python {platform.python_version()}",
+        f"machine: {platform.node()}, kernel {platform.release()}, {_cpus()} CPUs, python {platform.python_version()}, "
+        f"load average {_load()} at start",
         f"sizes: {', '.join(format_size(s) for s in options.sizes)}; drivers: {', '.join(options.drivers)}"
         + ("; quick mode" if options.quick else ""),
         f"backing filesystems: {backings}",
@@ -112,9 +114,12 @@ def _header(options: BenchOptions, fs: BenchFilesystems) -> str:
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
+
+
+def _load() -> str:
+    """The 1/5/15-minute load averages: other work on the machine shows in the figures."""
+    return "/".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 def run(options: BenchOptions) -> tuple[list[Section], str]:
@@ -148,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = [case for s in sections for case, why in s.skipped if why.startswith("FAILED")]
     goals = [g for s in sections for g in s.goals]
     summary = (f"\nGoals: {sum(g.passed is True for g in goals)} PASS, {sum(g.passed is False for g in goals)} MISS, "
-               f"{sum(g.passed is None for g in goals)} n/a; failed cases: {len(failed)}; took {elapsed:.0f} s")
+               f"{sum(g.passed is None for g in goals)} n/a; failed cases: {len(failed)}; took {elapsed:.0f} s; "
+               f"load average {_load()} at end")
     print(summary)
     if options.json_path is not None:
         document: dict[str, Any] = {
