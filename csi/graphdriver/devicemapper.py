@@ -22,7 +22,7 @@ On-disk layout::
     <home>/layers.db          records; extra = {"device_id": N, "sectors": S}
     <home>/pool.json          {"pool": name, "transaction_id": T, "next_device_id": N}
     <home>/loop/data|metadata sparse files (loop-lvm mode only)
-    <home>/mnt/<layer-id>/    mount point of an active layer
+    <home>/mnt/<layer-id>/    one per layer (its presence marker); the mount point when active
 
 Crash safety: the layer record (state ``creating``/``removing``, base machinery) is the
 intent. A device id is reserved in ``pool.json`` and written into the record *before*
@@ -53,7 +53,7 @@ from csi.errors import (
     ResourceExhausted,
     StrataError,
 )
-from csi.graphdriver import dm_setup as dm
+from csi.graphdriver import dm_ioctl as dm
 from csi.graphdriver.base import Capacity, Layer, LayerDriver
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,10 @@ class DevmapperDriver(LayerDriver):
         held = {self._dev_name(l.id) for l in self.store.all() if l.mounts > 0}
         for name in dm.list_devices(self._prefix + "-"):
             if name != self.pool and name not in held:
+                found = dm.info(name)
+                sources = {str(dm.mapper_path(name))} | ({str(found.path)} if found else set())
                 for mp in mnt.mount_points():
-                    if mp.source == str(dm.device_path(name)):
+                    if mp.source in sources:
                         mnt.unmount(mp.target, detach=True)
                 dm.remove(name)
 
@@ -194,7 +196,7 @@ class DevmapperDriver(LayerDriver):
             block = self.cfg.block_bytes // dm.SECTOR
             sectors -= sectors % block
             low_water_blocks = max(1, sectors // block // 100)
-            dm.create(name, f"0 {sectors} thin-pool {meta_dev} {data_dev} {block} {low_water_blocks}")
+            dm.create(name, "thin-pool", sectors, f"{meta_dev} {data_dev} {block} {low_water_blocks}")
         return name
 
     def release_pool(self) -> None:
@@ -291,8 +293,11 @@ class DevmapperDriver(LayerDriver):
             name = f"{self._prefix}-h{hashlib.sha256(layer_id.encode()).hexdigest()[:40]}"
         return name
 
-    def _table(self, device_id: int, sectors: int) -> str:
-        return f"0 {sectors} thin {dm.device_path(self.pool)} {device_id}"
+    def _thin_params(self, device_id: int) -> str:
+        pool = dm.info(self.pool)
+        if pool is None:
+            raise dm.DmError(f"thin pool {self.pool} is gone")
+        return f"{pool.numbers} {device_id}"
 
     def _sectors_for(self, size_bytes: int) -> int:
         block = self.block_sectors
@@ -300,9 +305,10 @@ class DevmapperDriver(LayerDriver):
 
     def _ensure_device(self, layer: Layer) -> Path:
         name = self._dev_name(layer.id)
-        if not dm.exists(name):
-            dm.create(name, self._table(layer.extra["device_id"], layer.extra["sectors"]))
-        return dm.device_path(name)
+        found = dm.info(name)
+        if found is None:
+            found = dm.create(name, "thin", layer.extra["sectors"], self._thin_params(layer.extra["device_id"]))
+        return found.path
 
     def _mount_options(self, readonly: bool) -> tuple[str, ...]:
         opts = ("ro",) if readonly else ()
@@ -364,6 +370,7 @@ class DevmapperDriver(LayerDriver):
             if self.cfg.fs == "xfs" and sectors * dm.SECTOR < XFS_MIN_BYTES:
                 raise OutOfRange(f"size {want} is below XFS's minimum of {XFS_MIN_BYTES} bytes (dm.fs=xfs)")
         self._check_free(f"new layer {layer.id}")
+        self._path(layer).mkdir(exist_ok=True)  # marks the layer as present (see _on_disk)
         if parent is None:
             layer, _ = self._pool_message(layer, "create_thin {id}")
         else:
@@ -384,6 +391,7 @@ class DevmapperDriver(LayerDriver):
 
     def _freeze(self, source: Layer, frozen: Layer) -> str | None:
         self._check_free(f"snapshot {frozen.id}")
+        self._path(frozen).mkdir(exist_ok=True)
         frozen, _ = self._snapshot(frozen, source)
         self.store.update(frozen.id, extra={**frozen.extra, "sectors": source.extra["sectors"]})
         return source.parent
@@ -435,7 +443,7 @@ class DevmapperDriver(LayerDriver):
         layer = self.store.update(layer.id, extra={**layer.extra, "sectors": sectors})
         name = self._dev_name(layer.id)
         if dm.exists(name):
-            dm.reload(name, self._table(layer.extra["device_id"], sectors))
+            dm.reload(name, "thin", sectors, self._thin_params(layer.extra["device_id"]))
         self._grow_fs(layer)
         if not self._is_active(layer):
             dm.remove(name)

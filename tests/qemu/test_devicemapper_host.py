@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from csi.errors import DriverUnavailable, InvalidArgument, NotSupported, PrerequisitesMissing
-from csi.graphdriver import dm_setup as dm
+from csi.graphdriver import dm_ioctl as dm
 from csi.graphdriver import registry
 from csi.graphdriver.devicemapper import DevmapperDriver, DmConfig, parse_size
 from csi.graphdriver.xfs_quota import ProjectQuota, prjquota_mount
@@ -60,10 +60,10 @@ def test_parse_size(text: str, value: int) -> None:
 
 
 def test_pool_status_parsing() -> None:
-    st = dm.parse_pool_status("0 8388608 thin-pool 7 1655/16384 128/65536 - rw discard_passdown queue_if_no_space - 1024")
+    st = dm.parse_pool_status("7 1655/16384 128/65536 - rw discard_passdown queue_if_no_space - 1024")
     assert (st.transaction_id, st.used_metadata_blocks, st.total_metadata_blocks) == (7, 1655, 16384)
     assert (st.used_data_blocks, st.total_data_blocks, st.free_data_blocks, st.mode) == (128, 65536, 65408, "rw")
-    for bad in ("0 100 linear 8:0 0", "0 100 thin-pool Fail", "0 1 thin-pool 1 2/3"):
+    for bad in ("8:0 0", "Fail", "1 2/3", "1 2/3 4/5"):
         with pytest.raises(dm.DmError):
             dm.parse_pool_status(bad)
 

@@ -19,7 +19,7 @@ import pytest
 
 from csi import mount as mnt
 from csi.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
-from csi.graphdriver import dm_setup as dm
+from csi.graphdriver import dm_ioctl as dm
 from csi.graphdriver.base import CreateOpts
 from csi.graphdriver.devicemapper import DevmapperDriver
 
