@@ -103,7 +103,10 @@ def _xattrs(path: Path) -> tuple[tuple[str, bytes], ...]:
 
 
 def tree_state(root: Path, *, mtimes: bool = True) -> dict[str, FileState]:
-    """A comparable picture of everything below ``root`` (not ``root`` itself)."""
+    """A comparable picture of everything below ``root`` (not ``root`` itself): per path
+    type, permission bits, owner, content digest / link target / device number, xattrs,
+    mtime (ns, unless ``mtimes`` is False) and, for hard-linked files, the group of paths
+    sharing the inode."""
     result: dict[str, FileState] = {}
     inodes: dict[tuple[int, int], list[str]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
@@ -122,11 +125,14 @@ def tree_state(root: Path, *, mtimes: bool = True) -> dict[str, FileState]:
                 body = None
             when = st.st_mtime_ns if mtimes else 0
             result[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, body, _xattrs(path), when)
-            if not stat.S_ISDIR(kind) and st.st_nlink > 1:
+            if not stat.S_ISDIR(kind):
                 inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
+    # hard links: the paths that really share an inode (st_nlink is not trusted: overlay
+    # keeps reporting a lower file's count after one of its names was whited out)
     for group in inodes.values():
-        for rel in group:
-            result[rel] = (*result[rel], tuple(sorted(group)))
+        if len(group) > 1:
+            for rel in group:
+                result[rel] = (*result[rel], tuple(sorted(group)))
     return result
 
 
