@@ -20,25 +20,22 @@ filesystem lacks the feature, and the skip message says which. A new driver inst
 the same home (``reopen``) stands for "the node restarted"; the crash check really
 ``kill -9``s a subprocess that drives the same driver class on the same home.
 
-The helpers :func:`populate`, :func:`mutate` and :func:`tree_state` (a comparable picture
-of a tree: type, mode, owner, content digest, link targets, xattrs, mtimes, hard-link
-groups) are shared with the state-machine test.
+The diff checks live in ``conformance_diffs.py`` (a mixin of :class:`DriverConformance`,
+so a subclass gets them all). The tree helpers (:func:`populate`, :func:`mutate`, :func:`tree_state`,
+:func:`assert_same_tree`) live in ``layertree.py`` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import json
 import os
 import random
 import shutil
 import signal
-import stat
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -50,8 +47,15 @@ import pytest
 
 from csi import mount as mnt
 from csi.errors import AlreadyExists, Busy, InvalidArgument, NotFound
-from csi.graphdriver.base import ChangeKind, CreateOpts, LayerDriver
+from csi.graphdriver.base import CreateOpts, LayerDriver
 from csi.graphdriver.metadata import LayerState
+from conformance_diffs import DiffChecks
+from layertree import T0, FileState, assert_same_tree, mutate, populate, set_mtimes, tree_state
+
+__all__ = [
+    "BAD_IDS", "DriverConformance", "FileState", "T0", "assert_same_tree", "mutate", "open_driver", "populate",
+    "reopen", "set_mtimes", "tree_state",
+]
 
 # --------------------------------------------------------------------------- helpers
 
@@ -77,140 +81,6 @@ def open_driver(cls: type[LayerDriver], home: Path, options: dict[str, str] | No
 def reopen(drv: LayerDriver) -> LayerDriver:
     """A fresh instance on the same home: what a restarted node sees."""
     return type(drv)(drv.home, dict(drv.options))
-
-
-FileState = tuple[Any, ...]
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _xattrs(path: Path) -> tuple[tuple[str, bytes], ...]:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.EPERM):
-            return ()
-        raise
-    # overlay's own private attributes are not content
-    return tuple(sorted((n, os.getxattr(path, n, follow_symlinks=False)) for n in names
-                        if not n.startswith("trusted.overlay.")))
-
-
-def tree_state(root: Path, *, mtimes: bool = True) -> dict[str, FileState]:
-    """A comparable picture of everything below ``root`` (not ``root`` itself): per path
-    type, permission bits, owner, content digest / link target / device number, xattrs,
-    mtime (ns, unless ``mtimes`` is False) and, for hard-linked files, the group of paths
-    sharing the inode."""
-    result: dict[str, FileState] = {}
-    inodes: dict[tuple[int, int], list[str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath) / name
-            rel = str(path.relative_to(root))
-            st = os.lstat(path)
-            kind = stat.S_IFMT(st.st_mode)
-            if stat.S_ISREG(kind):
-                body: Any = (st.st_size, _digest(path))
-            elif stat.S_ISLNK(kind):
-                body = os.readlink(path)
-            elif stat.S_ISCHR(kind) or stat.S_ISBLK(kind):
-                body = st.st_rdev
-            else:
-                body = None
-            when = st.st_mtime_ns if mtimes else 0
-            result[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, body, _xattrs(path), when)
-            if not stat.S_ISDIR(kind):
-                inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
-    # hard links: the paths that really share an inode (st_nlink is not trusted: overlay
-    # keeps reporting a lower file's count after one of its names was whited out)
-    for group in inodes.values():
-        if len(group) > 1:
-            for rel in group:
-                result[rel] = (*result[rel], tuple(sorted(group)))
-    return result
-
-
-def assert_same_tree(a: Path, b: Path, *, mtimes: bool = True) -> None:
-    sa, sb = tree_state(a, mtimes=mtimes), tree_state(b, mtimes=mtimes)
-    only_a, only_b = sorted(set(sa) - set(sb)), sorted(set(sb) - set(sa))
-    differ = sorted(k for k in set(sa) & set(sb) if sa[k] != sb[k])
-    assert not (only_a or only_b or differ), (
-        f"trees differ: only in {a}: {only_a}; only in {b}: {only_b}; "
-        f"different: {[(k, sa[k], sb[k]) for k in differ[:5]]}"
-    )
-
-
-T0 = 1_600_000_000_123_456_789  # a fixed mtime (ns) so trees made at different times compare
-
-
-def populate(root: Path, *, device_nodes: bool = True) -> None:
-    """A tree with every kind of thing a layer must preserve."""
-    (root / "etc").mkdir()
-    (root / "etc" / "conf").write_text("key = value\n")
-    (root / "bin").mkdir(mode=0o755)
-    (root / "bin" / "tool").write_bytes(b"\x7fELF" + bytes(range(256)) * 40)
-    os.chmod(root / "bin" / "tool", 0o4755)
-    (root / "data").mkdir()
-    (root / "data" / "owned").write_text("owned by 1234:5678\n")
-    os.chown(root / "data" / "owned", 1234, 5678)
-    os.chmod(root / "data" / "owned", 0o640)
-    (root / "data" / "deep" / "er").mkdir(parents=True)
-    (root / "data" / "deep" / "er" / "leaf").write_text("leaf")
-    (root / "data" / "to-delete").write_text("bye")
-    (root / "data" / "dir-to-delete" / "sub").mkdir(parents=True)
-    (root / "data" / "dir-to-delete" / "sub" / "x").write_text("x")
-    (root / "replace-me").mkdir()
-    (root / "replace-me" / "old1").write_text("old1")
-    (root / "replace-me" / "old2").write_text("old2")
-    (root / "hard-a").write_text("shared inode")
-    os.link(root / "hard-a", root / "hard-b")
-    os.symlink("etc/conf", root / "link-rel")
-    os.symlink("/nonexistent/target", root / "link-dangling")
-    os.setxattr(root / "etc" / "conf", "user.note", b"hello")
-    os.setxattr(root / "etc" / "conf", "trusted.tag", b"\x00\x01binary")
-    os.setxattr(root / "data", "trusted.dirattr", b"d")
-    with open(root / "sparse", "wb") as f:
-        f.seek(8 << 20)
-        f.write(b"end")
-    if device_nodes:
-        os.mknod(root / "null-dev", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
-        os.mkfifo(root / "fifo", 0o644)
-    set_mtimes(root)
-
-
-def set_mtimes(root: Path, when_ns: int = T0) -> None:
-    """Give everything below ``root`` a fixed mtime (deepest first, symlinks too)."""
-    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
-        for name in dirnames + filenames:
-            os.utime(Path(dirpath) / name, ns=(when_ns, when_ns), follow_symlinks=False)
-
-
-def mutate(root: Path) -> None:
-    """Every kind of change a diff must carry, applied to a copy of :func:`populate`."""
-    (root / "etc" / "conf").write_text("key = other\n")  # same size, new content
-    with open(root / "bin" / "tool", "ab") as f:
-        f.write(b"appended")
-    os.chmod(root / "etc", 0o700)
-    os.chown(root / "data" / "deep" / "er" / "leaf", 42, 43)
-    (root / "data" / "to-delete").unlink()
-    shutil.rmtree(root / "data" / "dir-to-delete")
-    shutil.rmtree(root / "replace-me")
-    (root / "replace-me").mkdir()
-    (root / "replace-me" / "new").write_text("new")
-    os.link(root / "hard-a", root / "data" / "hard-c")
-    os.unlink(root / "link-rel")
-    os.symlink("bin/tool", root / "link-rel")
-    os.setxattr(root / "bin" / "tool", "user.added", b"1")
-    os.removexattr(root / "etc" / "conf", "user.note")
-    (root / "new-dir" / "inner").mkdir(parents=True)
-    (root / "new-dir" / "inner" / "file").write_bytes(os.urandom(100_000))
-    os.utime(root / "data" / "owned", ns=(T0 + 5, T0 + 5))
 
 
 def _write(path: Path, text: str) -> None:
@@ -257,7 +127,7 @@ for i in range(10_000):
 # --------------------------------------------------------------------------- the suite
 
 
-class DriverConformance:
+class DriverConformance(DiffChecks):
     """Shared checks. Subclasses provide the ``driver`` fixture (see module docstring)."""
 
     max_depth: ClassVar[int] = 128
@@ -567,164 +437,6 @@ class DriverConformance:
             assert not mnt.mounts_under(restarted.home)
         finally:
             restarted.store.close()
-
-    # -- diffs
-
-    def _diff_pair(self, driver: LayerDriver) -> tuple[str, str]:
-        base = self.frozen_base(driver)
-        driver.create("x", base)
-        with self.mounted(driver, "x") as path:
-            mutate(path)
-        return base, "x"
-
-    def test_diff_apply_round_trip(self, driver: LayerDriver) -> None:
-        base, x = self._diff_pair(driver)
-        stream = driver.diff(x, base)
-        driver.create("y", base)
-        written = driver.apply_diff("y", base, stream)
-        assert written >= 100_000  # at least the new 100 kB file's content
-        with self.mounted(driver, x) as xp, self.mounted(driver, "y") as yp:
-            assert_same_tree(xp, yp)
-        assert driver.changes("y", base) == driver.changes(x, base)
-
-    def test_diff_of_a_layer_without_parent(self, driver: LayerDriver) -> None:
-        driver.create("w")
-        with self.mounted(driver, "w") as path:
-            populate(path, device_nodes=self.device_nodes)
-        driver.create("copy")
-        driver.apply_diff("copy", None, driver.diff("w"))
-        with self.mounted(driver, "w") as a, self.mounted(driver, "copy") as b:
-            assert_same_tree(a, b)
-        assert {c.kind for c in driver.changes("w")} == {ChangeKind.ADDED}
-
-    def test_diff_apply_across_two_layers(self, driver: LayerDriver) -> None:
-        base, x = self._diff_pair(driver)
-        driver.freeze(x, "x-frozen")
-        driver.create("x2", "x-frozen")
-        with self.mounted(driver, "x2") as path:
-            (path / "new-dir" / "inner" / "file").unlink()
-            (path / "second").write_text("second layer")
-            os.chmod(path / "replace-me", 0o711)
-            shutil.rmtree(path / "bin")
-        first, second = driver.diff("x-frozen", base), driver.diff("x2", "x-frozen")
-        driver.create("y1", base)
-        driver.apply_diff("y1", base, first)
-        driver.freeze("y1", "y1-frozen")
-        driver.create("y2", "y1-frozen")
-        driver.apply_diff("y2", "y1-frozen", second)
-        with self.mounted(driver, "x2") as a, self.mounted(driver, "y2") as b:
-            assert_same_tree(a, b)
-
-    def test_diff_has_whiteouts_and_opaque_dirs(self, driver: LayerDriver) -> None:
-        base, x = self._diff_pair(driver)
-        with tarfile.open(fileobj=driver.diff(x, base), mode="r:") as tar:
-            members = {m.name.rstrip("/"): m for m in tar.getmembers()}
-        names = set(members)
-        assert "data/.wh.to-delete" in names
-        assert "data/.wh.dir-to-delete" in names
-        assert not any(n.startswith("data/dir-to-delete/") for n in names)
-        assert "replace-me/.wh..wh..opq" in names and "replace-me/new" in names
-        assert "new-dir/inner/file" in names and "etc/conf" in names
-        group = {"hard-a", "hard-b", "data/hard-c"}
-        assert "data/hard-c" in names
-        assert any(m.islnk() and {m.name, m.linkname} <= group for m in members.values()), "hard link entry"
-        assert "sparse" not in names and "etc/.wh.conf" not in names  # unchanged entries stay out
-        assert members["etc/conf"].pax_headers.get("SCHILY.xattr.trusted.tag") == "\x00\x01binary"
-        assert (members["data/deep/er/leaf"].uid, members["data/deep/er/leaf"].gid) == (42, 43)
-        assert members["link-rel"].issym() and members["link-rel"].linkname == "bin/tool"
-
-    def test_diff_readable_by_gnu_tar(self, driver: LayerDriver, tmp_path: Path) -> None:
-        base, x = self._diff_pair(driver)
-        archive = tmp_path / "layer.tar"
-        with open(archive, "wb") as f:
-            shutil.copyfileobj(driver.diff(x, base), f)
-        listing = subprocess.run(["tar", "-tvf", str(archive)], capture_output=True, text=True, check=True)
-        assert "new-dir/inner/file" in listing.stdout and "data/.wh.to-delete" in listing.stdout
-        out = tmp_path / "out"
-        out.mkdir()
-        subprocess.run(["tar", "-xf", str(archive), "-C", str(out), "--xattrs", "--xattrs-include=*",
-                        "--same-owner", "-p"], check=True)
-        with self.mounted(driver, x) as xp:
-            assert (out / "new-dir" / "inner" / "file").read_bytes() == (xp / "new-dir" / "inner" / "file").read_bytes()
-            assert os.getxattr(out / "bin" / "tool", "user.added") == b"1"
-            assert (out / "data" / "deep" / "er" / "leaf").stat().st_uid == 42
-            assert os.readlink(out / "link-rel") == "bin/tool"
-
-    def test_apply_foreign_tar_with_whiteouts(self, driver: LayerDriver) -> None:
-        """An OCI layer made by another tool (here: tarfile by hand) applies correctly."""
-        base = self.frozen_base(driver)
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            def add(name: str, data: bytes | None = None, **kw: Any) -> None:
-                info = tarfile.TarInfo(name)
-                info.mtime = T0 // 10**9
-                for k, v in kw.items():
-                    setattr(info, k, v)
-                if data is not None:
-                    info.size = len(data)
-                tar.addfile(info, io.BytesIO(data) if data is not None else None)
-            add("replace-me", type=tarfile.DIRTYPE, mode=0o755)
-            add("replace-me/.wh..wh..opq", b"")
-            add("replace-me/fresh", b"fresh", mode=0o600)
-            add("data/.wh.to-delete", b"")
-            add("data/.wh.dir-to-delete", b"")
-            add("etc/.wh.conf", b"")
-            add("etc/conf", b"recreated\n", mode=0o644)
-            add("added-link", type=tarfile.LNKTYPE, linkname="hard-a")
-        buf.seek(0)
-        driver.create("y", base)
-        written = driver.apply_diff("y", base, buf)
-        assert written == len(b"fresh") + len(b"recreated\n")
-        with self.mounted(driver, "y") as path:
-            assert sorted(os.listdir(path / "replace-me")) == ["fresh"]
-            assert not (path / "data" / "to-delete").exists() and not (path / "data" / "dir-to-delete").exists()
-            assert (path / "etc" / "conf").read_text() == "recreated\n"
-            assert os.stat(path / "added-link").st_ino == os.stat(path / "hard-a").st_ino
-            assert (path / "data" / "deep" / "er" / "leaf").read_text() == "leaf"
-
-    @pytest.mark.parametrize("name", ["../escape", "/abs/path", "a/../../escape"])
-    def test_apply_rejects_escaping_members(self, driver: LayerDriver, name: str) -> None:
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            info = tarfile.TarInfo(name)
-            info.size = 4
-            tar.addfile(info, io.BytesIO(b"evil"))
-        buf.seek(0)
-        driver.create("y")
-        with pytest.raises(InvalidArgument):
-            driver.apply_diff("y", None, buf)
-        assert not (driver.home.parent / "escape").exists() and not Path("/abs/path").exists()
-
-    def test_changes_list(self, driver: LayerDriver) -> None:
-        base, x = self._diff_pair(driver)
-        changes = {c.path: c.kind for c in driver.changes(x, base)}
-        assert changes["/etc/conf"] is ChangeKind.MODIFIED
-        assert changes["/bin/tool"] is ChangeKind.MODIFIED
-        assert changes["/data/deep/er/leaf"] is ChangeKind.MODIFIED
-        assert changes["/data/owned"] is ChangeKind.MODIFIED
-        assert changes["/data/to-delete"] is ChangeKind.DELETED
-        assert changes["/data/dir-to-delete"] is ChangeKind.DELETED
-        assert changes["/new-dir"] is ChangeKind.ADDED and changes["/new-dir/inner/file"] is ChangeKind.ADDED
-        assert changes["/data/hard-c"] is ChangeKind.ADDED
-        assert changes["/link-rel"] is ChangeKind.MODIFIED
-        assert "/sparse" not in changes and "/etc/conf/" not in changes
-        assert "/data/dir-to-delete/sub" not in changes  # below a deleted dir: implied
-        driver.create("same", base)
-        assert driver.changes("same", base) == []
-
-    def test_diff_size_agrees_with_stream(self, driver: LayerDriver) -> None:
-        base, x = self._diff_pair(driver)
-        assert driver.diff_size(x, base) == len(driver.diff(x, base).read())
-        assert driver.diff_size(base) == len(driver.diff(base).read())
-        driver.create("same", base)
-        assert driver.diff_size("same", base) == len(driver.diff("same", base).read())
-
-    def test_diff_needs_the_real_parent(self, driver: LayerDriver) -> None:
-        with pytest.raises(NotFound):
-            driver.diff("missing")
-        driver.create("w")
-        with pytest.raises(NotFound):
-            driver.diff("w", "missing-parent")
 
     # -- size, concurrency, IDs, status
 
