@@ -191,3 +191,33 @@ class DiffChecks:
         driver.create("w")
         with pytest.raises(NotFound):
             driver.diff("w", "missing-parent")
+
+    def test_apply_refuses_to_write_through_symlinks(self, driver: LayerDriver, tmp_path: Path) -> None:
+        """A tar that plants a symlink and then writes or links through it stays inside.
+        Refusing the tar (InvalidArgument) or replacing the symlink inside the layer are
+        both fine; reaching the outside is not."""
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (outside / "secret").write_text("secret")
+        for second in (
+            dict(name="evil/planted", size=4),
+            dict(name="grab", type=tarfile.LNKTYPE, linkname="evil/secret"),
+        ):
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                link = tarfile.TarInfo("evil")
+                link.type, link.linkname = tarfile.SYMTYPE, str(outside)
+                tar.addfile(link)
+                info = tarfile.TarInfo(str(second["name"]))
+                for key, value in second.items():
+                    setattr(info, key, value)
+                tar.addfile(info, io.BytesIO(b"evil") if info.isreg() else None)
+            buf.seek(0)
+            layer = f"y{len(os.listdir(outside))}-{second['name'].replace('/', '-')}"
+            driver.create(layer)
+            try:
+                driver.apply_diff(layer, None, buf)
+            except InvalidArgument:
+                pass
+            assert sorted(os.listdir(outside)) == ["secret"]
+            assert (outside / "secret").stat().st_nlink == 1
