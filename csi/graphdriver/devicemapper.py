@@ -41,6 +41,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,7 @@ class DevmapperDriver(LayerDriver):
 
     def _setup(self) -> None:
         self.cfg = DmConfig.from_options(self.options)
+        self._pool_lock = threading.RLock()  # one pool transaction at a time
         self._prefix = "strata-" + hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:10]
         (self.home / "mnt").mkdir(exist_ok=True)
         if self.cfg.pool_device is None:
@@ -261,7 +263,7 @@ class DevmapperDriver(LayerDriver):
 
     def _reserve_device_id(self, layer: Layer) -> int:
         """Persist the next free id, then write it into the layer's record."""
-        with self._locks_guard:
+        with self._pool_lock:
             rec = self._record
             device_id = rec.next_device_id
             if device_id > dm.MAX_DEVICE_ID:
@@ -275,13 +277,14 @@ class DevmapperDriver(LayerDriver):
         """Run ``make`` (``create_thin {id}`` / ``create_snap {id} N``) with a fresh id,
         skipping ids the pool already holds. Returns the updated record and the id."""
         for _ in range(64):
-            device_id = self._reserve_device_id(layer)
-            try:
-                dm.message(self.pool, make.format(id=device_id))
-            except dm.DeviceIdTaken:
-                log.warning("thin pool %s already has device id %d; skipping it", self.pool, device_id)
-                continue
-            self._commit_transaction()
+            with self._pool_lock:
+                device_id = self._reserve_device_id(layer)
+                try:
+                    dm.message(self.pool, make.format(id=device_id))
+                except dm.DeviceIdTaken:
+                    log.warning("thin pool %s already has device id %d; skipping it", self.pool, device_id)
+                    continue
+                self._commit_transaction()
             return self.store.require(layer.id), device_id
         raise StrataError(f"thin pool {self.pool}: no free device id after 64 tries")
 
@@ -384,6 +387,13 @@ class DevmapperDriver(LayerDriver):
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise StrataError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
+                if self.cfg.fs == "ext4":  # a new layer is empty: no lost+found in the volume
+                    target = self._path(layer)
+                    mnt.mount(mnt.Mount("ext4", str(dev), ()), target)
+                    try:
+                        (target / "lost+found").rmdir()
+                    finally:
+                        mnt.unmount(target)
             elif sectors > parent.extra["sectors"]:
                 self._grow_fs(layer)
         finally:
@@ -403,12 +413,13 @@ class DevmapperDriver(LayerDriver):
         layer = self.store.get(layer_id)
         device_id = layer.extra.get("device_id") if layer is not None else None
         if device_id is not None:
-            try:
-                dm.message(self.pool, f"delete {device_id}")
-            except dm.NoSuchDeviceId:
-                pass  # reserved but never created (crash before the create message)
-            else:
-                self._commit_transaction()
+            with self._pool_lock:
+                try:
+                    dm.message(self.pool, f"delete {device_id}")
+                except dm.NoSuchDeviceId:
+                    pass  # reserved but never created (crash before the create message)
+                else:
+                    self._commit_transaction()
         if target.exists():
             target.rmdir()
 

@@ -90,7 +90,9 @@ def lane(tmp_path_factory: pytest.TempPathFactory) -> LaneResult:
     if os.environ.get("STRATA_QEMU_LANE") == "0":
         pytest.skip("kernel lane switched off by STRATA_QEMU_LANE=0")
     exchange = tmp_path_factory.mktemp("guest")
+    # basetemp on the scratch disk (ext4): the guest's /tmp is a tmpfs without user xattrs
     args = " ".join(shlex.quote(a) for a in [*PYTEST_ARGS, "--timeout=300", "--junitxml=/tmp/xchg/junit.xml",
+                                             "--basetemp=/var/tmp/pytest",
                                              str(INGUEST.relative_to(REPO))])
     script = f"cd {shlex.quote(str(REPO))}\nexec {shlex.quote(sys.executable)} -m pytest {args}\n"
     run = run_in_guest(script, exchange=exchange, timeout_s=GUEST_TIMEOUT_S)
