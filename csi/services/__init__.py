@@ -1,0 +1,1 @@
+"""The CSI services (Identity, Controller, Node) and the ``strata serve`` server."""

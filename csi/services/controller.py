@@ -1,0 +1,364 @@
+"""CSI Controller service: volumes and snapshots as layers.
+
+==========================  ================================================================
+CreateVolume (empty)        ``driver.create(vol, None, size)``
+CreateVolume from snapshot  ``driver.create(vol, parent=snapshot layer)`` — restore
+CreateVolume from volume    ``driver.freeze(source, base)``, ``driver.create(vol, parent=base)``,
+                            ``driver.remove(base)`` (hidden until the clone goes) — clone
+CreateSnapshot              ``driver.freeze(volume, snap)``
+Delete*                     ``driver.remove`` (deferred by the driver while children exist)
+ControllerExpandVolume      ``driver.resize``; where the driver cannot enforce sizes
+                            (``Unsupported``) the new capacity is recorded only
+==========================  ================================================================
+
+Crash protocol: the record is written ``pending`` (with every layer ID it will make)
+before any layer work and marked ``ready`` after it; deletes mark ``removing`` first.
+Start-up recovery rolls ``pending`` back and finishes ``removing``.
+Idempotency: a name (or ID) is locked for the call (:class:`KeyLocks`, racing calls get
+ABORTED); a repeat with compatible arguments returns the existing object.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from csi.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OutOfRange, Unsupported
+from csi.graphdriver.base import CreateOpts
+from csi.ids import new_layer_id
+from csi.proto import csi_pb2, csi_pb2_grpc
+from csi.services.plugin import Plugin
+from csi.services.volume_ids import (CLONE_BASE_PREFIX, SNAPSHOT_PREFIX, VOLUME_PREFIX, make_id, parse_id,
+                                     parse_local)
+from csi.state.store import RecordState, SnapshotRecord, VolumeRecord
+
+_Cap = csi_pb2.ControllerServiceCapability.RPC
+CAPABILITIES = (_Cap.CREATE_DELETE_VOLUME, _Cap.CREATE_DELETE_SNAPSHOT, _Cap.CLONE_VOLUME, _Cap.LIST_VOLUMES,
+                _Cap.LIST_SNAPSHOTS, _Cap.GET_CAPACITY, _Cap.EXPAND_VOLUME, _Cap.GET_VOLUME,
+                _Cap.VOLUME_CONDITION, _Cap.SINGLE_NODE_MULTI_WRITER)
+
+
+def require(value: object, what: str) -> None:
+    if not value:
+        raise InvalidArgument(f"{what} is required")
+
+
+def requested_size(capacity: csi_pb2.CapacityRange, total_bytes: int) -> int:
+    """The size to give a volume for a capacity range (0: no range, no limit)."""
+    required, limit = capacity.required_bytes, capacity.limit_bytes
+    if required < 0 or limit < 0:
+        raise OutOfRange(f"capacity range must not be negative (required {required}, limit {limit})")
+    if limit and required > limit:
+        raise OutOfRange(f"required_bytes {required} exceeds limit_bytes {limit}")
+    size = required or limit
+    if size > total_bytes:
+        raise OutOfRange(f"{size} bytes requested but the backing store holds only {total_bytes} bytes")
+    return size
+
+
+def fits(capacity: int, range_: csi_pb2.CapacityRange) -> bool:
+    return capacity >= range_.required_bytes and (not range_.limit_bytes or capacity <= range_.limit_bytes)
+
+
+def timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+class ControllerService(csi_pb2_grpc.ControllerServicer):
+    def __init__(self, plugin: Plugin) -> None:
+        self.plugin = plugin
+        self.driver = plugin.driver
+        self.store = plugin.store
+
+    # ------------------------------------------------------------------ helpers
+
+    def _vid(self, layer: str) -> str:
+        return make_id(layer, self.plugin.node_id)
+
+    def _volume(self, volume_id: str) -> VolumeRecord:
+        layer = parse_local(volume_id, self.plugin.node_id, VOLUME_PREFIX)
+        record = self.store.volume(layer)
+        if record is None or record.state is not RecordState.READY or record.ephemeral:
+            raise NotFound(f"volume {volume_id} does not exist")
+        return record
+
+    def _snapshot(self, snapshot_id: str) -> SnapshotRecord:
+        layer = parse_local(snapshot_id, self.plugin.node_id, SNAPSHOT_PREFIX)
+        record = self.store.snapshot(layer)
+        if record is None or record.state is not RecordState.READY:
+            raise NotFound(f"snapshot {snapshot_id} does not exist")
+        return record
+
+    def _volume_message(self, v: VolumeRecord) -> csi_pb2.Volume:
+        source = None
+        if v.source_kind == "snapshot":
+            source = csi_pb2.VolumeContentSource(snapshot={"snapshot_id": v.source_id})
+        elif v.source_kind == "volume":
+            source = csi_pb2.VolumeContentSource(volume={"volume_id": v.source_id})
+        return csi_pb2.Volume(volume_id=self._vid(v.layer), capacity_bytes=v.capacity, content_source=source,
+                              accessible_topology=[csi_pb2.Topology(segments=self.plugin.topology())])
+
+    def _snapshot_message(self, s: SnapshotRecord) -> csi_pb2.Snapshot:
+        return csi_pb2.Snapshot(snapshot_id=self._vid(s.layer), source_volume_id=self._vid(s.source_layer),
+                                size_bytes=s.size, creation_time=timestamp(s.created), ready_to_use=True)
+
+    # ------------------------------------------------------------------ volumes
+
+    def CreateVolume(self, request: csi_pb2.CreateVolumeRequest,
+                     context: grpc.ServicerContext) -> csi_pb2.CreateVolumeResponse:
+        require(request.name, "name")
+        self.plugin.check_capabilities(request.volume_capabilities)
+        parameters = self.plugin.check_parameters(request.parameters)
+        size = requested_size(request.capacity_range, self.driver.capacity().total_bytes)
+        self.plugin.check_accessibility(request.accessibility_requirements)
+        source_kind = request.volume_content_source.WhichOneof("type") or ""
+        source_id = ""
+        if source_kind == "snapshot":
+            source_id = request.volume_content_source.snapshot.snapshot_id
+            require(source_id, "volume_content_source.snapshot.snapshot_id")
+        elif source_kind == "volume":
+            source_id = request.volume_content_source.volume.volume_id
+            require(source_id, "volume_content_source.volume.volume_id")
+        with self.plugin.locks.hold(f"volume-name:{request.name}", f"source:{source_id}" if source_id else ""):
+            existing = self.store.volume_by_name(request.name)
+            if existing is not None:
+                if existing.state is not RecordState.READY or existing.ephemeral:
+                    raise AlreadyExists(f"volume name {request.name!r} is being deleted or used by an inline volume")
+                if (existing.source_kind, existing.source_id) != (source_kind, source_id) \
+                        or dict(existing.parameters) != parameters or not fits(existing.capacity, request.capacity_range):
+                    raise AlreadyExists(f"volume {request.name!r} exists with other capacity, parameters or source")
+                return csi_pb2.CreateVolumeResponse(volume=self._volume_message(existing))
+            record = self._create(request.name, size, parameters, source_kind, source_id, request.capacity_range)
+            return csi_pb2.CreateVolumeResponse(volume=self._volume_message(record))
+
+    def _create(self, name: str, size: int, parameters: dict[str, str], source_kind: str, source_id: str,
+                range_: csi_pb2.CapacityRange) -> VolumeRecord:
+        parent = base = None
+        if source_kind == "snapshot":
+            snap = self._snapshot(source_id)
+            parent, size = snap.layer, self._at_least(size, snap.size, range_, "snapshot")
+        elif source_kind == "volume":
+            src = self._volume(source_id)
+            base, size = new_layer_id(CLONE_BASE_PREFIX), self._at_least(size, src.capacity, range_, "volume")
+            parent = base
+        record = self.store.add_volume(VolumeRecord(
+            layer=new_layer_id(VOLUME_PREFIX), name=name, capacity=size, parameters=parameters,
+            source_kind=source_kind, source_id=source_id, parent_layer=parent, base_layer=base))
+        try:
+            if base is not None:
+                self.driver.freeze(parse_id(source_id)[0], base)
+            self.driver.create(record.layer, parent, CreateOpts(size_bytes=size or None))
+            if base is not None:
+                self.driver.remove(base)  # hidden now, freed with the clone
+            self.store.set_volume(record.layer, state=RecordState.READY)
+        except BaseException:
+            self._roll_back(record)
+            raise
+        return self.store.volume(record.layer) or record
+
+    @staticmethod
+    def _at_least(size: int, source_size: int, range_: csi_pb2.CapacityRange, what: str) -> int:
+        if range_.limit_bytes and source_size > range_.limit_bytes:
+            raise OutOfRange(f"the source {what} holds {source_size} bytes, more than limit_bytes {range_.limit_bytes}")
+        return max(size, source_size)
+
+    def _roll_back(self, record: VolumeRecord) -> None:
+        for layer in (record.layer, record.base_layer):
+            if layer is not None:
+                self.driver.remove(layer)
+        self.store.delete_volume(record.layer)
+
+    def DeleteVolume(self, request: csi_pb2.DeleteVolumeRequest,
+                     context: grpc.ServicerContext) -> csi_pb2.DeleteVolumeResponse:
+        require(request.volume_id, "volume_id")
+        try:
+            layer = parse_local(request.volume_id, self.plugin.node_id, VOLUME_PREFIX)
+        except NotFound:
+            return csi_pb2.DeleteVolumeResponse()  # not issued by strata: nothing to delete
+        with self.plugin.locks.hold(f"volume:{layer}", f"source:{request.volume_id}"):
+            record = self.store.volume(layer)
+            if record is None or record.ephemeral:
+                return csi_pb2.DeleteVolumeResponse()
+            used = self.store.publications(layer)
+            if used:
+                raise Busy(f"volume {request.volume_id} is still {used[0].kind}d at {used[0].path}")
+            self.store.set_volume(layer, state=RecordState.REMOVING)
+            try:
+                self.driver.remove(layer)
+            except Busy:
+                self.store.set_volume(layer, state=record.state)
+                raise
+            self.store.delete_volume(layer)
+        return csi_pb2.DeleteVolumeResponse()
+
+    def ValidateVolumeCapabilities(self, request: csi_pb2.ValidateVolumeCapabilitiesRequest,
+                                   context: grpc.ServicerContext) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
+        require(request.volume_id, "volume_id")
+        require(request.volume_capabilities, "volume_capabilities")
+        self._volume(request.volume_id)
+        try:
+            self.plugin.check_capabilities(request.volume_capabilities)
+            self.plugin.check_parameters(request.parameters)
+        except InvalidArgument as exc:
+            return csi_pb2.ValidateVolumeCapabilitiesResponse(message=str(exc))
+        return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed(
+            volume_context=request.volume_context, volume_capabilities=request.volume_capabilities,
+            parameters=request.parameters, mutable_parameters=request.mutable_parameters))
+
+    @staticmethod
+    def _page(items: list, layer_of, max_entries: int, token: str) -> tuple[list, str]:  # type: ignore[no-untyped-def]
+        """Entries after ``token`` (a layer ID; ABORTED when malformed), at most ``max_entries``."""
+        from csi.errors import Aborted
+        from csi.ids import is_layer_id
+
+        if max_entries < 0:
+            raise InvalidArgument(f"max_entries must not be negative, got {max_entries}")
+        if token and not is_layer_id(token):
+            raise Aborted(f"starting_token {token[:80]!r} was not issued by this plugin")
+        ordered = sorted(items, key=layer_of)
+        if token:
+            ordered = [i for i in ordered if layer_of(i) > token]
+        if max_entries and len(ordered) > max_entries:
+            return ordered[:max_entries], layer_of(ordered[max_entries - 1])
+        return ordered, ""
+
+    def ListVolumes(self, request: csi_pb2.ListVolumesRequest,
+                    context: grpc.ServicerContext) -> csi_pb2.ListVolumesResponse:
+        volumes = [v for v in self.store.volumes(state=RecordState.READY) if not v.ephemeral]
+        page, token = self._page(volumes, lambda v: v.layer, request.max_entries, request.starting_token)
+        return csi_pb2.ListVolumesResponse(
+            entries=[csi_pb2.ListVolumesResponse.Entry(volume=self._volume_message(v)) for v in page],
+            next_token=token)
+
+    def GetCapacity(self, request: csi_pb2.GetCapacityRequest,
+                    context: grpc.ServicerContext) -> csi_pb2.GetCapacityResponse:
+        capacity = self.driver.capacity()
+        if request.HasField("accessible_topology") and not self.plugin.topology_matches(
+                request.accessible_topology.segments):
+            return csi_pb2.GetCapacityResponse(available_capacity=0)
+        try:
+            if request.volume_capabilities:
+                self.plugin.check_capabilities(request.volume_capabilities)
+            self.plugin.check_parameters(request.parameters)
+        except InvalidArgument:
+            return csi_pb2.GetCapacityResponse(available_capacity=0)
+        return csi_pb2.GetCapacityResponse(available_capacity=capacity.available_bytes,
+                                           maximum_volume_size={"value": capacity.total_bytes})
+
+    def ControllerGetCapabilities(self, request: csi_pb2.ControllerGetCapabilitiesRequest,
+                                  context: grpc.ServicerContext) -> csi_pb2.ControllerGetCapabilitiesResponse:
+        return csi_pb2.ControllerGetCapabilitiesResponse(
+            capabilities=[csi_pb2.ControllerServiceCapability(rpc={"type": c}) for c in CAPABILITIES])
+
+    def ControllerExpandVolume(self, request: csi_pb2.ControllerExpandVolumeRequest,
+                               context: grpc.ServicerContext) -> csi_pb2.ControllerExpandVolumeResponse:
+        require(request.volume_id, "volume_id")
+        require(request.HasField("capacity_range"), "capacity_range")
+        if request.HasField("volume_capability"):
+            self.plugin.mount_request(request.volume_capability)
+        record = self._volume(request.volume_id)
+        with self.plugin.locks.hold(f"volume:{record.layer}"):
+            size = requested_size(request.capacity_range, self.driver.capacity().total_bytes)
+            if size > record.capacity:
+                try:
+                    self.driver.resize(record.layer, size)
+                except Unsupported:
+                    pass  # the driver cannot enforce sizes: the capacity is recorded (see module docstring)
+                self.store.set_volume(record.layer, capacity=size)
+            current = max(size, record.capacity)
+        return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=current, node_expansion_required=False)
+
+    def ControllerGetVolume(self, request: csi_pb2.ControllerGetVolumeRequest,
+                            context: grpc.ServicerContext) -> csi_pb2.ControllerGetVolumeResponse:
+        require(request.volume_id, "volume_id")
+        record = self._volume(request.volume_id)
+        healthy = self.driver.exists(record.layer)
+        condition = csi_pb2.VolumeCondition(
+            abnormal=not healthy,
+            message="layer present" if healthy else f"layer {record.layer} is missing from the {self.driver.name} store")
+        published = [self.plugin.node_id] if self.store.publications(record.layer) else []
+        return csi_pb2.ControllerGetVolumeResponse(
+            volume=self._volume_message(record),
+            status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(published_node_ids=published,
+                                                                   volume_condition=condition))
+
+    # ------------------------------------------------------------------ snapshots
+
+    def CreateSnapshot(self, request: csi_pb2.CreateSnapshotRequest,
+                       context: grpc.ServicerContext) -> csi_pb2.CreateSnapshotResponse:
+        require(request.source_volume_id, "source_volume_id")
+        require(request.name, "name")
+        self._check_snapshot_parameters(request.parameters)
+        with self.plugin.locks.hold(f"snapshot-name:{request.name}", f"source:{request.source_volume_id}"):
+            existing = self.store.snapshot_by_name(request.name)
+            if existing is not None:
+                if existing.state is not RecordState.READY \
+                        or self._vid(existing.source_layer) != request.source_volume_id:
+                    raise AlreadyExists(f"snapshot {request.name!r} exists for another source volume")
+                return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot_message(existing))
+            source = self._volume(request.source_volume_id)
+            record = self.store.add_snapshot(SnapshotRecord(layer=new_layer_id(SNAPSHOT_PREFIX), name=request.name,
+                                                            source_layer=source.layer, size=source.capacity))
+            try:
+                self.driver.freeze(source.layer, record.layer)
+                self.store.set_snapshot(record.layer, state=RecordState.READY)
+            except BaseException:
+                self.driver.remove(record.layer)
+                self.store.delete_snapshot(record.layer)
+                raise
+            return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot_message(self.store.snapshot(record.layer)
+                                                                                  or record))
+
+    def _check_snapshot_parameters(self, parameters: object) -> None:
+        from csi.services.plugin import KUBERNETES_PREFIX
+
+        unknown = sorted(k for k in parameters if not k.startswith(KUBERNETES_PREFIX))  # type: ignore[attr-defined]
+        if unknown:
+            raise InvalidArgument(f"unknown snapshot parameter(s) {', '.join(unknown)}; only "
+                                  f"{KUBERNETES_PREFIX}* keys are accepted")
+
+    def DeleteSnapshot(self, request: csi_pb2.DeleteSnapshotRequest,
+                       context: grpc.ServicerContext) -> csi_pb2.DeleteSnapshotResponse:
+        require(request.snapshot_id, "snapshot_id")
+        try:
+            layer = parse_local(request.snapshot_id, self.plugin.node_id, SNAPSHOT_PREFIX)
+        except NotFound:
+            return csi_pb2.DeleteSnapshotResponse()
+        with self.plugin.locks.hold(f"snapshot:{layer}", f"source:{request.snapshot_id}"):
+            record = self.store.snapshot(layer)
+            if record is None:
+                return csi_pb2.DeleteSnapshotResponse()
+            self.store.set_snapshot(layer, state=RecordState.REMOVING)
+            self.driver.remove(layer)  # hidden while restored volumes use it
+            self.store.delete_snapshot(layer)
+        return csi_pb2.DeleteSnapshotResponse()
+
+    def ListSnapshots(self, request: csi_pb2.ListSnapshotsRequest,
+                      context: grpc.ServicerContext) -> csi_pb2.ListSnapshotsResponse:
+        snapshots = self.store.snapshots(state=RecordState.READY)
+        if request.snapshot_id:
+            try:
+                layer = parse_local(request.snapshot_id, self.plugin.node_id, SNAPSHOT_PREFIX)
+                snapshots = [s for s in snapshots if s.layer == layer]
+            except NotFound:
+                snapshots = []
+        if request.source_volume_id:
+            try:
+                source = parse_local(request.source_volume_id, self.plugin.node_id, VOLUME_PREFIX)
+                snapshots = [s for s in snapshots if s.source_layer == source]
+            except NotFound:
+                snapshots = []
+        page, token = self._page(snapshots, lambda s: s.layer, request.max_entries, request.starting_token)
+        return csi_pb2.ListSnapshotsResponse(
+            entries=[csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._snapshot_message(s)) for s in page],
+            next_token=token)
+
+    def GetSnapshot(self, request: csi_pb2.GetSnapshotRequest,
+                    context: grpc.ServicerContext) -> csi_pb2.GetSnapshotResponse:
+        require(request.snapshot_id, "snapshot_id")
+        return csi_pb2.GetSnapshotResponse(snapshot=self._snapshot_message(self._snapshot(request.snapshot_id)))
+
+
+__all__ = ["ControllerService"]

@@ -1,0 +1,324 @@
+"""CSI Node service: layers mounted where kubelet asks.
+
+* NodeStageVolume: ``driver.get(layer, mount_label)`` then a bind mount of the returned
+  path at the staging path (read-only and nosuid/nodev/noexec/noatime when asked;
+  ``volume_mount_group`` makes the volume root group-owned and setgid).
+  NodeUnstageVolume: unmount, ``driver.put``.
+* NodePublishVolume: bind mount staging -> target (read-only when asked), creating the
+  target directory; FAILED_PRECONDITION when the volume is not staged at the given path.
+  NodeUnpublishVolume: unmount, remove the target directory.
+* Inline ephemeral volumes (``csi.storage.k8s.io/ephemeral: "true"``): the layer is
+  created at publish (recorded under the name ``ephemeral:<kubelet volume id>``),
+  gotten and bind-mounted at the target; unpublish unmounts, puts and removes it.
+* Paths must be absolute and normalised; a volume ID strata did not issue is NOT_FOUND
+  before any path is looked at. Every mount goes through :mod:`csi.mount`.
+
+Crash protocol: a publication row is written ``pending`` before the mount and marked
+``ready`` after it; teardown marks it ``removing`` first. Recovery
+(:mod:`csi.services.recovery`) re-establishes ``ready`` mounts and undoes the rest.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import grpc
+
+from csi import mount as mnt
+from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from csi.graphdriver.base import CreateOpts
+from csi.ids import new_layer_id
+from csi.proto import csi_pb2, csi_pb2_grpc
+from csi.services.controller import require
+from csi.services.plugin import EPHEMERAL_KEY, KUBERNETES_PREFIX, MountRequest, Plugin
+from csi.services.volume_ids import VOLUME_PREFIX, parse_local
+from csi.state.store import PUBLISH, STAGE, Publication, RecordState, VolumeRecord
+
+_Cap = csi_pb2.NodeServiceCapability.RPC
+CAPABILITIES = (_Cap.STAGE_UNSTAGE_VOLUME, _Cap.GET_VOLUME_STATS, _Cap.EXPAND_VOLUME, _Cap.VOLUME_CONDITION,
+                _Cap.SINGLE_NODE_MULTI_WRITER, _Cap.VOLUME_MOUNT_GROUP)
+EPHEMERAL_NAME = "ephemeral:"
+EPHEMERAL_PARAMETERS = ("size",)
+_FLAG_BITS = {"nosuid": mnt.MS_NOSUID, "nodev": mnt.MS_NODEV, "noexec": mnt.MS_NOEXEC, "noatime": mnt.MS_NOATIME}
+
+
+def check_path(value: str, what: str) -> str:
+    """An absolute, normalised path without NUL; InvalidArgument otherwise."""
+    require(value, what)
+    if "\0" in value or not value.startswith("/") or os.path.normpath(value) != value.rstrip("/") or value == "/":
+        raise InvalidArgument(f"{what} {value[:200]!r} must be an absolute, normalised path (no '..', no '//')")
+    return value.rstrip("/")
+
+
+def flag_bits(flags: tuple[str, ...]) -> int:
+    bits = 0
+    for flag in flags:
+        bits |= _FLAG_BITS.get(flag, 0)
+    return bits
+
+
+def bind(source: str | Path, target: str, readonly: bool, flags: tuple[str, ...]) -> None:
+    mnt.bind(source, target, readonly=readonly, extra_flags=flag_bits(flags))
+
+
+def prepare_dir(path: str, what: str) -> None:
+    """Create ``path`` (parents must exist); refuse a non-directory."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise InvalidArgument(f"{what} {path} exists and is not a directory")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise InvalidArgument(f"the parent directory of {what} {path} does not exist")
+    os.makedirs(path, mode=0o750, exist_ok=True)
+
+
+def remove_dir(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+
+
+def apply_mount_group(path: Path, group: str) -> None:
+    """Give the volume root to ``group`` with group rwx and setgid (volume_mount_group)."""
+    if group:
+        os.chown(path, -1, int(group))
+        os.chmod(path, (os.stat(path).st_mode & 0o7777) | 0o2070)
+
+
+class NodeService(csi_pb2_grpc.NodeServicer):
+    def __init__(self, plugin: Plugin) -> None:
+        self.plugin = plugin
+        self.driver = plugin.driver
+        self.store = plugin.store
+
+    def _layer(self, volume_id: str) -> VolumeRecord:
+        layer = parse_local(volume_id, self.plugin.node_id, VOLUME_PREFIX)
+        record = self.store.volume(layer)
+        if record is None or record.state is not RecordState.READY or record.ephemeral:
+            raise NotFound(f"volume {volume_id} does not exist")
+        return record
+
+    # ------------------------------------------------------------------ stage
+
+    def NodeStageVolume(self, request: csi_pb2.NodeStageVolumeRequest,
+                        context: grpc.ServicerContext) -> csi_pb2.NodeStageVolumeResponse:
+        require(request.volume_id, "volume_id")
+        staging = check_path(request.staging_target_path, "staging_target_path")
+        require(request.HasField("volume_capability"), "volume_capability")
+        want = self.plugin.mount_request(request.volume_capability)
+        record = self._layer(request.volume_id)
+        with self.plugin.locks.hold(f"volume:{record.layer}", f"path:{staging}"):
+            existing = self.store.publication_at(STAGE, staging)
+            if existing is not None:
+                if existing.layer != record.layer or existing.readonly != want.readonly \
+                        or existing.flags != want.flags or existing.mount_group != want.mount_group:
+                    raise AlreadyExists(f"{staging} is already staged with another volume or other options")
+                return csi_pb2.NodeStageVolumeResponse()
+            prepare_dir(staging, "staging_target_path")
+            pub = self.store.add_publication(Publication(record.layer, STAGE, staging, want.readonly, want.flags,
+                                                         want.mount_group))
+            try:
+                self.stage_mount(pub, want.selinux_label)
+            except BaseException:
+                self.undo_stage(pub)
+                raise
+            self.store.set_publication(pub, RecordState.READY)
+        return csi_pb2.NodeStageVolumeResponse()
+
+    def stage_mount(self, pub: Publication, label: str = "") -> None:
+        path = self.driver.get(pub.layer, label)
+        if pub.mount_group:
+            apply_mount_group(path, pub.mount_group)
+        bind(path, pub.path, pub.readonly, pub.flags)
+
+    def undo_stage(self, pub: Publication) -> None:
+        """Unmount, put, forget (also used by recovery). Tolerates a half-made stage."""
+        self.store.set_publication(pub, RecordState.REMOVING)
+        mnt.unmount_all(pub.path)
+        self.driver.put(pub.layer)
+        self.store.delete_publication(pub)
+
+    def NodeUnstageVolume(self, request: csi_pb2.NodeUnstageVolumeRequest,
+                          context: grpc.ServicerContext) -> csi_pb2.NodeUnstageVolumeResponse:
+        require(request.volume_id, "volume_id")
+        staging = check_path(request.staging_target_path, "staging_target_path")
+        layer = parse_local(request.volume_id, self.plugin.node_id, VOLUME_PREFIX)
+        if self.store.volume(layer) is None:
+            raise NotFound(f"volume {request.volume_id} does not exist")
+        with self.plugin.locks.hold(f"volume:{layer}", f"path:{staging}"):
+            pub = self.store.publication_at(STAGE, staging)
+            if pub is None or pub.layer != layer:
+                return csi_pb2.NodeUnstageVolumeResponse()
+            self.undo_stage(pub)
+        return csi_pb2.NodeUnstageVolumeResponse()
+
+    # ------------------------------------------------------------------ publish
+
+    def NodePublishVolume(self, request: csi_pb2.NodePublishVolumeRequest,
+                          context: grpc.ServicerContext) -> csi_pb2.NodePublishVolumeResponse:
+        require(request.volume_id, "volume_id")
+        target = check_path(request.target_path, "target_path")
+        require(request.HasField("volume_capability"), "volume_capability")
+        want = self.plugin.mount_request(request.volume_capability)
+        readonly = want.readonly or request.readonly
+        if request.volume_context.get(EPHEMERAL_KEY) == "true":
+            self._publish_ephemeral(request, target, want, readonly)
+            return csi_pb2.NodePublishVolumeResponse()
+        staging = check_path(request.staging_target_path, "staging_target_path")
+        if staging == target:
+            raise InvalidArgument("target_path must differ from staging_target_path")
+        record = self._layer(request.volume_id)
+        with self.plugin.locks.hold(f"volume:{record.layer}", f"path:{target}"):
+            staged = self.store.publication_at(STAGE, staging)
+            if staged is None or staged.layer != record.layer or staged.state is not RecordState.READY:
+                raise FailedPrecondition(f"volume {request.volume_id} is not staged at {staging}")
+            existing = self.store.publication_at(PUBLISH, target)
+            if existing is not None:
+                if existing.layer != record.layer or existing.readonly != readonly or existing.flags != want.flags:
+                    raise AlreadyExists(f"{target} is already published with another volume or other options")
+                return csi_pb2.NodePublishVolumeResponse()
+            prepare_dir(target, "target_path")
+            pub = self.store.add_publication(Publication(record.layer, PUBLISH, target, readonly, want.flags,
+                                                         source=staging))
+            try:
+                bind(staging, target, readonly, want.flags)
+            except BaseException:
+                self.undo_publish(pub)
+                raise
+            self.store.set_publication(pub, RecordState.READY)
+        return csi_pb2.NodePublishVolumeResponse()
+
+    def undo_publish(self, pub: Publication) -> None:
+        self.store.set_publication(pub, RecordState.REMOVING)
+        mnt.unmount_all(pub.path)
+        remove_dir(pub.path)
+        self.store.delete_publication(pub)
+
+    def _publish_ephemeral(self, request: csi_pb2.NodePublishVolumeRequest, target: str, want: MountRequest,
+                           readonly: bool) -> None:
+        volume_id = request.volume_id
+        if len(volume_id) > 128 or not volume_id.isprintable():
+            raise InvalidArgument(f"volume_id {volume_id[:80]!r} is too long or not printable")
+        attributes = {k: v for k, v in request.volume_context.items() if not k.startswith(KUBERNETES_PREFIX)}
+        unknown = sorted(set(attributes) - set(EPHEMERAL_PARAMETERS))
+        if unknown:
+            raise InvalidArgument(f"unknown inline volume attribute(s) {', '.join(unknown)}; known: size")
+        size = attributes.get("size", "0")
+        if not size.isdigit():
+            raise InvalidArgument(f"inline volume attribute size={size!r} must be a number of bytes")
+        name = EPHEMERAL_NAME + volume_id
+        with self.plugin.locks.hold(f"volume-name:{name}", f"path:{target}"):
+            existing = self.store.volume_by_name(name)
+            if existing is not None:
+                pubs = self.store.publications(existing.layer, PUBLISH)
+                if existing.ephemeral and any(p.path == target and p.readonly == readonly for p in pubs):
+                    return
+                raise AlreadyExists(f"inline volume {volume_id} is already published elsewhere or differently")
+            if self.store.publication_at(PUBLISH, target) is not None:
+                raise AlreadyExists(f"{target} is already published with another volume")
+            prepare_dir(target, "target_path")
+            record = self.store.add_volume(VolumeRecord(layer=new_layer_id(VOLUME_PREFIX), name=name,
+                                                        capacity=int(size), ephemeral=True))
+            pub = Publication(record.layer, PUBLISH, target, readonly, want.flags)
+            try:
+                self.driver.create(record.layer, None, CreateOpts(size_bytes=int(size) or None))
+                self.store.add_publication(pub)
+                path = self.driver.get(record.layer, want.selinux_label)
+                if want.mount_group:
+                    apply_mount_group(path, want.mount_group)
+                bind(path, target, readonly, want.flags)
+            except BaseException:
+                self.undo_ephemeral(record, pub)
+                raise
+            with self.store.transaction():
+                self.store.set_publication(pub, RecordState.READY)
+                self.store.set_volume(record.layer, state=RecordState.READY)
+
+    def undo_ephemeral(self, record: VolumeRecord, pub: Publication) -> None:
+        """Unmount, put and remove an inline volume's layer; forget it (also recovery)."""
+        with self.store.transaction():
+            self.store.set_volume(record.layer, state=RecordState.REMOVING)
+            self.store.set_publication(pub, RecordState.REMOVING)
+        mnt.unmount_all(pub.path)
+        remove_dir(pub.path)
+        self.driver.put(record.layer)
+        self.driver.remove(record.layer)
+        with self.store.transaction():
+            self.store.delete_publication(pub)
+            self.store.delete_volume(record.layer)
+
+    def NodeUnpublishVolume(self, request: csi_pb2.NodeUnpublishVolumeRequest,
+                            context: grpc.ServicerContext) -> csi_pb2.NodeUnpublishVolumeResponse:
+        require(request.volume_id, "volume_id")
+        target = check_path(request.target_path, "target_path")
+        inline = self.store.volume_by_name(EPHEMERAL_NAME + request.volume_id)
+        if inline is not None:
+            with self.plugin.locks.hold(f"volume-name:{inline.name}", f"path:{target}"):
+                pub = self.store.publication_at(PUBLISH, target)
+                if pub is not None and pub.layer == inline.layer:
+                    self.undo_ephemeral(inline, pub)
+            return csi_pb2.NodeUnpublishVolumeResponse()
+        layer = parse_local(request.volume_id, self.plugin.node_id, VOLUME_PREFIX)
+        if self.store.volume(layer) is None:
+            raise NotFound(f"volume {request.volume_id} does not exist")
+        with self.plugin.locks.hold(f"volume:{layer}", f"path:{target}"):
+            pub = self.store.publication_at(PUBLISH, target)
+            if pub is not None and pub.layer == layer:
+                self.undo_publish(pub)
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    # ------------------------------------------------------------------ stats, expansion, info
+
+    def _volume_path(self, volume_id: str, volume_path: str) -> tuple[VolumeRecord, Publication]:
+        require(volume_id, "volume_id")
+        path = check_path(volume_path, "volume_path")
+        inline = self.store.volume_by_name(EPHEMERAL_NAME + volume_id)
+        record = inline if inline is not None else self._layer(volume_id)
+        for pub in self.store.publications(record.layer):
+            if pub.path == path and pub.state is RecordState.READY:
+                return record, pub
+        raise NotFound(f"volume {volume_id} is not staged or published at {path}")
+
+    def NodeGetVolumeStats(self, request: csi_pb2.NodeGetVolumeStatsRequest,
+                           context: grpc.ServicerContext) -> csi_pb2.NodeGetVolumeStatsResponse:
+        record, pub = self._volume_path(request.volume_id, request.volume_path)
+        problems = []
+        if not self.driver.exists(record.layer):
+            problems.append(f"layer {record.layer} is missing from the {self.driver.name} store")
+        if not mnt.is_mount_point(pub.path):
+            problems.append(f"{pub.path} is no longer mounted")
+        condition = csi_pb2.VolumeCondition(abnormal=bool(problems), message="; ".join(problems) or "healthy")
+        if problems:
+            return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=condition)
+        st = os.statvfs(pub.path)
+        fs_total, fs_free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        used = self.driver.usage(record.layer)
+        if used is None:
+            used = fs_total - st.f_bfree * st.f_frsize
+        total = record.capacity or fs_total
+        available = max(0, min(fs_free, total - used))
+        Usage = csi_pb2.VolumeUsage
+        return csi_pb2.NodeGetVolumeStatsResponse(
+            usage=[Usage(unit=Usage.BYTES, total=total, available=available, used=used),
+                   Usage(unit=Usage.INODES, total=st.f_files, available=st.f_favail, used=st.f_files - st.f_ffree)],
+            volume_condition=condition)
+
+    def NodeExpandVolume(self, request: csi_pb2.NodeExpandVolumeRequest,
+                         context: grpc.ServicerContext) -> csi_pb2.NodeExpandVolumeResponse:
+        """Layered directories have no filesystem to grow: report the recorded capacity."""
+        record, _ = self._volume_path(request.volume_id, request.volume_path)
+        if request.HasField("volume_capability"):
+            self.plugin.mount_request(request.volume_capability)
+        return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=max(record.capacity,
+                                                                   request.capacity_range.required_bytes))
+
+    def NodeGetCapabilities(self, request: csi_pb2.NodeGetCapabilitiesRequest,
+                            context: grpc.ServicerContext) -> csi_pb2.NodeGetCapabilitiesResponse:
+        return csi_pb2.NodeGetCapabilitiesResponse(
+            capabilities=[csi_pb2.NodeServiceCapability(rpc={"type": c}) for c in CAPABILITIES])
+
+    def NodeGetInfo(self, request: csi_pb2.NodeGetInfoRequest,
+                    context: grpc.ServicerContext) -> csi_pb2.NodeGetInfoResponse:
+        return csi_pb2.NodeGetInfoResponse(
+            node_id=self.plugin.node_id, max_volumes_per_node=self.plugin.config.max_volumes_per_node,
+            accessible_topology=csi_pb2.Topology(segments=self.plugin.topology()))

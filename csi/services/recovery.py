@@ -1,0 +1,103 @@
+"""Start-up recovery: bring the state store, the layered driver and the mounts in line.
+
+Runs once when the plugin starts, before the socket is served, after the driver's own
+reconciliation (which finishes or rolls back half-done layer work). Steps:
+
+1. Publications that are not ``ready`` (a stage/publish interrupted, or a teardown
+   interrupted) are undone: unmount, remove the target directory, forget the row.
+   kubelet retries what it did not see succeed.
+2. Volumes and snapshots still ``pending`` (never acknowledged) are rolled back — their
+   layers (and a clone's base layer) removed — and ``removing`` ones are finished.
+   Inline volumes whose publication is gone are removed.
+3. Layers with strata's prefixes (``vol-``, ``snap-``, ``base-``) that no record knows of
+   are removed (a crash between layer work and commit).
+4. Each layer's mount reference count is set to the number of ``ready`` stagings of it
+   (plus its inline publication), and every ``ready`` staging and publication whose
+   mount is gone is mounted again.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from csi import mount as mnt
+from csi.services.volume_ids import CLONE_BASE_PREFIX, SNAPSHOT_PREFIX, VOLUME_PREFIX
+from csi.state.store import PUBLISH, STAGE, RecordState
+
+if TYPE_CHECKING:
+    from csi.services.plugin import Plugin
+
+log = logging.getLogger("strata.recovery")
+PREFIXES = (VOLUME_PREFIX, SNAPSHOT_PREFIX, CLONE_BASE_PREFIX)
+
+
+def _release(plugin: Plugin, layer_id: str) -> None:
+    """Drop every mount reference of ``layer_id`` and remove it (deferred if it has children)."""
+    driver = plugin.driver
+    if driver.store.get(layer_id) is None:
+        return
+    while (rec := driver.store.get(layer_id)) is not None and rec.mounts > 0:
+        driver.put(layer_id)
+    driver.remove(layer_id)
+
+
+def recover(plugin: Plugin) -> None:
+    from csi.services.node import bind, remove_dir
+
+    store, driver = plugin.store, plugin.driver
+    ephemeral = {v.layer: v for v in store.volumes() if v.ephemeral}
+
+    # 1. interrupted publications
+    for pub in store.publications():
+        inline = ephemeral.get(pub.layer)
+        if pub.state is RecordState.READY and (inline is None or inline.state is RecordState.READY):
+            continue
+        log.info("recovery: undoing interrupted %s of %s at %s", pub.kind, pub.layer, pub.path)
+        mnt.unmount_all(pub.path)
+        if pub.kind == PUBLISH:
+            remove_dir(pub.path)
+        store.delete_publication(pub)
+
+    # 2. interrupted creates and deletes
+    for volume in store.volumes():
+        published = store.publications(volume.layer)
+        if volume.state is RecordState.READY and not (volume.ephemeral and not published):
+            continue
+        log.info("recovery: %s volume %s (%s)", "rolling back" if volume.state is RecordState.PENDING
+                 else "finishing removal of", volume.layer, volume.name)
+        for layer in (volume.layer, volume.base_layer):
+            if layer is not None:
+                _release(plugin, layer)
+        store.delete_volume(volume.layer)
+    for snapshot in store.snapshots():
+        if snapshot.state is not RecordState.READY:
+            log.info("recovery: removing unfinished snapshot %s (%s)", snapshot.layer, snapshot.name)
+            _release(plugin, snapshot.layer)
+            store.delete_snapshot(snapshot.layer)
+
+    # 3. layers no record knows of
+    known = {v.layer for v in store.volumes()} | {s.layer for s in store.snapshots()}
+    for layer in driver.layers():
+        if layer.id.startswith(PREFIXES) and layer.id not in known:
+            log.info("recovery: removing orphan layer %s", layer.id)
+            _release(plugin, layer.id)
+
+    # 4. reference counts and mounts
+    pubs = store.publications()
+    for layer in driver.layers():
+        wanted = sum(1 for p in pubs if p.layer == layer.id and (p.kind == STAGE or p.layer in ephemeral))
+        while (current := driver.store.require(layer.id).mounts) > wanted:
+            driver.put(layer.id)
+        for _ in range(wanted - current):
+            driver.get(layer.id)
+    for pub in sorted(pubs, key=lambda p: p.kind != STAGE):  # stagings first: publications bind from them
+        if mnt.is_mount_point(pub.path):
+            continue
+        log.info("recovery: re-mounting %s of %s at %s", pub.kind, pub.layer, pub.path)
+        if pub.kind == STAGE or not pub.source:
+            source = driver.get(pub.layer)
+            driver.put(pub.layer)  # the count was set above; this get only asked for the path
+        else:
+            source = pub.source
+        bind(source, pub.path, pub.readonly, pub.flags)

@@ -1,0 +1,58 @@
+"""The one error seam: :mod:`csi.errors` types -> gRPC status codes.
+
+Handlers raise the project's exceptions; the RPC interceptor (:mod:`csi.services.rpclog`)
+calls :func:`status_of` for whatever escaped and aborts the call with that code. No
+handler builds a status code by hand. Anything that is not a :class:`StrataError` is
+an unexpected failure: ``INTERNAL``, with the exception logged by the caller.
+
+Mapping (most specific class first, by walking the exception's MRO):
+
+==========================  ======================  =====================================
+error                       gRPC code               CSI meaning
+==========================  ======================  =====================================
+OutOfRange                  OUT_OF_RANGE            unsupported capacity
+InvalidArgument             INVALID_ARGUMENT        missing / malformed field
+NotFound                    NOT_FOUND               volume / snapshot / source missing
+AlreadyExists               ALREADY_EXISTS          same name, incompatible arguments
+Aborted                     ABORTED                 another call holds the name / ID
+Busy (HasChildren)          FAILED_PRECONDITION     in use (mounted / published)
+FailedPrecondition          FAILED_PRECONDITION     e.g. not staged
+NoSpace, ResourceExhausted  RESOURCE_EXHAUSTED      out of space, topology, max volumes
+ReadOnly                    FAILED_PRECONDITION     write to a frozen layer
+Unsupported                 INVALID_ARGUMENT        the driver cannot do what was asked
+DriverUnavailable           UNAVAILABLE             no driver
+StrataError (other)         INTERNAL
+==========================  ======================  =====================================
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from csi import errors
+
+CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.Aborted, grpc.StatusCode.ABORTED),
+    (errors.Busy, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.NoSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.ReadOnly, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.Unsupported, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.DriverUnavailable, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, bool]:
+    """``(code, message, expected)`` for an exception; ``expected`` is False for bugs."""
+    if isinstance(exc, errors.StrataError):
+        for cls in type(exc).__mro__:
+            for known, code in CODES:
+                if cls is known:
+                    return code, str(exc), True
+        return grpc.StatusCode.INTERNAL, str(exc), True
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", False

@@ -1,0 +1,262 @@
+"""The CSI plugin's state: volumes, snapshots and publications in one sqlite3 database.
+
+On-disk layout: ``<root>/state.db`` (WAL journal, ``synchronous=FULL``)::
+
+    volumes(layer TEXT PRIMARY KEY, name TEXT UNIQUE, capacity INTEGER, parameters TEXT,
+            source_kind TEXT, source_id TEXT, parent_layer TEXT, base_layer TEXT,
+            created REAL, state TEXT, ephemeral INTEGER)
+    snapshots(layer TEXT PRIMARY KEY, name TEXT UNIQUE, source_layer TEXT, size INTEGER,
+              created REAL, state TEXT)
+    publications(layer TEXT, kind TEXT, path TEXT, readonly INTEGER, flags TEXT,
+                 mount_group TEXT, source TEXT, state TEXT, PRIMARY KEY (layer, kind, path))
+
+``state`` follows the crash protocol of the services: a row is written ``pending``
+(intent) before any disk work, becomes ``ready`` when the work is done (commit), and
+``removing`` before an undo starts (forget first). Start-up recovery
+(:mod:`csi.services.recovery`) rolls ``pending`` rows back and finishes ``removing``
+ones. A publication's ``kind`` is ``stage`` (staging path) or ``publish`` (target path);
+``source`` is the staging path a ``publish`` binds from (empty for inline volumes).
+``base_layer`` is the hidden frozen layer a clone was made from; ``parent_layer`` the
+frozen layer a volume was created on (snapshot restore or clone base).
+
+This module is the only writer of the database; every method is one transaction, so
+what a call returned survives ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from csi.errors import AlreadyExists, StrataError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS volumes(
+    layer TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, capacity INTEGER NOT NULL,
+    parameters TEXT NOT NULL, source_kind TEXT NOT NULL, source_id TEXT NOT NULL,
+    parent_layer TEXT, base_layer TEXT, created REAL NOT NULL, state TEXT NOT NULL,
+    ephemeral INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS snapshots(
+    layer TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, source_layer TEXT NOT NULL,
+    size INTEGER NOT NULL, created REAL NOT NULL, state TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS publications(
+    layer TEXT NOT NULL, kind TEXT NOT NULL, path TEXT NOT NULL, readonly INTEGER NOT NULL,
+    flags TEXT NOT NULL, mount_group TEXT NOT NULL, source TEXT NOT NULL, state TEXT NOT NULL,
+    PRIMARY KEY (layer, kind, path));
+"""
+
+
+class RecordState(str, Enum):
+    PENDING = "pending"  # intent recorded; disk work may be half done
+    READY = "ready"  # committed
+    REMOVING = "removing"  # forgotten; undo may be half done
+
+
+@dataclass(frozen=True)
+class VolumeRecord:
+    layer: str
+    name: str
+    capacity: int
+    parameters: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
+    source_kind: str = ""  # "", "snapshot" or "volume"
+    source_id: str = ""  # the CSI ID of the content source
+    parent_layer: str | None = None
+    base_layer: str | None = None
+    created: float = field(default_factory=time.time)
+    state: RecordState = RecordState.PENDING
+    ephemeral: bool = False
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    layer: str
+    name: str
+    source_layer: str
+    size: int = 0
+    created: float = field(default_factory=time.time)
+    state: RecordState = RecordState.PENDING
+
+
+@dataclass(frozen=True)
+class Publication:
+    layer: str
+    kind: str  # "stage" or "publish"
+    path: str
+    readonly: bool = False
+    flags: tuple[str, ...] = ()
+    mount_group: str = ""
+    source: str = ""
+    state: RecordState = RecordState.PENDING
+
+
+STAGE = "stage"
+PUBLISH = "publish"
+
+
+class StateStore:
+    """Transactional access to ``<root>/state.db`` (thread-safe, one connection)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.path = Path(root) / "state.db"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StrataError(f"cannot open state store {self.path}: {exc}") from exc
+        self._depth = 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def ping(self) -> None:
+        """Raise if the store cannot answer (used by Probe)."""
+        with self._lock:
+            try:
+                self._db.execute("SELECT 1").fetchone()
+            except sqlite3.Error as exc:
+                raise StrataError(f"state store {self.path} is not usable: {exc}") from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group several writes into one atomic transaction (nests)."""
+        with self._lock:
+            outer = self._depth == 0
+            if outer:
+                self._db.execute("BEGIN IMMEDIATE")
+            self._depth += 1
+            try:
+                yield
+            except BaseException:
+                self._depth -= 1
+                if outer:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._depth -= 1
+            if outer:
+                self._db.execute("COMMIT")
+
+    def _run(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.IntegrityError as exc:
+                raise AlreadyExists(f"record conflicts with an existing one: {exc}") from exc
+            except sqlite3.Error as exc:
+                raise StrataError(f"state store error: {exc}") from exc
+
+    # ------------------------------------------------------------------ volumes
+
+    @staticmethod
+    def _volume(row: tuple[Any, ...]) -> VolumeRecord:
+        return VolumeRecord(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], row[7],
+                            row[8], RecordState(row[9]), bool(row[10]))
+
+    _VOLUME_COLUMNS = ("layer, name, capacity, parameters, source_kind, source_id, parent_layer, base_layer, "
+                       "created, state, ephemeral")
+
+    def add_volume(self, v: VolumeRecord) -> VolumeRecord:
+        self._run(f"INSERT INTO volumes({self._VOLUME_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                  (v.layer, v.name, v.capacity, json.dumps(dict(v.parameters), sort_keys=True), v.source_kind,
+                   v.source_id, v.parent_layer, v.base_layer, v.created, v.state.value, int(v.ephemeral)))
+        return v
+
+    def volume(self, layer: str) -> VolumeRecord | None:
+        rows = self._run(f"SELECT {self._VOLUME_COLUMNS} FROM volumes WHERE layer=?", (layer,))
+        return self._volume(rows[0]) if rows else None
+
+    def volume_by_name(self, name: str) -> VolumeRecord | None:
+        rows = self._run(f"SELECT {self._VOLUME_COLUMNS} FROM volumes WHERE name=?", (name,))
+        return self._volume(rows[0]) if rows else None
+
+    def volumes(self, *, state: RecordState | None = None) -> list[VolumeRecord]:
+        """All volume records (ordered by creation time then layer: stable for paging)."""
+        rows = self._run(f"SELECT {self._VOLUME_COLUMNS} FROM volumes ORDER BY created, layer")
+        return [v for v in map(self._volume, rows) if state is None or v.state is state]
+
+    def set_volume(self, layer: str, **changes: Any) -> None:
+        allowed = {"capacity", "state", "parent_layer", "base_layer"}
+        if not changes or set(changes) - allowed:
+            raise ValueError(f"cannot change volume fields {sorted(set(changes) - allowed)}")
+        values = [c.value if isinstance(c, Enum) else c for c in changes.values()]
+        self._run(f"UPDATE volumes SET {', '.join(f'{k}=?' for k in changes)} WHERE layer=?", (*values, layer))
+
+    def delete_volume(self, layer: str) -> None:
+        self._run("DELETE FROM volumes WHERE layer=?", (layer,))
+
+    # ------------------------------------------------------------------ snapshots
+
+    _SNAPSHOT_COLUMNS = "layer, name, source_layer, size, created, state"
+
+    @staticmethod
+    def _snapshot(row: tuple[Any, ...]) -> SnapshotRecord:
+        return SnapshotRecord(row[0], row[1], row[2], row[3], row[4], RecordState(row[5]))
+
+    def add_snapshot(self, s: SnapshotRecord) -> SnapshotRecord:
+        self._run(f"INSERT INTO snapshots({self._SNAPSHOT_COLUMNS}) VALUES (?,?,?,?,?,?)",
+                  (s.layer, s.name, s.source_layer, s.size, s.created, s.state.value))
+        return s
+
+    def snapshot(self, layer: str) -> SnapshotRecord | None:
+        rows = self._run(f"SELECT {self._SNAPSHOT_COLUMNS} FROM snapshots WHERE layer=?", (layer,))
+        return self._snapshot(rows[0]) if rows else None
+
+    def snapshot_by_name(self, name: str) -> SnapshotRecord | None:
+        rows = self._run(f"SELECT {self._SNAPSHOT_COLUMNS} FROM snapshots WHERE name=?", (name,))
+        return self._snapshot(rows[0]) if rows else None
+
+    def snapshots(self, *, state: RecordState | None = None) -> list[SnapshotRecord]:
+        rows = self._run(f"SELECT {self._SNAPSHOT_COLUMNS} FROM snapshots ORDER BY created, layer")
+        return [s for s in map(self._snapshot, rows) if state is None or s.state is state]
+
+    def set_snapshot(self, layer: str, *, state: RecordState, size: int | None = None) -> None:
+        if size is None:
+            self._run("UPDATE snapshots SET state=? WHERE layer=?", (state.value, layer))
+        else:
+            self._run("UPDATE snapshots SET state=?, size=? WHERE layer=?", (state.value, size, layer))
+
+    def delete_snapshot(self, layer: str) -> None:
+        self._run("DELETE FROM snapshots WHERE layer=?", (layer,))
+
+    # ------------------------------------------------------------------ publications
+
+    _PUBLICATION_COLUMNS = "layer, kind, path, readonly, flags, mount_group, source, state"
+
+    @staticmethod
+    def _publication(row: tuple[Any, ...]) -> Publication:
+        return Publication(row[0], row[1], row[2], bool(row[3]), tuple(json.loads(row[4])), row[5], row[6],
+                           RecordState(row[7]))
+
+    def add_publication(self, p: Publication) -> Publication:
+        self._run(f"INSERT INTO publications({self._PUBLICATION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
+                  (p.layer, p.kind, p.path, int(p.readonly), json.dumps(list(p.flags)), p.mount_group, p.source,
+                   p.state.value))
+        return p
+
+    def publications(self, layer: str | None = None, kind: str | None = None) -> list[Publication]:
+        rows = self._run(f"SELECT {self._PUBLICATION_COLUMNS} FROM publications ORDER BY layer, kind, path")
+        return [p for p in map(self._publication, rows)
+                if (layer is None or p.layer == layer) and (kind is None or p.kind == kind)]
+
+    def publication_at(self, kind: str, path: str) -> Publication | None:
+        rows = self._run(f"SELECT {self._PUBLICATION_COLUMNS} FROM publications WHERE kind=? AND path=?", (kind, path))
+        return self._publication(rows[0]) if rows else None
+
+    def set_publication(self, p: Publication, state: RecordState) -> None:
+        self._run("UPDATE publications SET state=? WHERE layer=? AND kind=? AND path=?",
+                  (state.value, p.layer, p.kind, p.path))
+
+    def delete_publication(self, p: Publication) -> None:
+        self._run("DELETE FROM publications WHERE layer=? AND kind=? AND path=?", (p.layer, p.kind, p.path))
