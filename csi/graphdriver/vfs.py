@@ -13,14 +13,20 @@ On-disk layout under the driver home::
 
 * ``create(id, parent)`` copies ``dir/<parent>`` to ``tmp/<id>`` and renames it into
   ``dir/<id>``; ``freeze(src, id)`` does the same from ``dir/<src>`` (the frozen layer
-  gets ``src``'s parent; ``src`` is untouched and stays writable).
+  gets ``src``'s parent; ``src`` is untouched and stays writable). A freeze of a layer
+  that is being written to at the same time copies each file as it is at that moment
+  (no point-in-time guarantee across files, as with Docker's vfs).
 * ``get`` of a writable layer returns ``dir/<id>``; of a frozen layer, ``mnt/<id>``,
   a read-only bind mount made on the first ``get`` and removed on the last ``put``.
   The frozen directory itself is additionally marked immutable (``chattr +i`` on its top
   directory: nothing can be added, removed or renamed at its top level) where the
   filesystem supports the flag.
-* Size: no enforcement. XFS project quota would be the way (``_set_size`` is the hook)
-  but this kernel lacks it, and ext4 offers none; ``status()`` says so plainly.
+* Size: no enforcement yet; ``status()`` says so plainly (ext4 has no project quota in
+  this kernel; btrfs qgroups need subvolumes, which is the btrfs driver). The hook for
+  XFS homes mounted with ``prjquota``: :class:`csi.graphdriver.xfs_quota.ProjectQuota` —
+  ``assign`` the renamed ``dir/<id>`` in ``_make`` when ``layer.size_bytes`` is set,
+  ``resize`` in ``_set_size``, ``release`` in ``_destroy``, and report it in
+  ``size_enforcement``.
 
 Crash safety: a layer directory appears under ``dir/`` only complete (rename); anything
 in ``tmp/`` or ``mnt/`` or ``dir/`` that no record knows of is an orphan that
@@ -66,10 +72,11 @@ class VfsDriver(LayerDriver):
     def _tmps(self) -> Path:
         return self.home / "tmp"
 
+    last_copy: CopyStats | None = None  # what the latest create/freeze copy did (tests, benchmarks)
+
     def _setup(self) -> None:
         for sub in (self._dirs, self._mnts, self._tmps):
             sub.mkdir(mode=0o700, exist_ok=True)
-        self.last_copy: CopyStats | None = None
 
     # ------------------------------------------------------------------ primitives
 
@@ -81,7 +88,6 @@ class VfsDriver(LayerDriver):
             temp.mkdir(mode=0o755)
         else:
             self.last_copy = copy_tree(source, temp)
-            _set_immutable(temp, False)
         os.rename(temp, self._dirs / layer_id)
 
     def _make(self, layer: Layer, parent: Layer | None) -> None:
