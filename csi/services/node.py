@@ -258,7 +258,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 if pub is not None and pub.layer == inline.layer:
                     self.undo_ephemeral(inline, pub)
             return csi_pb2.NodeUnpublishVolumeResponse()
-        layer = parse_local(request.volume_id, self.plugin.node_id, VOLUME_PREFIX)
+        try:
+            layer = parse_local(request.volume_id, self.plugin.node_id, VOLUME_PREFIX)
+        except NotFound:
+            # not a strata ID: an inline volume already unpublished (kubelet retries with
+            # its own ID), or foreign. Nothing of ours to undo, and no path is touched.
+            return csi_pb2.NodeUnpublishVolumeResponse()
         if self.store.volume(layer) is None:
             raise NotFound(f"volume {request.volume_id} does not exist")
         with self.plugin.locks.hold(f"volume:{layer}", f"path:{target}"):
@@ -298,10 +303,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         total = record.capacity or fs_total
         available = max(0, min(fs_free, total - used))
         Usage = csi_pb2.VolumeUsage
-        return csi_pb2.NodeGetVolumeStatsResponse(
-            usage=[Usage(unit=Usage.BYTES, total=total, available=available, used=used),
-                   Usage(unit=Usage.INODES, total=st.f_files, available=st.f_favail, used=st.f_files - st.f_ffree)],
-            volume_condition=condition)
+        usage = [Usage(unit=Usage.BYTES, total=total, available=available, used=used)]
+        if st.f_files:  # btrfs allocates inodes dynamically and reports none: no inode figure then
+            usage.append(Usage(unit=Usage.INODES, total=st.f_files, available=st.f_favail,
+                               used=st.f_files - st.f_ffree))
+        return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
 
     def NodeExpandVolume(self, request: csi_pb2.NodeExpandVolumeRequest,
                          context: grpc.ServicerContext) -> csi_pb2.NodeExpandVolumeResponse:
