@@ -62,6 +62,8 @@ class ServeConfig:
     max_volumes_per_node: int = 0
     workers: int = 16
     grace_seconds: float = 30.0
+    forward_listen: str = ""  # HOST:PORT of the expansion forward listener (csi.forwarder); "" = none
+    forward_token_file: str = ""
 
     def socket_path(self) -> Path:
         return socket_path(self.endpoint or f"unix://{Path(self.root).resolve() / 'csi.sock'}")
@@ -118,9 +120,12 @@ class ServerHandle:
     plugin: Plugin
     server: grpc.Server
     endpoint: str
+    forward_server: grpc.Server | None = None
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls, let in-flight ones finish, release the store."""
+        if self.forward_server is not None:
+            self.forward_server.stop(self.config.grace_seconds if grace is None else grace).wait()
         self.server.stop(self.config.grace_seconds if grace is None else grace).wait()
         self.plugin.close()
         try:
@@ -135,6 +140,12 @@ def start_server(config: ServeConfig) -> ServerHandle:
     try:
         server = build_server(config, plugin)
         endpoint = add_listeners(server, config)
+        forward_server = None
+        if config.forward_listen:  # before the socket serves, so a bad listener fails start-up cleanly
+            from csi.forwarder import start_forward_listener
+
+            forward_server = start_forward_listener(config.forward_listen, Path(config.forward_token_file),
+                                                    ControllerService(plugin))
         server.start()
         os.chmod(config.socket_path(), 0o600)
     except BaseException:
@@ -142,7 +153,7 @@ def start_server(config: ServeConfig) -> ServerHandle:
         raise
     log.info("serving CSI %s %s on %s (node %s, driver %s)", config.driver_name, __version__, endpoint,
              config.node_id, plugin.driver.name)
-    return ServerHandle(config, plugin, server, endpoint)
+    return ServerHandle(config, plugin, server, endpoint, forward_server)
 
 
 def parse_args(argv: list[str]) -> tuple[ServeConfig, str]:
@@ -156,11 +167,17 @@ def parse_args(argv: list[str]) -> tuple[ServeConfig, str]:
     parser.add_argument("--max-volumes", type=int, default=0, help="max volumes per node (0: no limit)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds to drain calls on SIGTERM")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--forward-listen", default="",
+                        help="HOST:PORT to accept ControllerExpandVolume forwarded by `strata controller`")
+    parser.add_argument("--forward-token-file", default="", help="shared token file for --forward-listen")
     parser.add_argument("--version", action="version", version=f"strata {__version__}")
     args = parser.parse_args(argv)
+    if args.forward_listen and not args.forward_token_file:
+        parser.error("--forward-listen needs --forward-token-file")
     config = ServeConfig(root=Path(args.root), endpoint=args.endpoint, node_id=args.node_id, driver=args.driver,
                          driver_name=args.driver_name, max_volumes_per_node=args.max_volumes,
-                         grace_seconds=args.grace)
+                         grace_seconds=args.grace, forward_listen=args.forward_listen,
+                         forward_token_file=args.forward_token_file)
     return config, args.log_level
 
 

@@ -22,6 +22,7 @@ ReadOnly                    FAILED_PRECONDITION     write to a frozen layer
 Unsupported                 INVALID_ARGUMENT        the driver cannot do what was asked
 DriverUnavailable           UNAVAILABLE             no driver
 StrataError (other)         INTERNAL
+NotImplementedError         UNIMPLEMENTED           an RPC strata does not offer
 ==========================  ======================  =====================================
 """
 
@@ -49,6 +50,8 @@ CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, bool]:
     """``(code, message, expected)`` for an exception; ``expected`` is False for bugs."""
+    if isinstance(exc, NotImplementedError):  # a method strata does not offer (generated servicer default)
+        return grpc.StatusCode.UNIMPLEMENTED, "method not implemented by strata", True
     if isinstance(exc, errors.StrataError):
         for cls in type(exc).__mro__:
             for known, code in CODES:
