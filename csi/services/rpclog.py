@@ -8,6 +8,7 @@ Every call produces one JSON log line on the ``strata.rpc`` logger::
 ``ids`` holds the request's top-level string fields named ``*_id``, ``name`` or
 ``*_path`` — never a field the proto marks ``csi_secret``, which is read from the
 descriptors (:func:`is_secret`), so new secret fields are redacted without code changes.
+At debug level the whole request is logged too, through :func:`redacted`.
 Escaped exceptions are turned into status codes by :func:`csi.services.status.status_of`;
 unexpected ones are logged with their traceback and answered ``INTERNAL``.
 """
@@ -76,6 +77,8 @@ class RpcInterceptor(grpc.ServerInterceptor):
         def wrapped(request: Message, context: grpc.ServicerContext) -> Any:
             start = time.perf_counter()
             code, message, expected = grpc.StatusCode.OK, "", True
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(json.dumps({"method": method, "request": redacted(request)}, sort_keys=True, default=str))
             try:
                 return behavior(request, context)
             except Exception as exc:  # noqa: BLE001 - this is the seam

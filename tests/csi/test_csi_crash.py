@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -18,10 +19,6 @@ from csi_harness import Harness, MiB, ServeProcess, Stubs, files_of, mount_cap
 from csi import mount as mnt
 from csi.proto import csi_pb2 as pb
 from csi.state.store import RecordState
-
-
-def make_harness(base: Path) -> Harness:
-    return Harness(base / "csi-crash", "vfs")
 
 
 def create(stubs: Stubs, name: str, source: pb.VolumeContentSource | None = None) -> pb.Volume:
@@ -52,12 +49,15 @@ def assert_consistent(h: Harness) -> None:
 
 
 @pytest.fixture
-def crash_harness(ext4_dir: Path) -> Harness:
-    h = make_harness(ext4_dir)
+def crash_harness(request: pytest.FixtureRequest, ext4_dir: Path) -> Iterator[Harness]:
+    driver = getattr(request, "param", "vfs")
+    base = request.getfixturevalue("btrfs_dir") if driver == "btrfs" else ext4_dir
+    h = Harness(Path(base) / "csi-crash", driver)
     yield h
     h.teardown()
 
 
+@pytest.mark.parametrize("crash_harness", ["vfs", "overlay", "btrfs"], indirect=True)
 def test_kill9_between_steps(crash_harness: Harness, tmp_path: Path) -> None:
     h = crash_harness
     proc = ServeProcess(h, tmp_path / "serve.log")

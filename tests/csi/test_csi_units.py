@@ -73,8 +73,9 @@ def test_secrets_never_reach_logs(vfs_plugin: Harness, caplog: pytest.LogCapture
         vfs_plugin.controller.CreateVolume(request)
         code_of(lambda: vfs_plugin.controller.DeleteVolume(pb.DeleteVolumeRequest(
             volume_id="x", secrets={"token": "hunter2-top-secret"})))
-    lines = [r.getMessage() for r in caplog.records if r.name == "strata.rpc"]
-    assert len(lines) == 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "strata.rpc" and r.levelno == logging.INFO]
+    debug = [r.getMessage() for r in caplog.records if r.name == "strata.rpc" and r.levelno == logging.DEBUG]
+    assert len(lines) == 2 and len(debug) == 2 and '"secrets": "<redacted>"' in debug[0]
     first = json.loads(lines[0])
     assert first["method"] == "/csi.v1.Controller/CreateVolume" and first["code"] == "OK"
     assert first["ids"] == {"name": "pvc-secret"} and first["duration_ms"] >= 0
