@@ -1,0 +1,52 @@
+{{/* Names, labels and images shared by every template. */}}
+
+{{- define "strata.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "strata.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "strata.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* "repository:tag" of one entry of .Values.images; a tag is required (never latest). */}}
+{{- define "strata.image" -}}
+{{- $img := index .root.Values.images .name -}}
+{{- if or (not $img.tag) (eq (toString $img.tag) "latest") -}}
+{{- fail (printf "images.%s.tag must be a fixed version, not %q" .name (toString $img.tag)) -}}
+{{- end -}}
+{{- printf "%s:%s" $img.repository (toString $img.tag) -}}
+{{- end -}}
+
+{{- define "strata.nodeServiceAccount" -}}{{ include "strata.fullname" . }}-node{{- end -}}
+{{- define "strata.controllerServiceAccount" -}}{{ include "strata.fullname" . }}-controller{{- end -}}
+
+{{- define "strata.forwardTokenSecret" -}}
+{{- if .Values.forwardToken.existingSecret -}}
+{{- .Values.forwardToken.existingSecret -}}
+{{- else if .Values.forwardToken.create -}}
+{{- include "strata.fullname" . }}-forward-token
+{{- else -}}
+{{- fail "forwardToken: set create: true or name an existingSecret holding key 'token'" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Socket of the plugin on the host, as kubelet reaches it. */}}
+{{- define "strata.pluginDir" -}}{{ .Values.kubeletDir }}/plugins/{{ .Values.driverName }}{{- end -}}
+
+{{/* klog verbosity of the sidecars for .Values.logLevel. */}}
+{{- define "strata.verbosity" -}}
+{{- get (dict "debug" "5" "info" "2" "warning" "1" "error" "0") .Values.logLevel | default "2" -}}
+{{- end -}}

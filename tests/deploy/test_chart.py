@@ -1,0 +1,412 @@
+"""The Helm chart, checked without a cluster: Helm v4 (through helm-python-sdk) lints and
+renders it offline with default values and a matrix of other values; every rendered object
+is validated against the Kubernetes API schemas (kubernetes-validate, offline) or, for the
+custom kinds, against crd_schemas.py; then checks read the objects: sidecars and their
+arguments, names and socket paths that must agree, RBAC per sidecar, images, classes and
+the per-node driver groups.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import helm_python as helm
+import pytest
+from manifests import CHART, Obj, container, flag, objects, of_kind, one, render, validate
+
+GROUPED = {
+    "driverGroups": [
+        {"name": "fast", "nodeSelector": {"disk": "nvme"}, "driver": "btrfs"},
+        {"name": "thin", "nodeSelector": {"pool": "thin", "zone": "b"}, "driver": "devicemapper"},
+    ],
+}
+MATRIX: dict[str, dict[str, Any]] = {
+    "default": {},
+    "driver-groups": GROUPED,
+    "everything-on": {
+        **GROUPED,
+        "driver": "overlay",
+        "logLevel": "debug",
+        "storageClass": {"isDefault": True, "parameters": {"example": "x"}},
+        "perDriverStorageClasses": ["btrfs", "overlay"],
+        "volumeSnapshotClass": {"isDefault": True, "deletionPolicy": "Retain"},
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "node": {"nodeSelector": {"kubernetes.io/os": "linux"}, "priorityClassName": "high"},
+        "controller": {"replicas": 2, "nodeSelector": {"role": "infra"}},
+    },
+    "custom-paths-and-name": {
+        "driverName": "layers.example.org",
+        "rootDir": "/mnt/layers",
+        "kubeletDir": "/var/snap/microk8s/common/var/lib/kubelet",
+        "forwardToken": {"create": False, "existingSecret": "my-token"},
+        "node": {"healthPort": 19808, "forwardPort": 19820},
+    },
+    "no-expansion-no-metrics": {"controller": {"enabled": False}, "metrics": {"enabled": False},
+                                "storageClass": {"create": False}, "volumeSnapshotClass": {"create": False}},
+}
+CASES = list(MATRIX.items())
+IDS = list(MATRIX)
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[Obj]]:
+    return {name: objects(values) for name, values in MATRIX.items()}
+
+
+def values_of(case: str) -> dict[str, Any]:
+    with helm.Chart.load(CHART) as chart:
+        return chart.merge_values(MATRIX[case])
+
+
+@pytest.mark.parametrize(("case", "values"), CASES, ids=IDS)
+def test_helm_lint_is_clean(case: str, values: dict[str, Any]) -> None:
+    report = helm.lint(CHART, values, strict=True, namespace="strata-system", kube_version="v1.30.0")
+    problems = [m for m in report["messages"] if m["severity"] >= 2 or m["severity"] == 0]
+    assert report["errors"] == [] and problems == [], report
+    # The one remaining note is Helm's "icon is recommended" (no icon is published yet).
+    assert all(m["severity"] == 1 for m in report["messages"])
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_every_object_is_valid_against_the_api_schemas(case: str, rendered: dict[str, list[Obj]]) -> None:
+    objs = rendered[case]
+    assert objs
+    for obj in objs:
+        validate(obj)
+
+
+def test_validation_catches_a_broken_object(rendered: dict[str, list[Obj]]) -> None:
+    """The validators are not vacuous: a misspelled field fails for core and custom kinds."""
+    import copy
+
+    import jsonschema
+
+    ds = copy.deepcopy(one(rendered["default"], "DaemonSet"))
+    ds["spec"]["template"]["spec"]["containers"][0]["volumeMount"] = []
+    with pytest.raises(jsonschema.ValidationError):
+        validate(ds)
+    vsc = copy.deepcopy(one(rendered["default"], "VolumeSnapshotClass"))
+    vsc["deletionPolicy"] = "Keep"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(vsc)
+
+
+def test_values_schema_refuses_bad_values() -> None:
+    for bad in ({"driver": "zfs"}, {"images": {"provisioner": {"tag": "latest"}}}, {"driverz": "auto"},
+                {"driverGroups": [{"name": "x", "nodeSelector": {}, "driver": "btrfs"}]},
+                {"logLevel": 3}, {"perDriverStorageClasses": ["nfs"]}):
+        with pytest.raises(helm.HelmError):
+            render(bad)
+
+
+def test_forward_token_needs_a_secret() -> None:
+    with pytest.raises(helm.HelmError, match="forwardToken"):
+        render({"forwardToken": {"create": False, "existingSecret": ""}})
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_images_are_pinned(case: str, rendered: dict[str, list[Obj]]) -> None:
+    for obj in rendered[case]:
+        if obj["kind"] not in ("DaemonSet", "Deployment"):
+            continue
+        for c in obj["spec"]["template"]["spec"]["containers"]:
+            repository, sep, tag = c["image"].rpartition(":")
+            assert sep and "/" in repository and tag and tag != "latest", c["image"]
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_node_plugin_and_sidecars(case: str, rendered: dict[str, list[Obj]]) -> None:
+    values = values_of(case)
+    objs = rendered[case]
+    driver = one(objs, "CSIDriver")
+    for ds in of_kind(objs, "DaemonSet"):
+        pod = ds["spec"]["template"]["spec"]
+        names = [c["name"] for c in pod["containers"]]
+        assert names == ["strata", "node-driver-registrar", "csi-provisioner", "csi-snapshotter", "liveness-probe"]
+        plugin = container(ds, "strata")
+        assert plugin["args"][0] == "serve"
+        assert plugin["securityContext"]["privileged"] is True
+        # CSIDriver name == plugin's --driver-name.
+        assert flag(plugin, "driver-name") == driver["metadata"]["name"] == values["driverName"]
+        assert flag(plugin, "root") == values["rootDir"]
+        assert flag(plugin, "node-id") == "$(NODE_NAME)"
+        mounts = {m["name"]: m for m in plugin["volumeMounts"]}
+        assert mounts["kubelet-dir"]["mountPath"] == values["kubeletDir"]
+        assert mounts["kubelet-dir"]["mountPropagation"] == "Bidirectional"
+        assert mounts["strata-root"]["mountPath"] == values["rootDir"]
+        assert mounts["strata-root"]["mountPropagation"] == "Bidirectional"
+        assert mounts["dev"]["mountPath"] == "/dev"
+
+        provisioner = container(ds, "csi-provisioner")
+        for name, want in {"node-deployment": "true", "feature-gates": "Topology=true", "strict-topology": "true",
+                           "immediate-topology": "false", "enable-capacity": "true",
+                           "capacity-ownerref-level": "0", "extra-create-metadata": "true"}.items():
+            assert flag(provisioner, name) == want, name
+        env = {e["name"]: e for e in provisioner["env"]}
+        assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+        assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"  # capacity owner
+        assert env["NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+        snapshotter = container(ds, "csi-snapshotter")
+        assert flag(snapshotter, "node-deployment") == "true"
+        assert flag(snapshotter, "extra-create-metadata") == "true"
+        assert any(e["name"] == "NODE_NAME" for e in snapshotter["env"])
+        # No leader election in node-deployment mode (and no lease RBAC for it).
+        assert flag(provisioner, "leader-election") is None and flag(snapshotter, "leader-election") is None
+
+        # Socket paths agree: the plugin listens where every sidecar dials, and the
+        # registrar tells kubelet the host path of that same socket.
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        endpoint = flag(plugin, "endpoint")
+        assert endpoint == "unix:///csi/csi.sock"
+        for c in pod["containers"]:
+            socket_mount = [m for m in c["volumeMounts"] if m["name"] == "socket-dir"]
+            assert socket_mount and socket_mount[0]["mountPath"] == "/csi", c["name"]
+            if c["name"] != "strata":
+                assert flag(c, "csi-address") == "/csi/csi.sock", c["name"]
+        host_dir = volumes["socket-dir"]["hostPath"]["path"]
+        assert host_dir == f"{values['kubeletDir']}/plugins/{values['driverName']}"
+        registrar = container(ds, "node-driver-registrar")
+        assert flag(registrar, "kubelet-registration-path") == f"{host_dir}/csi.sock"
+        assert volumes["registration-dir"]["hostPath"]["path"] == f"{values['kubeletDir']}/plugins_registry"
+        assert {"name": "registration-dir", "mountPath": "/registration"} in registrar["volumeMounts"]
+        assert volumes["kubelet-dir"]["hostPath"]["path"] == values["kubeletDir"]
+
+        # livenessprobe serves the plugin container's probe.
+        probe = container(ds, "liveness-probe")
+        assert flag(probe, "health-port") == str(values["node"]["healthPort"])
+        ports = {p["name"]: p["containerPort"] for p in plugin["ports"]}
+        assert ports["healthz"] == values["node"]["healthPort"]
+        assert plugin["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+        assert pod["serviceAccountName"] == one(objs, "ServiceAccount", "strata-node")["metadata"]["name"]
+        assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+
+
+def test_csidriver_object(rendered: dict[str, list[Obj]]) -> None:
+    spec = one(rendered["default"], "CSIDriver")["spec"]
+    assert spec["attachRequired"] is False
+    assert spec["podInfoOnMount"] is True
+    assert spec["volumeLifecycleModes"] == ["Persistent", "Ephemeral"]
+    assert spec["fsGroupPolicy"] == "File"
+    assert spec["storageCapacity"] is True
+    assert spec["seLinuxMount"] is False
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_expansion_controller_and_forwarding_agree(case: str, rendered: dict[str, list[Obj]]) -> None:
+    values = values_of(case)
+    objs = rendered[case]
+    deployments = of_kind(objs, "Deployment")
+    if not values["controller"]["enabled"]:
+        assert deployments == []
+        for ds in of_kind(objs, "DaemonSet"):
+            assert flag(container(ds, "strata"), "forward-listen") is None
+        assert all(sc.get("allowVolumeExpansion") is False for sc in of_kind(objs, "StorageClass"))
+        return
+    (deployment,) = deployments
+    forwarder = container(deployment, "strata-controller")
+    resizer = container(deployment, "csi-resizer")
+    assert forwarder["command"] == ["strata", "controller"]
+    assert flag(forwarder, "endpoint") == "unix:///csi/csi.sock"
+    assert flag(resizer, "csi-address") == "/csi/csi.sock"
+    assert flag(forwarder, "driver-name") == values["driverName"]
+    assert flag(resizer, "leader-election") == "true"
+    assert flag(resizer, "handle-volume-inuse-error") == "false"  # strata expands online
+    port = values["node"]["forwardPort"]
+    assert flag(forwarder, "forward-port") == str(port)
+    secret_of = {}
+    for owner, c in ((deployment, forwarder), *((ds, container(ds, "strata")) for ds in of_kind(objs, "DaemonSet"))):
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "forward-token")
+        assert mount["readOnly"] is True
+        assert flag(c, "forward-token-file") == f"{mount['mountPath']}/token"
+        volume = next(v for v in owner["spec"]["template"]["spec"]["volumes"] if v["name"] == "forward-token")
+        secret_of[owner["metadata"]["name"]] = volume["secret"]["secretName"]
+        if c["name"] == "strata":
+            assert flag(c, "forward-listen") == f"$(NODE_IP):{port}"
+            env = {e["name"]: e for e in c["env"]}
+            assert env["NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    assert len(set(secret_of.values())) == 1, secret_of
+    secret_name = next(iter(secret_of.values()))
+    if values["forwardToken"]["existingSecret"]:
+        assert secret_name == values["forwardToken"]["existingSecret"]
+        assert of_kind(objs, "Secret") == []
+    else:
+        secret = one(objs, "Secret", secret_name)
+        assert len(secret["data"]["token"]) >= 48
+    # The forwarder needs no privileges.
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    for c in pod["containers"]:
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+# RBAC: what each component calls, from the sidecars' own RBAC files (versions and the
+# optional rules left out are cited in the templates). (apiGroup, resource) -> verbs.
+Rules = dict[tuple[str, str], set[str]]
+PROVISIONER: Rules = {
+    ("", "persistentvolumes"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "persistentvolumeclaims"): {"get", "list", "watch", "update"},
+    ("storage.k8s.io", "storageclasses"): {"get", "list", "watch"},
+    ("", "events"): {"list", "watch", "create", "update", "patch"},
+    ("snapshot.storage.k8s.io", "volumesnapshots"): {"get", "list"},
+    ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"get", "list"},
+    ("storage.k8s.io", "csinodes"): {"get", "list", "watch"},
+    ("", "nodes"): {"get", "list", "watch"},
+    ("storage.k8s.io", "csistoragecapacities"): {"get", "list", "watch", "create", "update", "patch", "delete"},
+    ("", "pods"): {"get"},  # capacity owner (--capacity-ownerref-level=0)
+}
+SNAPSHOTTER: Rules = {
+    ("", "events"): {"list", "watch", "create", "update", "patch"},
+    ("snapshot.storage.k8s.io", "volumesnapshotclasses"): {"get", "list", "watch"},
+    ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"create", "get", "list", "watch", "update", "patch"},
+    ("snapshot.storage.k8s.io", "volumesnapshotcontents/status"): {"update", "patch"},
+}
+STRATA_NODE: Rules = {("", "nodes"): {"get"}}  # the driver label
+RESIZER: Rules = {
+    ("", "persistentvolumes"): {"get", "list", "watch", "patch"},
+    ("", "persistentvolumeclaims"): {"get", "list", "watch"},
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "persistentvolumeclaims/status"): {"patch"},
+    ("", "events"): {"list", "watch", "create", "update", "patch"},
+    ("storage.k8s.io", "volumeattributesclasses"): {"get", "list", "watch"},
+}
+RESIZER_NAMESPACED: Rules = {("coordination.k8s.io", "leases"): {"get", "watch", "list", "delete", "update", "create"}}
+STRATA_CONTROLLER: Rules = {("", "nodes"): {"get"}}  # the owner node's InternalIP
+
+
+def merge(*tables: Rules) -> Rules:
+    out: Rules = {}
+    for table in tables:
+        for key, verbs in table.items():
+            out.setdefault(key, set()).update(verbs)
+    return out
+
+
+def granted(objs: list[Obj], account: str, role_kind: str, binding_kind: str) -> Rules:
+    """What ``account`` holds through ``binding_kind``s of ``role_kind``s, per (group, resource)."""
+    roles = {o["metadata"]["name"]: o for o in of_kind(objs, role_kind)}
+    out: Rules = {}
+    for binding in of_kind(objs, binding_kind):
+        if not any(s["kind"] == "ServiceAccount" and s["name"] == account and s["namespace"] == "strata-system"
+                   for s in binding["subjects"]):
+            continue
+        assert binding["roleRef"]["kind"] == role_kind
+        for rule in roles[binding["roleRef"]["name"]]["rules"]:
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+            assert "resourceNames" not in rule and "nonResourceURLs" not in rule
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_rbac_is_exactly_what_each_component_calls(case: str, rendered: dict[str, list[Obj]]) -> None:
+    objs = rendered[case]
+    assert granted(objs, "strata-node", "ClusterRole", "ClusterRoleBinding") == merge(PROVISIONER, SNAPSHOTTER,
+                                                                                      STRATA_NODE)
+    assert granted(objs, "strata-node", "Role", "RoleBinding") == {}
+    if values_of(case)["controller"]["enabled"]:
+        assert granted(objs, "strata-controller", "ClusterRole", "ClusterRoleBinding") == merge(RESIZER,
+                                                                                              STRATA_CONTROLLER)
+        assert granted(objs, "strata-controller", "Role", "RoleBinding") == RESIZER_NAMESPACED
+    else:
+        assert granted(objs, "strata-controller", "ClusterRole", "ClusterRoleBinding") == {}
+    # Every pod runs under one of these two accounts, no default account.
+    accounts = {o["spec"]["template"]["spec"]["serviceAccountName"]
+                for o in objs if o["kind"] in ("DaemonSet", "Deployment")}
+    assert accounts <= {"strata-node", "strata-controller"}
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_classes(case: str, rendered: dict[str, list[Obj]]) -> None:
+    values = values_of(case)
+    objs = rendered[case]
+    classes = {o["metadata"]["name"]: o for o in of_kind(objs, "StorageClass")}
+    expected = ([values["storageClass"]["name"]] if values["storageClass"]["create"] else []) + \
+        [f"{values['storageClass']['name']}-{d}" for d in values["perDriverStorageClasses"]]
+    assert sorted(classes) == sorted(expected)
+    for name, sc in classes.items():
+        assert sc["provisioner"] == values["driverName"]
+        assert sc["volumeBindingMode"] == "WaitForFirstConsumer"
+        assert sc["allowVolumeExpansion"] is values["controller"]["enabled"]
+        driver = name.removeprefix(values["storageClass"]["name"] + "-") if name != values["storageClass"]["name"] \
+            else None
+        if driver:
+            assert sc["allowedTopologies"] == [{"matchLabelExpressions": [
+                {"key": f"{values['driverName']}/layered-driver", "values": [driver]}]}]
+        else:
+            assert "allowedTopologies" not in sc
+            default = sc["metadata"].get("annotations", {}).get("storageclass.kubernetes.io/is-default-class")
+            assert default == ("true" if values["storageClass"]["isDefault"] else None)
+    snapshot_classes = of_kind(objs, "VolumeSnapshotClass")
+    assert len(snapshot_classes) == (1 if values["volumeSnapshotClass"]["create"] else 0)
+    for vsc in snapshot_classes:
+        assert vsc["driver"] == values["driverName"]
+        assert vsc["deletionPolicy"] == values["volumeSnapshotClass"]["deletionPolicy"]
+
+
+def test_metrics_and_service_monitor(rendered: dict[str, list[Obj]]) -> None:
+    objs = rendered["everything-on"]
+    services = {s["metadata"]["name"]: s for s in of_kind(objs, "Service")}
+    assert set(services) == {"strata-node-metrics", "strata-controller-metrics"}
+    named_ports = {p["name"] for s in services.values() for p in s["spec"]["ports"]}
+    container_ports = {p["name"] for o in objs if o["kind"] in ("DaemonSet", "Deployment")
+                       for c in o["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+    assert named_ports <= container_ports
+    monitor = one(objs, "ServiceMonitor")
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} == named_ports
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert of_kind(rendered["default"], "ServiceMonitor") == []
+    assert of_kind(rendered["no-expansion-no-metrics"], "Service") == []
+
+
+def matches(pod_spec: Obj, node_labels: dict[str, str]) -> bool:
+    """Whether a pod with this spec may run on a node with these labels (nodeSelector + required affinity)."""
+    if any(node_labels.get(k) != v for k, v in pod_spec.get("nodeSelector", {}).items()):
+        return False
+    terms = pod_spec.get("affinity", {}).get("nodeAffinity", {}) \
+        .get("requiredDuringSchedulingIgnoredDuringExecution", {}).get("nodeSelectorTerms")
+    if terms is None:
+        return True
+
+    def holds(expr: Obj) -> bool:
+        present = expr["key"] in node_labels
+        if expr["operator"] == "In":
+            return present and node_labels[expr["key"]] in expr["values"]
+        if expr["operator"] == "NotIn":
+            return not present or node_labels[expr["key"]] not in expr["values"]
+        raise AssertionError(f"unexpected operator {expr['operator']}")
+
+    return any(all(holds(e) for e in term["matchExpressions"]) for term in terms)
+
+
+def test_driver_groups_cover_every_node_exactly_once(rendered: dict[str, list[Obj]]) -> None:
+    daemonsets = {d["metadata"]["name"]: d for d in of_kind(rendered["driver-groups"], "DaemonSet")}
+    assert set(daemonsets) == {"strata-node", "strata-node-fast", "strata-node-thin"}
+    drivers = {name: flag(container(d, "strata"), "driver") for name, d in daemonsets.items()}
+    assert drivers == {"strata-node": "auto", "strata-node-fast": "btrfs", "strata-node-thin": "devicemapper"}
+    nodes = {
+        "plain": ({}, "strata-node"),
+        "nvme": ({"disk": "nvme"}, "strata-node-fast"),
+        "sata": ({"disk": "sata"}, "strata-node"),
+        "thin-b": ({"pool": "thin", "zone": "b"}, "strata-node-thin"),
+        "thin-a": ({"pool": "thin", "zone": "a"}, "strata-node"),  # only half of the thin selector
+        "zone-b": ({"zone": "b"}, "strata-node"),
+    }
+    for node, (labels, owner) in nodes.items():
+        running = [name for name, d in daemonsets.items() if matches(d["spec"]["template"]["spec"], labels)]
+        assert running == [owner], (node, running)
+    # The Node-label lookup is enabled only where the driver is auto.
+    for name, d in daemonsets.items():
+        env = {e["name"] for e in container(d, "strata")["env"]}
+        assert ("STRATA_NODE_DRIVER_LABEL" in env) == (drivers[name] == "auto"), name
+    # Selectors of different DaemonSets never overlap (each pod has exactly one owner).
+    selectors = [tuple(sorted(d["spec"]["selector"]["matchLabels"].items())) for d in daemonsets.values()]
+    assert len(set(selectors)) == len(selectors)
+
+
+def test_notes_render() -> None:
+    notes = render(GROUPED)["strata/templates/NOTES.txt"]
+    assert "strata.csi.dev" in notes and "strata-node-fast (driver: btrfs)" in notes
+    assert "kubectl label node NODE strata.csi.dev/driver=btrfs" in notes
