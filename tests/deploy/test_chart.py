@@ -27,7 +27,7 @@ MATRIX: dict[str, dict[str, Any]] = {
         **GROUPED,
         "driver": "overlay",
         "logLevel": "debug",
-        "storageClass": {"isDefault": True, "parameters": {"example": "x"}},
+        "storageClass": {"isDefault": True, "parameters": {"layeredDriver": "overlay"}},
         "perDriverStorageClasses": ["btrfs", "overlay"],
         "volumeSnapshotClass": {"isDefault": True, "deletionPolicy": "Retain"},
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
@@ -95,7 +95,8 @@ def test_validation_catches_a_broken_object(rendered: dict[str, list[Obj]]) -> N
 def test_values_schema_refuses_bad_values() -> None:
     for bad in ({"driver": "zfs"}, {"images": {"provisioner": {"tag": "latest"}}}, {"driverz": "auto"},
                 {"driverGroups": [{"name": "x", "nodeSelector": {}, "driver": "btrfs"}]},
-                {"logLevel": 3}, {"perDriverStorageClasses": ["nfs"]}):
+                {"logLevel": 3}, {"perDriverStorageClasses": ["nfs"]},
+                {"storageClass": {"parameters": {"sizeLimit": "1"}}}):
         with pytest.raises(helm.HelmError):
             render(bad)
 
@@ -335,6 +336,7 @@ def test_classes(case: str, rendered: dict[str, list[Obj]]) -> None:
         if driver:
             assert sc["allowedTopologies"] == [{"matchLabelExpressions": [
                 {"key": f"{values['driverName']}/layered-driver", "values": [driver]}]}]
+            assert sc["parameters"]["layeredDriver"] == driver
         else:
             assert "allowedTopologies" not in sc
             default = sc["metadata"].get("annotations", {}).get("storageclass.kubernetes.io/is-default-class")
