@@ -27,7 +27,10 @@ from .guest import GuestRun, qemu_unavailable, run_in_guest
 
 REPO = Path(__file__).resolve().parents[2]
 INGUEST = Path(__file__).with_name("inguest")
-GUEST_TIMEOUT_S = int(os.environ.get("STRATA_QEMU_TIMEOUT", "840"))
+GUEST_TIMEOUT_S = int(os.environ.get("STRATA_QEMU_TIMEOUT", "1200"))  # a hang guard, not the budget
+
+# the module's first test boots the guest in its setup: allow it the guest's whole run
+pytestmark = pytest.mark.timeout(GUEST_TIMEOUT_S + 180)
 PYTEST_ARGS = ["-p", "no:cacheprovider", "-o", "python_files=check_*.py", "-o", "addopts=-ra"]
 
 
