@@ -412,3 +412,27 @@ def test_notes_render() -> None:
     notes = render(GROUPED)["strata/templates/NOTES.txt"]
     assert "strata.csi.dev" in notes and "strata-node-fast (driver: btrfs)" in notes
     assert "kubectl label node NODE strata.csi.dev/driver=btrfs" in notes
+
+
+def test_readme_documents_every_value() -> None:
+    import yaml
+
+    readme = (CHART / "README.md").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    documented = {line.split("`")[1] for line in readme.splitlines() if line.startswith("| `")}
+
+    def covered(path: str, value: object) -> bool:
+        if path in documented:
+            return True
+        return isinstance(value, dict) and bool(value) and all(covered(f"{path}.{k}", v) for k, v in value.items())
+
+    missing = [k for k, v in values.items() if not covered(k, v)]
+    assert missing == [], f"values without a README row: {missing}"
+    schema_keys = set(render_schema_keys())
+    assert set(values) == schema_keys
+
+
+def render_schema_keys() -> list[str]:
+    import json
+
+    return list(json.loads((CHART / "values.schema.json").read_text())["properties"])
