@@ -50,12 +50,16 @@ def tree_state(root: Path, *, mtimes: bool = True) -> dict[str, FileState]:
     sharing the inode."""
     result: dict[str, FileState] = {}
     inodes: dict[tuple[int, int], list[str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath) / name
+    pending = [Path(root)]
+    while pending:  # iterative: os.walk recurses, and layers may nest deeper than that
+        directory = pending.pop()
+        for name in sorted(os.listdir(directory)):
+            path = directory / name
             rel = str(path.relative_to(root))
             st = os.lstat(path)
             kind = stat.S_IFMT(st.st_mode)
+            if stat.S_ISDIR(kind):
+                pending.append(path)
             if stat.S_ISREG(kind):
                 body: Any = (st.st_size, _digest(path))
             elif stat.S_ISLNK(kind):

@@ -63,21 +63,29 @@ class _Tree:
         if root is not None:
             self._scan("")
 
-    def _scan(self, rel: str) -> None:
+    def _scan(self, top: str) -> None:
         assert self.root is not None
-        names: list[str] = []
-        with os.scandir(self.root / rel if rel else self.root) as it:
-            for entry in it:
-                child = f"{rel}/{entry.name}" if rel else entry.name
-                st = entry.stat(follow_symlinks=False)
-                self.stats[child] = st
-                names.append(entry.name)
-                if stat.S_ISDIR(st.st_mode):
-                    self.children[child] = []
-                    self._scan(child)
-                elif st.st_nlink > 1:
-                    self._groups.setdefault((st.st_dev, st.st_ino), []).append(child)
-        self.children[rel] = sorted(names)
+        pending = [top]
+        while pending:  # iterative: no recursion limit on nesting depth
+            rel = pending.pop()
+            names: list[str] = []
+            with os.scandir(self.root / rel if rel else self.root) as it:
+                for entry in it:
+                    child = f"{rel}/{entry.name}" if rel else entry.name
+                    st = entry.stat(follow_symlinks=False)
+                    self.stats[child] = st
+                    names.append(entry.name)
+                    if stat.S_ISDIR(st.st_mode):
+                        pending.append(child)
+                    elif st.st_nlink > 1:
+                        self._groups.setdefault((st.st_dev, st.st_ino), []).append(child)
+            self.children[rel] = sorted(names)
+
+    def is_dir(self, rel: str) -> bool:
+        if rel == "":
+            return self.root is not None
+        st = self.stats.get(rel)
+        return st is not None and stat.S_ISDIR(st.st_mode)
 
     def path(self, rel: str) -> Path:
         assert self.root is not None
@@ -156,35 +164,60 @@ class NaiveDiffer:
             yield _Tree(new_root), _Tree(old_root)
 
     def compare(self, new: _Tree, old: _Tree) -> Iterator[DiffEntry]:
-        """The diff entries of ``new`` against ``old``, in tar order."""
-        yield from self._compare_dir("", new, old, old_is_dir=old.root is not None)
+        """The diff entries of ``new`` against ``old``, in tar order (pre-order, names
+        sorted; a directory's opaque marker and deletions right after its own entry).
+        Iterative, so nesting depth is not limited by Python's recursion limit."""
+        kinds: dict[str, str] = {}
+        changed_below: set[str] = set()
 
-    def _compare_dir(self, rel: str, new: _Tree, old: _Tree, *, old_is_dir: bool) -> Iterator[DiffEntry]:
-        new_names = new.children.get(rel, [])
-        old_names = old.children.get(rel, []) if old_is_dir else []
-        opaque = bool(old_names) and not set(old_names) & set(new_names)
-        if opaque:
-            yield DiffEntry(rel, "opaque")
-        for name in sorted(set(old_names) - set(new_names)):
-            yield DiffEntry(f"{rel}/{name}" if rel else name, "deleted", implied=opaque)
-        for name in new_names:
-            child = f"{rel}/{name}" if rel else name
-            st = new.stats[child]
-            is_dir = stat.S_ISDIR(st.st_mode)
-            if name not in old_names:
-                yield DiffEntry(child, "added")
-                if is_dir:
-                    yield from self._compare_dir(child, new, old, old_is_dir=False)
+        def mark(rel: str) -> None:  # rel and its ancestors contain changes
+            while rel not in changed_below:
+                changed_below.add(rel)
+                if not rel:
+                    return
+                rel = rel.rpartition("/")[0]
+
+        for rel, st in new.stats.items():
+            ost = old.stats.get(rel)
+            if ost is None:
+                kinds[rel] = "added"
+            elif stat.S_IFMT(st.st_mode) != stat.S_IFMT(ost.st_mode) or self._differs(rel, st, ost, new, old):
+                kinds[rel] = "modified"
+            else:
                 continue
-            ost = old.stats[child]
-            if not is_dir:
-                if self._differs(child, st, ost, new, old):
-                    yield DiffEntry(child, "modified")
+            mark(rel.rpartition("/")[0])
+        deletions: dict[str, list[str]] = {}
+        for rel in old.stats:
+            if rel not in new.stats:
+                parent, _, name = rel.rpartition("/")
+                if new.is_dir(parent) and old.is_dir(parent):  # else the parent's own entry replaces it
+                    deletions.setdefault(parent, []).append(name)
+                    mark(parent)
+
+        def header(rel: str) -> Iterator[DiffEntry]:
+            gone = sorted(deletions.get(rel, ()))
+            old_names = old.children.get(rel, []) if old.is_dir(rel) else []
+            opaque = bool(old_names) and not set(old_names) & set(new.children.get(rel, []))
+            if opaque:
+                yield DiffEntry(rel, "opaque")
+            for name in gone:
+                yield DiffEntry(f"{rel}/{name}" if rel else name, "deleted", implied=opaque)
+
+        yield from header("")
+        stack: list[tuple[str, Iterator[str]]] = [("", iter(new.children.get("", [])))]
+        while stack:
+            prefix, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
                 continue
-            below = list(self._compare_dir(child, new, old, old_is_dir=stat.S_ISDIR(ost.st_mode)))
-            if below or self._differs(child, st, ost, new, old):
-                yield DiffEntry(child, "modified")
-            yield from below
+            child = f"{prefix}/{name}" if prefix else name
+            kind = kinds.get(child) or ("modified" if child in changed_below else None)
+            if kind is not None:
+                yield DiffEntry(child, kind)
+            if new.is_dir(child) and (kind == "added" or child in changed_below or child in kinds):
+                yield from header(child)
+                stack.append((child, iter(new.children.get(child, []))))
 
     def _differs(self, rel: str, st: os.stat_result, ost: os.stat_result, new: _Tree, old: _Tree) -> bool:
         if (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns) != (ost.st_mode, ost.st_uid, ost.st_gid, ost.st_mtime_ns):

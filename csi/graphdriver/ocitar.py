@@ -39,6 +39,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from csi.errors import InvalidArgument
+from csi.graphdriver.treecopy import remove_tree
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
@@ -217,32 +218,44 @@ class LayerTarApplier:
         self.root = Path(root)
         self.bytes_written = 0
         self._unpacked: set[str] = set()
+        self._checked_dirs: set[str] = set()
         self._dir_times: list[tuple[str, int]] = []
 
     # -- path safety
 
     def _resolve(self, rel: str, *, make_parents: bool = True) -> Path:
-        """``root/rel`` after checking that no ancestor is a symlink or a non-directory."""
-        current = self.root
-        parts = rel.split("/") if rel else []
-        for part in parts[:-1]:
-            current = current / part
+        """``root/rel`` after checking that no ancestor is a symlink or a non-directory.
+        Directories already checked are remembered until something is removed."""
+        unchecked: list[str] = []
+        ancestor = rel.rpartition("/")[0]
+        while ancestor and ancestor not in self._checked_dirs:
+            unchecked.append(ancestor)
+            ancestor = ancestor.rpartition("/")[0]
+        for prefix in reversed(unchecked):  # outermost first
+            current = self.root / prefix
             try:
                 st = os.lstat(current)
             except FileNotFoundError:
                 if not make_parents:
                     return self.root / rel
                 os.mkdir(current, 0o755)
-                continue
-            if not stat.S_ISDIR(st.st_mode):
-                raise InvalidArgument(f"tar member {rel!r} passes through {part!r}, which is not a directory")
+            else:
+                if not stat.S_ISDIR(st.st_mode):
+                    name = prefix.rpartition("/")[2]
+                    raise InvalidArgument(f"tar member {rel!r} passes through {name!r}, which is not a directory")
+            self._checked_dirs.add(prefix)
         return self.root / rel
+
+    def _remove(self, path: Path) -> None:
+        self._checked_dirs.clear()  # a checked directory may be gone or replaced now
+        _remove(path)
 
     # -- storing deletions (overridable)
 
     def whiteout(self, rel: str) -> None:
-        """Delete ``rel`` (hide it from the lower layers)."""
-        _remove(self._resolve(rel, make_parents=False))
+        """Delete ``rel`` (hide it from the lower layers). An override that deletes
+        anything must do it through :meth:`_remove` (it resets the directory checks)."""
+        self._remove(self._resolve(rel, make_parents=False))
 
     def opaque(self, rel: str) -> None:
         """Hide everything the lower layers hold in directory ``rel``."""
@@ -252,7 +265,7 @@ class LayerTarApplier:
         for name in os.listdir(directory):
             child = f"{rel}/{name}" if rel else name
             if child not in self._unpacked:
-                _remove(directory / name)
+                self._remove(directory / name)
 
     # -- applying
 
@@ -270,10 +283,11 @@ class LayerTarApplier:
         path = self._resolve(rel)
         existing = _lstat(path)
         if existing is not None and not (stat.S_ISDIR(existing.st_mode) and member.isdir()):
-            _remove(path)
+            self._remove(path)
         if member.isdir():
             if existing is None or not stat.S_ISDIR(existing.st_mode):
                 os.mkdir(path, 0o700)
+            self._checked_dirs.add(rel)  # a real directory now
         elif member.isreg():
             self._write_file(tar, member, path)
         elif member.issym():
@@ -359,6 +373,6 @@ def _remove(path: Path) -> None:
     if st is None:
         return
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
+        remove_tree(path)
     else:
         os.unlink(path)

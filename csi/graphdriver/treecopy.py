@@ -54,7 +54,10 @@ class _Counter:
 
 
 def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, reflink: bool = True) -> CopyStats:
-    """Copy the directory ``src`` to ``dst`` (which must not exist). See module docstring."""
+    """Copy the directory ``src`` to ``dst`` (which must not exist). See module docstring.
+
+    Iterative (no recursion limit on nesting depth): directories are created top-down
+    and get their metadata bottom-up, after everything inside them is in place."""
     src, dst = Path(src), Path(dst)
     counter = _Counter()
     seen: dict[tuple[int, int], Path] = {}
@@ -62,33 +65,34 @@ def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, refli
     if not stat.S_ISDIR(st.st_mode):
         raise NotADirectoryError(errno.ENOTDIR, "copy_tree needs a directory", str(src))
     os.mkdir(dst, 0o700)
-    _copy_dir_content(src, dst, counter, seen, reflink)
-    copy_metadata(src, dst, st)
+    directories: list[tuple[Path, Path, os.stat_result]] = [(src, dst, st)]
+    pending = [(src, dst)]
+    while pending:
+        sdir, ddir = pending.pop()
+        with os.scandir(sdir) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            s, d = Path(entry.path), ddir / entry.name
+            est = entry.stat(follow_symlinks=False)
+            counter.entries += 1
+            if stat.S_ISDIR(est.st_mode):
+                os.mkdir(d, 0o700)
+                directories.append((s, d, est))
+                pending.append((s, d))
+                continue
+            if est.st_nlink > 1:
+                key = (est.st_dev, est.st_ino)
+                first = seen.get(key)
+                if first is not None:
+                    os.link(first, d)
+                    counter.links += 1
+                    continue
+                seen[key] = d
+            copy_entry(s, d, est, counter, reflink)
+    for s, d, dst_st in reversed(directories):  # children before their parents
+        copy_metadata(s, d, dst_st)
     counter.entries += 1
     return counter.stats()
-
-
-def _copy_dir_content(src: Path, dst: Path, counter: _Counter, seen: dict[tuple[int, int], Path], reflink: bool) -> None:
-    with os.scandir(src) as it:
-        entries = sorted(it, key=lambda e: e.name)
-    for entry in entries:
-        s, d = Path(entry.path), dst / entry.name
-        st = entry.stat(follow_symlinks=False)
-        counter.entries += 1
-        if stat.S_ISDIR(st.st_mode):
-            os.mkdir(d, 0o700)
-            _copy_dir_content(s, d, counter, seen, reflink)
-            copy_metadata(s, d, st)
-            continue
-        if st.st_nlink > 1:
-            key = (st.st_dev, st.st_ino)
-            first = seen.get(key)
-            if first is not None:
-                os.link(first, d)
-                counter.links += 1
-                continue
-            seen[key] = d
-        copy_entry(s, d, st, counter, reflink)
 
 
 def copy_entry(src: Path, dst: Path, st: os.stat_result, counter: _Counter | None = None, reflink: bool = True) -> None:
@@ -209,3 +213,30 @@ def tree_bytes(root: str | os.PathLike[str]) -> int:
                 if stat.S_ISDIR(st.st_mode):
                     stack.append(entry.path)
     return total
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """Delete ``path`` and everything below it without following symlinks; iterative,
+    so any nesting depth works (``shutil.rmtree`` recurses). Absent is fine."""
+    top = os.fspath(path)
+    try:
+        st = os.lstat(top)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(top)
+        return
+    directories = [top]
+    pending = [top]
+    while pending:
+        current = pending.pop()
+        with os.scandir(current) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    directories.append(entry.path)
+                    pending.append(entry.path)
+                else:
+                    os.unlink(entry.path)
+    for directory in reversed(directories):  # children before their parents
+        os.rmdir(directory)
+

@@ -39,13 +39,12 @@ import array
 import errno
 import fcntl
 import os
-import shutil
 import stat
 from pathlib import Path
 
 from csi import mount as mnt
 from csi.graphdriver.base import Layer, LayerDriver
-from csi.graphdriver.treecopy import CopyStats, copy_tree, tree_bytes
+from csi.graphdriver.treecopy import CopyStats, copy_tree, remove_tree, tree_bytes
 from csi.ids import is_layer_id
 
 _FS_IOC_GETFLAGS = 0x80086601
@@ -193,4 +192,4 @@ def _remove_tree(path: Path) -> None:
     _set_immutable(path, False)
     if mnt.is_mount_point(path):
         mnt.unmount_all(path)
-    shutil.rmtree(path)
+    remove_tree(path)

@@ -125,3 +125,34 @@ def test_usage_counts_bytes(ext4_dir: Path) -> None:
         (drv.get("w") / "f").write_bytes(b"x" * (1 << 20))
         drv.put("w")
         assert (1 << 20) <= (drv.usage("w") or 0) < (1 << 20) + (64 << 10)
+
+
+def test_deeply_nested_trees_copy_and_diff(ext4_dir: Path) -> None:
+    """Nesting deeper than Python's recursion limit (1200 levels, within PATH_MAX):
+    copy, compare, diff, apply and remove are all iterative."""
+    depth = 1200
+    with open_driver(VfsDriver, ext4_dir / "vfs") as drv:
+        drv.create("w")
+        root = drv.get("w")
+        deep = root
+        for _ in range(depth):  # pathlib's mkdir(parents=True) itself recurses
+            deep = deep / "a"
+            deep.mkdir()
+        (deep / "bottom").write_text("bottom")
+        drv.put("w")
+        drv.freeze("w", "snap")
+        drv.create("clone", "snap")
+        clone = drv.get("clone")
+        assert tree_state(clone) == tree_state(drv.get("snap"))
+        (clone.joinpath(*["a"] * depth) / "bottom").write_text("changed")
+        drv.put("clone")
+        drv.put("snap")
+        changes = drv.changes("clone", "snap")
+        assert changes[-1].path == "/" + "/".join(["a"] * depth) + "/bottom" and len(changes) == depth + 1
+        drv.create("copy", "snap")
+        drv.apply_diff("copy", "snap", drv.diff("clone", "snap"))
+        assert (drv.get("copy").joinpath(*["a"] * depth) / "bottom").read_text() == "changed"
+        drv.put("copy")
+        for layer in ("copy", "clone", "w", "snap"):  # removal is iterative too
+            drv.remove(layer)
+        assert drv._on_disk() == set()
