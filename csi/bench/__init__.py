@@ -71,9 +71,9 @@ def parse_args(argv: list[str]) -> BenchOptions:
     parser.add_argument("--drivers", default=",".join(ALL_DRIVERS), help="drivers to measure (default: all)")
     parser.add_argument("--parts", default=",".join(PARTS), help="drivers, csi or both (default)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few rounds (smoke test)")
-    parser.add_argument("--json", dest="json_path", type=Path, help="also write the figures as JSON to FILE")
-    parser.add_argument("--scratch", type=Path, default=Path("/var/tmp"), help="where the scratch directory goes")
-    parser.add_argument("--btrfs-bytes", default=None, help="size of the sparse btrfs loop file (default: 8 x largest size, >= 4G)")
+    parser.add_argument("--json", dest="json_path", type=Path, metavar="FILE", help="also write the figures as JSON to FILE")
+    parser.add_argument("--scratch", type=Path, default=Path("/var/tmp"), metavar="DIR", help="where the scratch directory goes")
+    parser.add_argument("--btrfs-bytes", default=None, metavar="SIZE", help="size of the sparse btrfs loop file (default: 8 x largest size, >= 4G)")
     args = parser.parse_args(argv)
     try:
         sizes = tuple(sorted(set(parse_size(s) for s in _csv(args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)))))
