@@ -8,7 +8,7 @@ So two small pieces route the call to the node that owns the volume::
                                (ForwardingController)            (forward listener)
 
 * ``strata controller --endpoint unix:///csi/csi.sock --driver-name NAME
-  --forward-port 9820 --forward-token-file FILE [--node-address NODE=HOST:PORT ...]``
+  --forward-port 9839 --forward-token-file FILE [--node-address NODE=HOST:PORT ...]``
   serves CSI Identity (CONTROLLER_SERVICE + online expansion) and Controller with only
   ``ControllerGetCapabilities`` (EXPAND_VOLUME) and ``ControllerExpandVolume``; every other
   Controller call is UNIMPLEMENTED. The owner node is the part of the volume ID after
@@ -63,7 +63,7 @@ log = logging.getLogger("strata.forwarder")
 TOKEN_HEADER = "x-strata-forward-token"
 EXPAND_METHOD = "/csi.v1.Controller/ControllerExpandVolume"
 DEFAULT_DRIVER_NAME = "strata.csi.dev"
-DEFAULT_FORWARD_PORT = 9820
+DEFAULT_FORWARD_PORT = 9839
 
 
 def read_token(path: Path) -> str:

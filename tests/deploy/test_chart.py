@@ -181,6 +181,9 @@ def test_node_plugin_and_sidecars(case: str, rendered: dict[str, list[Obj]]) -> 
         assert plugin["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
         assert pod["serviceAccountName"] == one(objs, "ServiceAccount", "strata-node")["metadata"]["name"]
         assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+        # On the host network every port of the pod is a host port: none may be taken twice.
+        host_ports = [p["containerPort"] for c in pod["containers"] for p in c.get("ports", [])]
+        assert len(host_ports) == len(set(host_ports)), host_ports
 
 
 def test_csidriver_object(rendered: dict[str, list[Obj]]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -37,12 +38,12 @@ def test_static_manifests_are_not_stale() -> None:
     assert (DEPLOY / "strata.yaml").read_text() == fresh, "run .venv/bin/python deploy/render.py"
 
 
-def test_check_mode_reports_staleness(tmp_path: object) -> None:
+def test_check_mode_reports_staleness(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(DEPLOY / "render.py"), "--check"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
     module = render_module()
-    module.OUTPUT = tmp_path / "strata.yaml"  # type: ignore[operator]
+    module.OUTPUT = tmp_path / "strata.yaml"
     module.OUTPUT.write_text("# edited by hand\n")
     assert module.main(["--check"]) == 1
     assert module.main([]) == 0 and module.main(["--check"]) == 0
