@@ -20,18 +20,22 @@ ABORTED); a repeat with compatible arguments returns the existing object.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from csi.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OutOfRange, Unsupported
+from csi.errors import Aborted, AlreadyExists, Busy, InvalidArgument, NotFound, OutOfRange, Unsupported
 from csi.graphdriver.base import CreateOpts
-from csi.ids import new_layer_id
+from csi.ids import is_layer_id, new_layer_id
 from csi.proto import csi_pb2, csi_pb2_grpc
-from csi.services.plugin import Plugin
+from csi.services.plugin import KUBERNETES_PREFIX, Plugin
 from csi.services.volume_ids import (CLONE_BASE_PREFIX, SNAPSHOT_PREFIX, VOLUME_PREFIX, make_id, parse_id,
                                      parse_local)
 from csi.state.store import RecordState, SnapshotRecord, VolumeRecord
 
+Record = TypeVar("Record", VolumeRecord, SnapshotRecord)
 _Cap = csi_pb2.ControllerServiceCapability.RPC
 CAPABILITIES = (_Cap.CREATE_DELETE_VOLUME, _Cap.CREATE_DELETE_SNAPSHOT, _Cap.CLONE_VOLUME, _Cap.LIST_VOLUMES,
                 _Cap.LIST_SNAPSHOTS, _Cap.GET_CAPACITY, _Cap.EXPAND_VOLUME, _Cap.GET_VOLUME,
@@ -208,11 +212,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             parameters=request.parameters, mutable_parameters=request.mutable_parameters))
 
     @staticmethod
-    def _page(items: list, layer_of, max_entries: int, token: str) -> tuple[list, str]:  # type: ignore[no-untyped-def]
+    def _page(items: list[Record], layer_of: Callable[[Record], str], max_entries: int,
+              token: str) -> tuple[list[Record], str]:
         """Entries after ``token`` (a layer ID; ABORTED when malformed), at most ``max_entries``."""
-        from csi.errors import Aborted
-        from csi.ids import is_layer_id
-
         if max_entries < 0:
             raise InvalidArgument(f"max_entries must not be negative, got {max_entries}")
         if token and not is_layer_id(token):
@@ -311,10 +313,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot_message(self.store.snapshot(record.layer)
                                                                                   or record))
 
-    def _check_snapshot_parameters(self, parameters: object) -> None:
-        from csi.services.plugin import KUBERNETES_PREFIX
-
-        unknown = sorted(k for k in parameters if not k.startswith(KUBERNETES_PREFIX))  # type: ignore[attr-defined]
+    @staticmethod
+    def _check_snapshot_parameters(parameters: Mapping[str, str]) -> None:
+        unknown = sorted(k for k in parameters if not k.startswith(KUBERNETES_PREFIX))
         if unknown:
             raise InvalidArgument(f"unknown snapshot parameter(s) {', '.join(unknown)}; only "
                                   f"{KUBERNETES_PREFIX}* keys are accepted")

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,7 +246,3 @@ class ServeProcess:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=30)
 
-
-def iter_layer_dirs(root: Path) -> Iterator[str]:
-    for child in sorted(root.iterdir()):
-        yield child.name
