@@ -126,7 +126,8 @@ def test_node_plugin_and_sidecars(case: str, rendered: dict[str, list[Obj]]) -> 
         names = [c["name"] for c in pod["containers"]]
         assert names == ["strata", "node-driver-registrar", "csi-provisioner", "csi-snapshotter", "liveness-probe"]
         plugin = container(ds, "strata")
-        assert plugin["args"][0] == "serve"
+        assert plugin["command"] == ["strata", "serve"]
+        assert all(arg.startswith("--") for arg in plugin["args"]), plugin["args"]
         assert plugin["securityContext"]["privileged"] is True
         # CSIDriver name == plugin's --driver-name.
         assert flag(plugin, "driver-name") == driver["metadata"]["name"] == values["driverName"]

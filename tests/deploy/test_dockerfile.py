@@ -132,6 +132,16 @@ def test_entrypoint_and_package_version(parsed: list[tuple[str, str]]) -> None:
     assert f"{project['name']}=={project['version']}" in install
     from csi.cli import SUBCOMMANDS
 
+    # The chart's node plugin runs exactly the image's entrypoint (args are flags only).
+    import json
+
+    import yaml
+
+    static = [d for d in yaml.safe_load_all((REPO / "deploy" / "strata.yaml").read_text()) if d]
+    plugin = next(c for d in static if d["kind"] == "DaemonSet"
+                  for c in d["spec"]["template"]["spec"]["containers"] if c["name"] == "strata")
+    assert plugin["command"] == json.loads(entrypoints[0])
+
     assert {"serve", "controller"} <= set(SUBCOMMANDS)
 
 
