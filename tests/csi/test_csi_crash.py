@@ -6,6 +6,7 @@ mount). SIGTERM drains and exits 0."""
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -182,15 +183,36 @@ def test_kill9_during_work(crash_harness: Harness, tmp_path: Path, seed: int) ->
 
 
 def test_sigterm_drains_and_exits_zero(crash_harness: Harness, tmp_path: Path) -> None:
+    """A clone that copies 256 MiB (vfs on ext4) is in flight when SIGTERM arrives: it
+    completes and is answered, then the server exits 0 and removes its socket."""
     h = crash_harness
     proc = ServeProcess(h, tmp_path / "serve.log")
     stubs = proc.start()
-    create(stubs, "pvc-term")
-    stubs.channel.close()
+    vol = create(stubs, "pvc-term")
+    staging, target = h.staging_path("term"), h.target_path("term")
+    stubs.node.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=vol.volume_id, staging_target_path=str(staging),
+                                                         volume_capability=mount_cap()))
+    block = os.urandom(MiB)
+    with open(staging / "big", "wb") as f:
+        for _ in range(256):
+            f.write(block)
+    answers: list[pb.Volume] = []
+    cloning = threading.Thread(target=lambda: answers.append(
+        create(stubs, "pvc-term-clone", pb.VolumeContentSource(volume={"volume_id": vol.volume_id}))))
+    cloning.start()
+    time.sleep(0.05)
     assert proc.terminate() == 0
+    cloning.join(timeout=30)
+    assert len(answers) == 1, "the in-flight clone was answered before exit"
+    log = (tmp_path / "serve.log").read_text()
+    assert log.index("signal received") < log.index('"name": "pvc-term-clone"'), "the clone finished after SIGTERM"
     assert not h.config.socket_path().exists()
+    stubs.channel.close()
     h.start()
     try:
-        assert len(h.controller.ListVolumes(pb.ListVolumesRequest()).entries) == 1
+        listed = {e.volume.volume_id for e in h.controller.ListVolumes(pb.ListVolumesRequest()).entries}
+        assert listed == {vol.volume_id, answers[0].volume_id}
+        assert_consistent(h)
+        h.unstage(vol.volume_id, staging)
     finally:
         h.stop()
