@@ -118,8 +118,9 @@ def start_forward_listener(address: str, token_file: Path,
                            controller: csi_pb2_grpc.ControllerServicer) -> grpc.Server:
     """Serve ``controller``'s ControllerExpandVolume (only) on TCP ``address``, token-checked.
 
-    ``address`` is ``HOST:PORT`` (``0`` picks a free port; see :func:`bound_port`). The
-    returned server is started; stop it with ``server.stop(grace)``.
+    ``address`` is ``HOST:PORT``. The returned server is started; stop it with
+    ``server.stop(grace)``. A missing or short token, or an address that cannot be bound,
+    raises before anything listens.
     """
     token = read_token(token_file)
     if "://" in address or ":" not in address:
@@ -131,14 +132,8 @@ def start_forward_listener(address: str, token_file: Path,
     if port == 0:
         raise StrataError(f"cannot listen on {address} for forwarded expansions")
     server.start()
-    setattr(server, "strata_port", port)
     log.info("forwarded expansions accepted on %s", address.rsplit(":", 1)[0] + f":{port}")
     return server
-
-
-def bound_port(server: grpc.Server) -> int:
-    """The TCP port :func:`start_forward_listener` bound (useful with port 0)."""
-    return int(getattr(server, "strata_port"))
 
 
 # --------------------------------------------------------------------------- controller side

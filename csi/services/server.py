@@ -137,18 +137,20 @@ class ServerHandle:
 def start_server(config: ServeConfig) -> ServerHandle:
     """Build the plugin (driver selection + recovery), then serve ``config.endpoint``."""
     plugin = Plugin(config.plugin_config())
+    forward_server = None
     try:
         server = build_server(config, plugin)
-        endpoint = add_listeners(server, config)
-        forward_server = None
-        if config.forward_listen:  # before the socket serves, so a bad listener fails start-up cleanly
+        if config.forward_listen:  # before the socket exists, so a bad listener fails start-up cleanly
             from csi.forwarder import start_forward_listener
 
             forward_server = start_forward_listener(config.forward_listen, Path(config.forward_token_file),
                                                     ControllerService(plugin))
+        endpoint = add_listeners(server, config)
         server.start()
         os.chmod(config.socket_path(), 0o600)
     except BaseException:
+        if forward_server is not None:
+            forward_server.stop(0)
         plugin.close()
         raise
     log.info("serving CSI %s %s on %s (node %s, driver %s)", config.driver_name, __version__, endpoint,

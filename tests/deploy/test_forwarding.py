@@ -225,3 +225,19 @@ def test_controller_refuses_to_start_without_a_usable_token(cluster: Cluster) ->
     assert done.returncode == 1
     assert "shorter than 16" in done.stderr
     assert not (cluster.base / "s.sock").exists()
+
+
+def test_node_refuses_to_start_with_a_bad_forward_listener(cluster: Cluster) -> None:
+    """`strata serve` stops with a clear message, and leaves no socket, when the listener cannot start."""
+    cases = {
+        "missing-token": (f"127.0.0.1:{free_port()}", str(cluster.base / "no-such.token"), "cannot read"),
+        "bad-address": ("unix:///tmp/x.sock", str(cluster.base / "node.token"), "HOST:PORT"),
+    }
+    for name, (listen, token_file, message) in cases.items():
+        sock = cluster.base / f"{name}.sock"
+        done = subprocess.run([sys.executable, "-m", "csi.cli", "serve", f"--endpoint=unix://{sock}",
+                               f"--root={cluster.base}/{name}-root", "--driver=vfs", f"--forward-listen={listen}",
+                               f"--forward-token-file={token_file}"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, (name, done.stderr)
+        assert message in done.stderr, (name, done.stderr)
+        assert not sock.exists(), name
