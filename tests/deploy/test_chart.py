@@ -267,10 +267,9 @@ SNAPSHOTTER: Rules = {
     ("snapshot.storage.k8s.io", "volumesnapshotcontents/status"): {"update", "patch"},
 }
 STRATA_NODE: Rules = {("", "nodes"): {"get"}}  # the driver label
-RESIZER: Rules = {
+RESIZER: Rules = {  # pods left out: only for --handle-volume-inuse-error, which is off
     ("", "persistentvolumes"): {"get", "list", "watch", "patch"},
     ("", "persistentvolumeclaims"): {"get", "list", "watch"},
-    ("", "pods"): {"get", "list", "watch"},
     ("", "persistentvolumeclaims/status"): {"patch"},
     ("", "events"): {"list", "watch", "create", "update", "patch"},
     ("storage.k8s.io", "volumeattributesclasses"): {"get", "list", "watch"},
