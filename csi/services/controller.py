@@ -11,9 +11,11 @@ ControllerExpandVolume      ``driver.resize``; where the driver cannot enforce s
                             (``Unsupported``) the new capacity is recorded only
 ==========================  ================================================================
 
-Crash protocol: the record is written ``pending`` (with every layer ID it will make)
-before any layer work and marked ``ready`` after it; deletes mark ``removing`` first.
-Start-up recovery rolls ``pending`` back and finishes ``removing``.
+Crash protocol: creates do the layer work first, under fresh random layer IDs with
+strata's prefixes, and then commit the record, ``ready``, in one transaction: a kill
+before the commit leaves only layers no record knows of, which start-up recovery removes
+(nothing was acknowledged). Deletes mark the record ``removing`` first (forget first),
+remove the layer, then drop the record; recovery finishes ``removing`` records.
 Idempotency: a name (or ID) is locked for the call (:class:`KeyLocks`, racing calls get
 ABORTED); a repeat with compatible arguments returns the existing object.
 """
@@ -147,32 +149,27 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             src = self._volume(source_id)
             base, size = new_layer_id(CLONE_BASE_PREFIX), self._at_least(size, src.capacity, range_, "volume")
             parent = base
-        record = self.store.add_volume(VolumeRecord(
-            layer=new_layer_id(VOLUME_PREFIX), name=name, capacity=size, parameters=parameters,
-            source_kind=source_kind, source_id=source_id, parent_layer=parent, base_layer=base))
+        layer = new_layer_id(VOLUME_PREFIX)
         try:
             if base is not None:
                 self.driver.freeze(parse_id(source_id)[0], base)
-            self.driver.create(record.layer, parent, CreateOpts(size_bytes=size or None))
+            self.driver.create(layer, parent, CreateOpts(size_bytes=size or None))
             if base is not None:
                 self.driver.remove(base)  # hidden now, freed with the clone
-            self.store.set_volume(record.layer, state=RecordState.READY)
+            return self.store.add_volume(VolumeRecord(
+                layer=layer, name=name, capacity=size, parameters=parameters, source_kind=source_kind,
+                source_id=source_id, parent_layer=parent, base_layer=base, state=RecordState.READY))
         except BaseException:
-            self._roll_back(record)
+            for made in (layer, base):
+                if made is not None:
+                    self.driver.remove(made)
             raise
-        return self.store.volume(record.layer) or record
 
     @staticmethod
     def _at_least(size: int, source_size: int, range_: csi_pb2.CapacityRange, what: str) -> int:
         if range_.limit_bytes and source_size > range_.limit_bytes:
             raise OutOfRange(f"the source {what} holds {source_size} bytes, more than limit_bytes {range_.limit_bytes}")
         return max(size, source_size)
-
-    def _roll_back(self, record: VolumeRecord) -> None:
-        for layer in (record.layer, record.base_layer):
-            if layer is not None:
-                self.driver.remove(layer)
-        self.store.delete_volume(record.layer)
 
     def DeleteVolume(self, request: csi_pb2.DeleteVolumeRequest,
                      context: grpc.ServicerContext) -> csi_pb2.DeleteVolumeResponse:
@@ -301,17 +298,16 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                     raise AlreadyExists(f"snapshot {request.name!r} exists for another source volume")
                 return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot_message(existing))
             source = self._volume(request.source_volume_id)
-            record = self.store.add_snapshot(SnapshotRecord(layer=new_layer_id(SNAPSHOT_PREFIX), name=request.name,
-                                                            source_layer=source.layer, size=source.capacity))
+            layer = new_layer_id(SNAPSHOT_PREFIX)
             try:
-                self.driver.freeze(source.layer, record.layer)
-                self.store.set_snapshot(record.layer, state=RecordState.READY)
+                self.driver.freeze(source.layer, layer)
+                record = self.store.add_snapshot(SnapshotRecord(layer=layer, name=request.name,
+                                                                source_layer=source.layer, size=source.capacity,
+                                                                state=RecordState.READY))
             except BaseException:
-                self.driver.remove(record.layer)
-                self.store.delete_snapshot(record.layer)
+                self.driver.remove(layer)
                 raise
-            return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot_message(self.store.snapshot(record.layer)
-                                                                                  or record))
+            return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot_message(record))
 
     @staticmethod
     def _check_snapshot_parameters(parameters: Mapping[str, str]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -117,6 +118,7 @@ def test_concurrent_creates_with_duplicate_names(vfs_plugin: Harness) -> None:
     h = vfs_plugin
     names = [f"pvc-race-{i % 4}" for i in range(24)]
     start = threading.Barrier(8)
+    aborted: list[str] = []
 
     def call(name: str) -> tuple[str, str]:
         request = pb.CreateVolumeRequest(name=name, capacity_range=pb.CapacityRange(required_bytes=MiB),
@@ -125,11 +127,14 @@ def test_concurrent_creates_with_duplicate_names(vfs_plugin: Harness) -> None:
             start.wait(timeout=1)
         except threading.BrokenBarrierError:
             pass
-        for _ in range(200):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
             try:
                 return name, h.controller.CreateVolume(request).volume.volume_id
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.ABORTED, exc.details()
+                aborted.append(name)
+                time.sleep(0.005)  # back off as the CSI spec asks of a caller that got ABORTED
         raise AssertionError("never got through")
 
     with ThreadPoolExecutor(8) as pool:
