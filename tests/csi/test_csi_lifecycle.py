@@ -157,3 +157,14 @@ def test_stats_report_a_lost_mount_as_abnormal(vfs_plugin: Harness) -> None:
                                                                     volume_path=str(target)))
     assert stats.volume_condition.abnormal and "no longer mounted" in stats.volume_condition.message
     h.release(vol.volume_id, staging, target)
+
+
+def test_conditions_report_a_missing_layer(vfs_plugin: Harness) -> None:
+    h = vfs_plugin
+    vol = h.create_volume("pvc-gone")
+    assert h.handle is not None
+    h.handle.plugin.driver.remove(vol.volume_id.split("@")[0])  # the layer vanishes behind the plugin's back
+    got = h.controller.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=vol.volume_id))
+    assert got.status.volume_condition.abnormal and "missing" in got.status.volume_condition.message
+    h.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+    assert h.controller.ListVolumes(pb.ListVolumesRequest()).entries == []
