@@ -119,8 +119,9 @@ class Layout:
 
     def write_lower(self, layer_id: str, lowers: list[str]) -> None:
         path = self.layer_dir(layer_id) / "lower"
-        if lowers:
-            write_atomic(path, ":".join(f"l/{s}" for s in lowers))
+        if lowers:  # informational: not fsynced
+            path.with_name("lower.tmp").write_text(":".join(f"l/{s}" for s in lowers), encoding="ascii")
+            os.replace(path.with_name("lower.tmp"), path)
         else:
             path.unlink(missing_ok=True)
 
@@ -259,11 +260,12 @@ AUFS_WHITEOUTS = WhiteoutFormat("aufs", native_oci=True)
 # ---------------------------------------------------------------------- exact tree copy
 
 
-def copy_tree(src: Path, dst: Path) -> int:
+def copy_tree(src: Path, dst: Path, *, durable: bool = False) -> int:
     """Copy the directory ``src`` to the new path ``dst`` exactly; return bytes of file data.
 
     Extents are cloned when the filesystem allows (btrfs), so the cost is metadata only;
     otherwise ``copy_file_range`` copies in the kernel, keeping holes of sparse files.
+    ``durable``: fsync every copied file and directory (only what was copied).
     """
     copied = 0
     links: dict[tuple[int, int], str] = {}
@@ -287,7 +289,7 @@ def copy_tree(src: Path, dst: Path) -> int:
                 os.link(links[key], d)
                 continue
             if stat.S_ISREG(est.st_mode):
-                copied += copy_file(s, d, est)
+                copied += copy_file(s, d, est, durable=durable)
             elif stat.S_ISLNK(est.st_mode):
                 os.symlink(os.readlink(s), d)
             else:
@@ -297,19 +299,26 @@ def copy_tree(src: Path, dst: Path) -> int:
                 links[key] = d
     for out_dir, st in reversed(dirs):
         copy_metadata(os.path.join(src, os.path.relpath(out_dir, dst)), out_dir, st)
+        if durable:
+            fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     return copied
 
 
-def copy_file(src: str, dst: str, st: os.stat_result) -> int:
+def copy_file(src: str, dst: str, st: os.stat_result, *, durable: bool = False) -> int:
     """Clone or copy one regular file's data; return its size."""
     with open(src, "rb") as fin, open(dst, "xb") as fout:
         try:
             fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
-            return st.st_size
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
                 raise
-        _copy_data(fin.fileno(), fout.fileno(), st.st_size)
+            _copy_data(fin.fileno(), fout.fileno(), st.st_size)
+        if durable:
+            os.fsync(fout.fileno())
     return st.st_size
 
 

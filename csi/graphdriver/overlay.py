@@ -33,7 +33,7 @@ Freeze (a snapshot of writable layer S into frozen layer F):
   copy reads the live upper dir: every file is copied as it is at that moment (overlay
   copy-ups are atomic renames from the work dir), but files written during the copy are
   not frozen together; quiesce the application for a multi-file consistent snapshot.
-  The copy is synced (syncfs) before it is committed.
+  Each copied file and directory is fsynced before the freeze is committed.
 
 Crash safety of freeze: the mode (``rename`` / ``copy``) is recorded in F's record before
 any disk work. Recovery: rename mode — F's diff exists means the rename happened: finish
@@ -52,11 +52,11 @@ parents, and ``apply_diff`` onto a mounted layer, use the naive differ.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import signal
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,9 +71,6 @@ from csi.graphdriver.layout import OVERLAY_WHITEOUTS, Layout, WhiteoutFormat, co
 OVERLAY_OPTIONS: tuple[str, ...] = ("index=off", "redirect_dir=off", "metacopy=off", "xino=off")
 CRASH_ENV = "STRATA_TEST_CRASH_AT"  # tests only: kill -9 ourselves at the named step
 _EMPTY_LOWER = "../empty"  # relative to <home>/l
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 def kernel_has(fstype: str) -> bool:
     with open("/proc/filesystems", encoding="ascii") as f:
@@ -102,16 +99,6 @@ def crash_point(step: str) -> None:
     """Tests set ``STRATA_TEST_CRASH_AT`` to die here with SIGKILL (no clean-up runs)."""
     if os.environ.get(CRASH_ENV) == step:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def syncfs(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-    finally:
-        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:
@@ -161,6 +148,10 @@ class OverlayDriver(LayerDriver):
             remove_path(probe)
 
     def _setup(self) -> None:
+        # csi.mount resolves relative lower paths by changing the process's working
+        # directory for the mount call: mounts of this driver must not overlap.
+        self._mount_guard = threading.Lock()
+        self._short_names: dict[str, str] = {}
         self.layout = Layout(self.home)
         self.layout.prepare()
         self.layout.sweep()
@@ -186,7 +177,14 @@ class OverlayDriver(LayerDriver):
     # ------------------------------------------------------------------ layers on disk
 
     def _shorts(self, chain: list[Layer]) -> list[str]:
-        return [self.layout.short(l.id) for l in chain]
+        """Short names of ``chain`` (a layer's short name never changes: cached)."""
+        names = []
+        for layer in chain:
+            short = self._short_names.get(layer.id)
+            if short is None:
+                short = self._short_names[layer.id] = self.layout.short(layer.id)
+            names.append(short)
+        return names
 
     def _make(self, layer: Layer, parent: Layer | None) -> None:
         lowers = self._shorts(self.chain(parent.id)) if parent else []
@@ -197,6 +195,7 @@ class OverlayDriver(LayerDriver):
         self._quota_hook(layer)
 
     def _destroy(self, layer_id: str) -> None:
+        self._short_names.pop(layer_id, None)
         self.layout.destroy(layer_id)
 
     def _on_disk(self) -> set[str]:
@@ -228,7 +227,11 @@ class OverlayDriver(LayerDriver):
         m = self.describe_mount(layer, chain)
         if mount_label and m.fstype == "overlay" and os.path.isdir("/sys/fs/selinux"):
             m = mnt.Mount(m.fstype, m.source, (*m.options, f'context="{mount_label}"'), m.cwd)
-        mnt.mount(m, self.layout.merged(layer.id))
+        self._mount(m, self.layout.merged(layer.id))
+
+    def _mount(self, m: mnt.Mount, target: Path) -> None:
+        with self._mount_guard:
+            mnt.mount(m, target)
 
     def _deactivate(self, layer: Layer) -> None:
         try:
@@ -253,7 +256,7 @@ class OverlayDriver(LayerDriver):
             return
         target = Path(tempfile.mkdtemp(prefix="view-", dir=self.layout.scratch))
         try:
-            mnt.mount(self._describe_view(chain), target)
+            self._mount(self._describe_view(chain), target)
             yield target
         finally:
             mnt.unmount(target, detach=True)
@@ -262,25 +265,27 @@ class OverlayDriver(LayerDriver):
     # ------------------------------------------------------------------ freeze
 
     def _freeze(self, source: Layer, frozen: Layer) -> str | None:
-        if source.mounts == 0 and len(self.chain(source.id)) < self.max_chain:
+        chain = self.chain(source.id)
+        parent_shorts = self._shorts(chain[1:])
+        if source.mounts == 0 and len(chain) < self.max_chain:
             if self._is_active(source):
                 self._deactivate(source)
-            return self._freeze_by_rename(source, frozen)
-        return self._freeze_by_copy(source, frozen)
+            return self._freeze_by_rename(source, frozen, parent_shorts)
+        return self._freeze_by_copy(source, frozen, parent_shorts)
 
     def _parent_shorts(self, layer: Layer) -> list[str]:
         return self._shorts(self.chain(layer.parent)) if layer.parent else []
 
-    def _freeze_by_rename(self, source: Layer, frozen: Layer) -> str:
+    def _freeze_by_rename(self, source: Layer, frozen: Layer, parent_shorts: list[str]) -> str:
         self.store.update(frozen.id, extra={"freeze": "rename"})
         crash_point("freeze-rename:recorded")
-        self.layout.make(frozen.id, writable=False, lowers=self._parent_shorts(source), with_diff=False)
+        self.layout.make(frozen.id, writable=False, lowers=parent_shorts, with_diff=False)
         crash_point("freeze-rename:made")
         os.rename(self.layout.diff(source.id), self.layout.diff(frozen.id))
         crash_point("freeze-rename:moved")
-        return self._finish_rename(source, frozen)
+        return self._finish_rename(source, frozen, parent_shorts)
 
-    def _finish_rename(self, source: Layer, frozen: Layer) -> str:
+    def _finish_rename(self, source: Layer, frozen: Layer, parent_shorts: list[str]) -> str:
         """Give ``source`` a fresh, empty diff dir on top of ``frozen`` (idempotent)."""
         lay = self.layout
         fresh, target = lay.layer_dir(source.id) / "diff.new", lay.diff(source.id)
@@ -298,19 +303,18 @@ class OverlayDriver(LayerDriver):
             crash_point("freeze-rename:fresh")
             os.rename(fresh, target)
         lay.reset_work(source.id)
-        lay.write_lower(source.id, [lay.short(frozen.id), *self._parent_shorts(source)])
+        lay.write_lower(source.id, [lay.short(frozen.id), *parent_shorts])
         fsync_dir(lay.layer_dir(source.id))
         fsync_dir(lay.layer_dir(frozen.id))
         crash_point("freeze-rename:finished")
         return frozen.id
 
-    def _freeze_by_copy(self, source: Layer, frozen: Layer) -> str | None:
+    def _freeze_by_copy(self, source: Layer, frozen: Layer, parent_shorts: list[str]) -> str | None:
         self.store.update(frozen.id, extra={"freeze": "copy"})
-        self.layout.make(frozen.id, writable=False, lowers=self._parent_shorts(source), with_diff=False)
+        self.layout.make(frozen.id, writable=False, lowers=parent_shorts, with_diff=False)
         staging = self.layout.layer_dir(frozen.id) / "diff.copy"
-        copy_tree(self.layout.diff(source.id), staging)
+        copy_tree(self.layout.diff(source.id), staging, durable=True)
         crash_point("freeze-copy:copied")
-        syncfs(staging)
         os.rename(staging, self.layout.diff(frozen.id))
         fsync_dir(self.layout.layer_dir(frozen.id))
         crash_point("freeze-copy:moved")
@@ -320,7 +324,7 @@ class OverlayDriver(LayerDriver):
         mode = frozen.extra.get("freeze")
         frozen_diff = self.layout.diff(frozen.id)
         if mode == "rename" and frozen_diff.is_dir():
-            return self._finish_rename(source, frozen)
+            return self._finish_rename(source, frozen, self._parent_shorts(source))
         if mode == "copy" and frozen_diff.is_dir():
             return source.parent
         return False

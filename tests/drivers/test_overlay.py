@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conformance import DriverConformance, open_driver, reopen, tree_state  # noqa: E402
 
@@ -296,3 +297,22 @@ def test_kill_9_inside_freeze(ext4_dir: Path, how: str, step: str, committed: bo
         else:
             assert restarted.layer("w").parent is None
         restarted.freeze("w", "again")  # the layer works normally afterwards
+
+
+# --------------------------------------------------------------------------- against vfs
+
+
+def test_state_machine_overlay_on_ext4_against_vfs(ext4_dir: Path, scratch_root: Path) -> None:
+    """Random file operations, freezes (mounted: copy; unmounted: rename) and clones,
+    with native diff round trips, compared step by step with vfs."""
+    from test_statemachine import run_driver_state_machine
+
+    reference = scratch_root / f"sm-ref-{ext4_dir.name}"
+    reference.mkdir()
+    run_driver_state_machine(OverlayDriver, ext4_dir, reference)
+
+
+def test_state_machine_overlay_on_btrfs_against_vfs(btrfs_dir: Path, ext4_dir: Path) -> None:
+    from test_statemachine import run_driver_state_machine
+
+    run_driver_state_machine(OverlayDriver, btrfs_dir, ext4_dir, max_examples=6)
