@@ -185,14 +185,43 @@ _TAR_OPTIONS: dict[str, Any] = {"format": tarfile.PAX_FORMAT, "encoding": "utf-8
 
 def write_layer_tar(layer_dir: Path, fmt: WhiteoutFormat, out: IO[bytes]) -> None:
     """Write ``layer_dir`` as an OCI layer tar: whiteouts as ``.wh.NAME``, opaque
-    directories as their entry followed by ``DIR/.wh..wh..opq``, hard links once."""
-    with tarfile.open(fileobj=out, mode="w|", **_TAR_OPTIONS) as tar:
-        for ti, data_path in _members(layer_dir, fmt):
-            if data_path is None:
-                tar.addfile(ti)
-                continue
-            with open(data_path, "rb") as data:
-                tar.addfile(ti, data)
+    directories as their entry followed by ``DIR/.wh..wh..opq``, hard links once.
+
+    Headers come from tarfile; file data goes from the file to ``out`` with sendfile(2)
+    (no copy through Python). A file that shrinks while it is read is padded with zeros
+    to the size its header announced, so the stream stays a valid tar."""
+    out.flush()
+    fd = out.fileno()
+    written = 0
+    for ti, data_path in _members(layer_dir, fmt):
+        header = ti.tobuf(_TAR_OPTIONS["format"], _TAR_OPTIONS["encoding"], _TAR_OPTIONS["errors"])
+        _write_all(fd, header)
+        written += len(header)
+        if data_path is not None:
+            written += _send_file(fd, data_path, ti.size)
+    end = 2 * tarfile.BLOCKSIZE
+    end += -(written + end) % tarfile.RECORDSIZE
+    _write_all(fd, bytes(end))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _send_file(fd: int, path: str, size: int) -> int:
+    """Send ``size`` bytes of ``path`` plus padding to a block; return bytes written."""
+    sent = 0
+    with open(path, "rb") as source:
+        while sent < size:
+            n = os.sendfile(fd, source.fileno(), sent, min(size - sent, 1 << 30))
+            if n == 0:
+                break
+            sent += n
+    padded = -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    _write_all(fd, bytes(padded - sent))
+    return padded
 
 
 def diff_size(layer_dir: Path, fmt: WhiteoutFormat) -> int:

@@ -18,7 +18,9 @@ which the index would reject), ``redirect_dir=off`` (renaming a directory that c
 a lower fails with EXDEV and tools fall back to copying, so an upper dir never holds
 redirects and the native diff is exact), ``metacopy=off`` (every copied-up file carries
 its data, so the upper dir is a complete diff), ``xino=off`` (plain inode numbers).
-Lowers are short names relative to ``<home>/l`` (the mount's ``cwd``); beyond one page
+Lowers are short names relative to ``<home>/l`` (the mount's ``cwd``; ``csi.mount``
+changes the process's working directory for the call, so this driver's mounts are
+serialized by a lock); beyond one page
 ``csi.mount`` uses ``fsconfig(lowerdir+)``, so chains reach the kernel's 500 lowers.
 A chain (a layer and its ancestors) is at most ``max_chain`` = 500 layers; ``create``
 beyond it raises OutOfRange.
@@ -163,8 +165,11 @@ class OverlayDriver(LayerDriver):
         return f"none (no project quota on {filesystem_of(self.home)})"
 
     def _quota_hook(self, layer: Layer) -> None:
-        """Where XFS project quota on ``diff`` will be applied (later issue). Sizes are
-        recorded in the layer record; nothing enforces them on this kernel."""
+        """Where XFS project quota will be applied (later issue): with
+        :class:`csi.graphdriver.xfs_quota.ProjectQuota` on the layer's diff dir. Mind the
+        O(1) freeze: the renamed diff keeps its project ID, so the frozen layer's files
+        must be re-tagged (or the limit moved) when it becomes F's. Until then sizes are
+        recorded in the layer record and nothing enforces them on this kernel."""
 
     def _status_extra(self) -> list[tuple[str, str]]:
         return [
