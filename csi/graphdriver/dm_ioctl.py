@@ -24,6 +24,7 @@ import fcntl
 import os
 import struct
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,8 +269,6 @@ def resume(name: str) -> None:
 
 def remove(name: str, *, attempts: int = 20) -> None:
     """Remove a device; absent is fine, busy is retried briefly (lazy closers)."""
-    import time
-
     for attempt in range(attempts):
         try:
             _ioctl(_DM_DEV_REMOVE, name, what=f"remove {name}")

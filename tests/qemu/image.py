@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def kernel_package() -> str:
     raise ImageError(f"apt-cache knows no kernel behind {META_PACKAGE} (run apt-get update)")
 
 
-def _atomic_dir(final: Path, build: callable) -> Path:  # type: ignore[valid-type]
+def _atomic_dir(final: Path, build: Callable[[Path], None]) -> Path:
     if final.exists():
         return final
     tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
