@@ -8,7 +8,9 @@ runs) so that each guest check becomes its own host test here, passing, failing 
 the guest's message) or skipping (with the guest's reason) as it did in the guest.
 
 Skips only when qemu cannot run at all (no ``qemu-system-x86_64``). Set
-``STRATA_QEMU_LANE=0`` to leave the lane out of a local run explicitly (it says so).
+``STRATA_QEMU_LANE=0`` to leave the lane out of a local run explicitly (it says so), or
+``STRATA_QEMU_CHECKS="tests/qemu/inguest/check_x.py ..."`` to boot the guest for those
+checks only while working on them (CI always runs them all).
 """
 
 from __future__ import annotations
@@ -34,10 +36,16 @@ pytestmark = pytest.mark.timeout(GUEST_TIMEOUT_S + 180)
 PYTEST_ARGS = ["-p", "no:cacheprovider", "-o", "python_files=check_*.py", "-o", "addopts=-ra"]
 
 
+def selected_checks() -> list[str]:
+    """What the guest runs: STRATA_QEMU_CHECKS (paths or node IDs) or the whole in-guest folder."""
+    chosen = os.environ.get("STRATA_QEMU_CHECKS", "").split()
+    return chosen or [str(INGUEST.relative_to(REPO))]
+
+
 def guest_check_ids() -> list[str]:
     """Node IDs of the in-guest checks (relative to the repository), collected on the host."""
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", *PYTEST_ARGS, str(INGUEST.relative_to(REPO))],
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", *PYTEST_ARGS, *selected_checks()],
         cwd=REPO, capture_output=True, text=True,
     )
     ids = [line.strip() for line in proc.stdout.splitlines() if "::" in line]
@@ -96,7 +104,7 @@ def lane(tmp_path_factory: pytest.TempPathFactory) -> LaneResult:
     # basetemp on the scratch disk (ext4): the guest's /tmp is a tmpfs without user xattrs
     args = " ".join(shlex.quote(a) for a in [*PYTEST_ARGS, "--timeout=300", "--junitxml=/tmp/xchg/junit.xml",
                                              "--basetemp=/var/tmp/pytest",
-                                             str(INGUEST.relative_to(REPO))])
+                                             *selected_checks()])
     script = f"cd {shlex.quote(str(REPO))}\nexec {shlex.quote(sys.executable)} -m pytest {args}\n"
     run = run_in_guest(script, exchange=exchange, timeout_s=GUEST_TIMEOUT_S)
     junit = exchange / "junit.xml"
