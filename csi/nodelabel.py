@@ -3,15 +3,16 @@
 * :func:`driver_from_node_label` — the per-node layered driver choice: the value of a
   Node label (``strata.csi.dev/driver`` by default, the chart's ``nodeDriverLabel``),
   read once at start-up by ``strata serve`` when its driver is ``auto``.
-* :func:`resolve_driver` — the whole start-up decision: an explicit ``--driver`` wins;
-  with ``auto`` and ``STRATA_NODE_DRIVER_LABEL`` set, the label's value (when present);
-  else ``auto`` (the registry's priority list).
+* :func:`resolve_driver` — the whole start-up decision: an explicit ``--driver`` (or
+  ``STRATA_DRIVER``) wins; with ``auto`` and ``STRATA_NODE_DRIVER_LABEL`` set, the label's
+  value (when present); else ``auto`` (the registry's priority list).
 * :func:`node_internal_ip` — the Node's InternalIP, where ``strata controller`` reaches
   the node plugin's forward listener.
 
 The client is configured in-cluster (service-account token and CA under
-``/var/run/secrets/kubernetes.io/serviceaccount``, ``KUBERNETES_SERVICE_HOST/PORT``) unless
-the caller passes an ``ApiClient``. Failures are the project's errors: a Node that does not
+``/var/run/secrets/kubernetes.io/serviceaccount``, ``KUBERNETES_SERVICE_HOST/PORT``); outside
+a pod, from the file ``KUBECONFIG`` names (development, tests); unless the caller passes an
+``ApiClient``. Failures are the project's errors: a Node that does not
 exist is :class:`~csi.errors.NotFound`, an unreachable or refusing API server is
 :class:`~csi.errors.FailedPrecondition`, a label naming no known driver is
 :class:`~csi.errors.InvalidArgument` — start-up stops and says which label to fix.
@@ -26,14 +27,21 @@ from csi.errors import FailedPrecondition, InvalidArgument, NotFound
 
 DEFAULT_LABEL = "strata.csi.dev/driver"
 ENV_LABEL = "STRATA_NODE_DRIVER_LABEL"
+ENV_DRIVER = "STRATA_DRIVER"  # the registry's explicit choice (csi.graphdriver.registry.ENV_DRIVER)
 KNOWN_DRIVERS = ("vfs", "overlay", "aufs", "btrfs", "devicemapper")
 
 
 def incluster_api_client() -> object:
-    """A ``kubernetes.client.ApiClient`` configured from the pod's service account."""
+    """A ``kubernetes.client.ApiClient`` from the pod's service account, else from ``KUBECONFIG``."""
     from kubernetes import client, config
     from kubernetes.config.config_exception import ConfigException
 
+    kubeconfig = os.environ.get("KUBECONFIG", "")
+    if kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        try:
+            return config.new_client_from_config(config_file=kubeconfig)
+        except (ConfigException, OSError) as exc:
+            raise FailedPrecondition(f"KUBECONFIG={kubeconfig}: {exc}") from exc
     configuration = client.Configuration()
     try:
         config.load_incluster_config(client_configuration=configuration)
@@ -79,6 +87,8 @@ def resolve_driver(driver: str, node_name: str, environ: Mapping[str, str] | Non
                    api_client: object | None = None) -> str:
     """The driver ``strata serve`` should use: explicit > Node label (if enabled) > auto."""
     env = os.environ if environ is None else environ
+    if driver == "auto" and env.get(ENV_DRIVER, "auto") != "auto":
+        return env[ENV_DRIVER]
     label = env.get(ENV_LABEL, "").strip()
     if driver != "auto" or not label:
         return driver

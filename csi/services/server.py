@@ -7,7 +7,9 @@ Usage::
                  [--max-volumes N] [--log-level info] [--version]
 
 Defaults work on a laptop: root ``./strata-data``, the socket inside it, node ID the
-host name, driver chosen by the registry (vfs when nothing better fits).
+host name, driver chosen by the registry (vfs when nothing better fits). With ``--driver
+auto`` and ``STRATA_NODE_DRIVER_LABEL`` set (the Helm chart sets it), the Node label of
+that name picks the driver (:func:`csi.nodelabel.resolve_driver`), read once at start-up.
 The socket is created owner-only (0600). SIGTERM or SIGINT stop accepting calls, let
 in-flight calls finish (up to ``--grace`` seconds) and exit 0.
 
@@ -33,7 +35,7 @@ import stat
 import sys
 import threading
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -191,6 +193,9 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
+        from csi.nodelabel import resolve_driver
+
+        config = replace(config, driver=resolve_driver(config.driver, config.node_id))
         handle = start_server(config)
     except StrataError as exc:
         log.error("cannot start: %s", exc)

@@ -9,6 +9,10 @@ deserialisation and error handling are the real ones; only the server is a stand
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +30,7 @@ RESPONSES = Path(__file__).parent / "api_responses"
 ROUTES = {
     "/api/v1/nodes/node-labelled": (200, "node-labelled.json"),
     "/api/v1/nodes/node-plain": (200, "node-plain.json"),
+    "/api/v1/nodes/node-vfs": (200, "node-vfs.json"),
     "/api/v1/nodes/node-typo": (200, "node-typo.json"),
     "/api/v1/nodes/node-secret": (403, "forbidden.json"),
 }
@@ -112,9 +117,13 @@ def test_resolve_driver_precedence(api_server: FakeApiServer) -> None:
     assert len(api_server.requests) == before
     assert resolve_driver("auto", "node-labelled", env, api) == "btrfs"
     assert resolve_driver("auto", "node-plain", env, api) == "auto"
+    before = len(api_server.requests)
+    assert resolve_driver("auto", "node-labelled", {**env, "STRATA_DRIVER": "vfs"}, api) == "vfs"  # explicit by env
+    assert len(api_server.requests) == before
 
 
 def test_outside_a_cluster_there_is_no_in_cluster_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBECONFIG", raising=False)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.delenv("KUBERNETES_SERVICE_PORT", raising=False)
     with pytest.raises(FailedPrecondition, match="in-cluster"):
@@ -136,3 +145,54 @@ def test_internal_ip_for_the_forwarder(api_server: FakeApiServer, monkeypatch: p
     with pytest.raises(NotFound):
         KubernetesAddresses(9820)("node-gone")
 
+
+
+def kubeconfig_for(api_server: FakeApiServer, path: Path) -> Path:
+    path.write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: stand-in, cluster: {{server: "{api_server.url}"}}}}]
+users: [{{name: strata, user: {{token: {TOKEN}}}}}]
+contexts: [{{name: stand-in, context: {{cluster: stand-in, user: strata}}}}]
+current-context: stand-in
+""")
+    return path
+
+
+def serve_with_label(api_server: FakeApiServer, tmp: Path, node: str, *extra: str) -> subprocess.Popen[str]:
+    env = {**os.environ, ENV_LABEL: "strata.csi.dev/driver", "KUBECONFIG": str(kubeconfig_for(api_server, tmp / "kc"))}
+    for name in ("KUBERNETES_SERVICE_HOST", "STRATA_DRIVER"):
+        env.pop(name, None)
+    return subprocess.Popen([sys.executable, "-m", "csi.cli", "serve", "--root", str(tmp / node), "--node-id", node,
+                             *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_strata_serve_takes_its_driver_from_the_node_label(api_server: FakeApiServer, ext4_dir: Path) -> None:
+    """The real ``strata serve`` process, configured as the chart configures it (label name in
+    the environment, ``--driver`` left at auto), asks the API server stand-in for its Node and
+    serves with the driver the label names (vfs, where auto would choose overlay on ext4)."""
+    before = len(api_server.requests)
+    proc = serve_with_label(api_server, ext4_dir, "node-vfs")
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "driver vfs)" in line, line + proc.stderr.read() if proc.poll() is not None else line
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+    assert ("/api/v1/nodes/node-vfs", f"Bearer {TOKEN}") in api_server.requests[before:]
+    # a label naming no driver stops start-up, naming the label; no socket is left behind
+    bad = serve_with_label(api_server, ext4_dir, "node-typo")
+    out, err = bad.communicate(timeout=60)
+    assert bad.returncode == 1 and "strata.csi.dev/driver" in err, err
+    assert not (ext4_dir / "node-typo" / "csi.sock").exists()
+    # an explicit --driver wins without a lookup
+    before = len(api_server.requests)
+    explicit = serve_with_label(api_server, ext4_dir, "node-vfs2", "--driver", "overlay")
+    try:
+        assert explicit.stdout is not None
+        assert "driver overlay)" in explicit.stdout.readline()
+    finally:
+        explicit.send_signal(signal.SIGTERM)
+        explicit.wait(timeout=60)
+    assert len(api_server.requests) == before
