@@ -332,18 +332,26 @@ class LayerDriver(Driver):
             self._remove_now(layer)
 
     def _remove_now(self, layer: Layer) -> None:
-        self.store.update(layer.id, state=LayerState.REMOVING)
-        self._destroy(layer.id)
-        self.store.delete(layer.id)
+        self._remove_one(layer)
         if layer.parent is not None:
             self._free_if_orphaned(layer.parent)
 
-    def _free_if_orphaned(self, layer_id: str) -> None:
-        """Remove a hidden layer once its last child is gone (cascades up)."""
-        parent = self.store.get(layer_id)
-        if parent is not None and parent.hidden and parent.mounts == 0 and not self._live_children(layer_id):
+    def _remove_one(self, layer: Layer) -> None:
+        """Forget first (REMOVING), destroy, drop the record: a crash between is finished by reconcile."""
+        self.store.update(layer.id, state=LayerState.REMOVING)
+        self._destroy(layer.id)
+        self.store.delete(layer.id)
+
+    def _free_if_orphaned(self, layer_id: str | None) -> None:
+        """Remove a hidden layer once its last child is gone, then its hidden parent, and so on
+        up the chain (a loop, not recursion: hidden chains may be thousands deep)."""
+        while layer_id is not None:
             with self._locked(layer_id):
-                self._remove_now(parent)
+                layer = self.store.get(layer_id)
+                if layer is None or not layer.hidden or layer.mounts or self._live_children(layer_id):
+                    return
+                self._remove_one(layer)
+            layer_id = layer.parent
 
     def get(self, layer_id: str, mount_label: str = "") -> Path:
         check_layer_id(layer_id)

@@ -156,3 +156,22 @@ def test_deeply_nested_trees_copy_and_diff(ext4_dir: Path) -> None:
         for layer in ("copy", "clone", "w", "snap"):  # removal is iterative too
             drv.remove(layer)
         assert drv._on_disk() == set()
+
+
+def test_long_hidden_chain_is_freed_with_its_last_child(ext4_dir: Path) -> None:
+    """Deferred removal cascades up a long chain iteratively: 600 frozen layers, each removed
+    while it has a child (so hidden), all go when the last leaf goes (the recursive version
+    overflowed Python's stack near 500)."""
+    depth = 600
+    with open_driver(VfsDriver, ext4_dir / "vfs") as drv:
+        parent = None
+        for i in range(depth):
+            drv.create("w", parent)
+            drv.freeze("w", f"f{i}")
+            drv.remove("w")
+            if parent is not None:
+                drv.remove(parent)
+            parent = f"f{i}"
+        assert [layer.id for layer in drv.layers()] == [parent] and len(drv._on_disk()) == depth
+        drv.remove(parent)
+        assert drv._on_disk() == set() and drv.store.all() == []
