@@ -115,7 +115,10 @@ class Driver(ABC):
     def status(self) -> list[tuple[str, str]]: ...
 
     @abstractmethod
-    def cleanup(self) -> None: ...
+    def cleanup(self) -> None:
+        """Release every mount, finish deferred removals, drop on-disk leftovers. Like Docker's
+        ``Cleanup`` it is for shutdown (and tests): it must not run concurrently with other calls
+        on the same driver, since it rolls back layers that are still being created."""
 
     @abstractmethod
     def resize(self, layer_id: str, size_bytes: int) -> None: ...
