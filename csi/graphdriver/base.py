@@ -8,7 +8,10 @@ Contract (:class:`Driver`)::
                                               current content; id stays writable, unchanged
     remove(id)                                idempotent; deferred while children exist
     get(id, mount_label="") -> Path           refcounted; frozen layers give a read-only view
-    put(id)                                   idempotent
+    get_block(id) -> Path                     refcounted like get, for block layers: activates
+                                              the layer's device and returns its node
+    block_device(id) -> Path                  the device node of an active layer (no reference)
+    put(id)                                   idempotent; releases get and get_block alike
     exists(id) -> bool
     status() -> [(key, value)]
     cleanup()                                 release mounts, finish deferred work, drop leftovers
@@ -20,6 +23,13 @@ Contract (:class:`Driver`)::
 
 Rules: only frozen layers are parents; IDs pass :func:`csi.ids.check_layer_id` before
 anything else; every error is a :mod:`csi.errors` type.
+
+Block layers (CSI volumeMode Block): a driver whose layers are devices sets
+``supports_block``; ``create(..., CreateOpts(block=True))`` then makes a *raw* layer (no
+filesystem), which ``get_block`` activates and ``get`` refuses (there is nothing to mount),
+while ``get_block`` refuses filesystem layers. Frozen copies and children of a block layer
+are block layers (a child must ask for ``block=True``; a mismatch is InvalidArgument).
+Elsewhere ``block=True``, ``get_block`` and ``block_device`` raise Unsupported.
 
 :class:`LayerDriver` implements the contract once — ID checks, per-layer locks,
 the crash-safe record protocol (:mod:`csi.graphdriver.metadata`), reference counts,
@@ -46,7 +56,7 @@ from enum import Enum
 from pathlib import Path
 from typing import IO, ClassVar
 
-from csi.errors import AlreadyExists, Busy, InvalidArgument, NotFound, StrataError, Unsupported
+from csi.errors import AlreadyExists, Busy, FailedPrecondition, InvalidArgument, NotFound, StrataError, Unsupported
 from csi.graphdriver.metadata import Layer, LayerKind, LayerState, LayerStore
 from csi.ids import check_layer_id
 
@@ -57,11 +67,13 @@ __all__ = [
 
 @dataclass(frozen=True)
 class CreateOpts:
-    """Options of :meth:`Driver.create`. ``size_bytes`` None means no limit."""
+    """Options of :meth:`Driver.create`. ``size_bytes`` None means no limit; ``block`` asks
+    for a raw block layer (only where the driver ``supports_block``)."""
 
     size_bytes: int | None = None
     mount_label: str = ""
     storage_opt: Mapping[str, str] | None = None
+    block: bool = False
 
 
 class ChangeKind(str, Enum):
@@ -82,10 +94,15 @@ class Capacity:
     available_bytes: int
 
 
+def _content(block: bool) -> str:
+    return "block" if block else "filesystem"
+
+
 class Driver(ABC):
     """The public contract. See the module docstring."""
 
     name: ClassVar[str]
+    supports_block: ClassVar[bool] = False  # layers are devices: CreateOpts(block=True) works
 
     @abstractmethod
     def create(self, layer_id: str, parent: str | None = None, opts: CreateOpts | None = None) -> Layer: ...
@@ -98,6 +115,12 @@ class Driver(ABC):
 
     @abstractmethod
     def get(self, layer_id: str, mount_label: str = "") -> Path: ...
+
+    @abstractmethod
+    def get_block(self, layer_id: str) -> Path: ...
+
+    @abstractmethod
+    def block_device(self, layer_id: str) -> Path: ...
 
     @abstractmethod
     def put(self, layer_id: str) -> None: ...
@@ -214,6 +237,14 @@ class LayerDriver(Driver):
         """Whether ``_activate`` is in effect (used by reconcile). Default: always."""
         return True
 
+    def _block_path(self, layer: Layer) -> Path:
+        """The device node of an active layer (drivers that set ``supports_block``)."""
+        raise Unsupported(self._no_block())
+
+    def _no_block(self) -> str:
+        return (f"the {self.name} layered driver has no block device per layer: block volumes need "
+                "devicemapper (a thin device per layer)")
+
     def _set_size(self, layer: Layer, size_bytes: int) -> None:
         """Apply a size limit to an existing writable layer. Default: unsupported."""
         raise Unsupported(f"{self.name}: {self.size_enforcement()}")
@@ -277,6 +308,8 @@ class LayerDriver(Driver):
         opts = opts or CreateOpts()
         if opts.size_bytes is not None and opts.size_bytes < 0:
             raise InvalidArgument(f"size must not be negative, got {opts.size_bytes}")
+        if opts.block and not self.supports_block:
+            raise Unsupported(self._no_block())
         with self._locked(layer_id, parent or ""):
             if self.store.get(layer_id) is not None:
                 raise AlreadyExists(f"layer {layer_id} already exists")
@@ -285,7 +318,11 @@ class LayerDriver(Driver):
                 parent_layer = self._visible(parent, "parent layer")
                 if not parent_layer.frozen:
                     raise InvalidArgument(f"parent layer {parent} is writable: only frozen layers can be parents")
-            layer = Layer(id=layer_id, parent=parent, kind=LayerKind.WRITABLE, size_bytes=opts.size_bytes)
+                if parent_layer.block != opts.block:
+                    raise InvalidArgument(f"parent layer {parent} is a {_content(parent_layer.block)} layer: its child "
+                                          f"cannot be a {_content(opts.block)} layer")
+            layer = Layer(id=layer_id, parent=parent, kind=LayerKind.WRITABLE, size_bytes=opts.size_bytes,
+                          extra={"block": True} if opts.block else {})
             self.store.insert(layer)
             try:
                 self._make(layer, parent_layer)
@@ -309,7 +346,8 @@ class LayerDriver(Driver):
                 raise InvalidArgument(f"layer {layer_id} is already frozen")
             if self.store.get(frozen_id) is not None:
                 raise AlreadyExists(f"layer {frozen_id} already exists")
-            frozen = Layer(id=frozen_id, parent=source.parent, kind=LayerKind.FROZEN, origin=layer_id)
+            frozen = Layer(id=frozen_id, parent=source.parent, kind=LayerKind.FROZEN, origin=layer_id,
+                           extra={"block": True} if source.block else {})
             self.store.insert(frozen)
             try:
                 new_parent = self._freeze(source, frozen)
@@ -357,9 +395,30 @@ class LayerDriver(Driver):
             layer_id = layer.parent
 
     def get(self, layer_id: str, mount_label: str = "") -> Path:
+        return self._path(self._acquire(layer_id, block=False, mount_label=mount_label))
+
+    def get_block(self, layer_id: str) -> Path:
+        if not self.supports_block:
+            raise Unsupported(self._no_block())
+        return self._block_path(self._acquire(layer_id, block=True, mount_label=""))
+
+    def block_device(self, layer_id: str) -> Path:
+        if not self.supports_block:
+            raise Unsupported(self._no_block())
+        layer = self._visible(layer_id)
+        if layer.mounts == 0 or not self._is_active(layer):
+            raise FailedPrecondition(f"layer {layer_id} is not active: get_block it first")
+        return self._block_path(layer)
+
+    def _acquire(self, layer_id: str, *, block: bool, mount_label: str) -> Layer:
+        """Activate (first reference) and count one more reference; ``get`` and ``get_block``."""
         check_layer_id(layer_id)
         with self._locked(layer_id):
             layer = self._visible(layer_id)
+            if layer.block != block:
+                raise InvalidArgument(
+                    f"layer {layer_id} is a raw block layer with no filesystem to mount: use get_block"
+                    if layer.block else f"layer {layer_id} holds a filesystem, not a raw block device: use get")
             if layer.mounts == 0 or not self._is_active(layer):
                 self._activate(layer, self.chain(layer_id), mount_label)
             try:
@@ -368,7 +427,7 @@ class LayerDriver(Driver):
                 if layer.mounts == 0:
                     self._deactivate(layer)
                 raise
-            return self._path(layer)
+            return layer
 
     def put(self, layer_id: str) -> None:
         check_layer_id(layer_id)

@@ -17,6 +17,13 @@ parent, grown when asked for more); ``freeze`` is ``create_snap`` of the writabl
 ``get`` activates the thin device and mounts it (frozen ones read-only); ``put`` unmounts
 and deactivates. Size = thin device size; ``resize`` grows the table, then the filesystem.
 
+Block layers (``supports_block``; CSI volumeMode Block): ``CreateOpts(block=True)`` makes a
+thin device with no filesystem (unwritten thin blocks read as zeros); ``get_block``
+activates it without mounting anything and returns its node (``/dev/dm-N``), ``put``
+deactivates it; ``resize`` grows only the table. Snapshots and clones of block layers
+are thin snapshots like the rest; before snapshotting an active block origin its page
+cache is flushed (``fsync`` on the device), then it is suspended as any other origin.
+
 On-disk layout::
 
     <home>/layers.db          records; extra = {"device_id": N, "sectors": S}
@@ -64,6 +71,16 @@ LOOP_WARNING = ("devicemapper runs on sparse loop files (dm.loopback=true): for 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 FILESYSTEMS = ("ext4", "xfs")
 XFS_MIN_BYTES = 300 << 20  # mkfs.xfs refuses smaller filesystems
+
+
+def _fsync(path: Path, flags: int = 0) -> None:
+    """fsync a directory (``os.O_DIRECTORY``) or a block device: the latter writes back its
+    page cache, what its users wrote without O_DIRECT."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def parse_size(text: str, what: str) -> int:
@@ -135,6 +152,7 @@ class PoolRecord:
 
 class DevmapperDriver(LayerDriver):
     name = "devicemapper"
+    supports_block = True
 
     @classmethod
     def check_support(cls, home: Path, options: Mapping[str, str]) -> None:
@@ -229,11 +247,7 @@ class DevmapperDriver(LayerDriver):
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, path)
-        dirfd = os.open(self.home, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        _fsync(self.home, os.O_DIRECTORY)
 
     def _reconcile_transaction(self) -> None:
         pool_tid = dm.pool_status(self.pool).transaction_id
@@ -334,6 +348,8 @@ class DevmapperDriver(LayerDriver):
         """``create_snap`` of ``origin``, suspending it while it is active."""
         origin_name = self._dev_name(origin.id)
         active = dm.exists(origin_name)
+        if active and origin.block:
+            _fsync(dm.device_path(origin_name))  # buffered writes of the device's users
         if active:
             dm.suspend(origin_name)
         try:
@@ -381,7 +397,9 @@ class DevmapperDriver(LayerDriver):
         layer = self.store.update(layer.id, extra={**layer.extra, "sectors": sectors})
         dev = self._ensure_device(layer)
         try:
-            if parent is None:
+            if layer.block:
+                pass  # a raw device: thin provisioning reads unwritten blocks as zeros
+            elif parent is None:
                 cmd = (["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", str(dev)]
                        if self.cfg.fs == "ext4" else ["mkfs.xfs", "-q", "-f", "-K", str(dev)])
                 proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -431,6 +449,8 @@ class DevmapperDriver(LayerDriver):
 
     def _activate(self, layer: Layer, chain: list[Layer], mount_label: str) -> None:
         dev = self._ensure_device(layer)
+        if layer.block:
+            return  # the device is the volume: nothing to mount
         target = self._path(layer)
         target.mkdir(exist_ok=True)
         if not mnt.is_mount_point(target):
@@ -445,7 +465,12 @@ class DevmapperDriver(LayerDriver):
         dm.remove(self._dev_name(layer.id))
 
     def _is_active(self, layer: Layer) -> bool:
+        if layer.block:
+            return dm.exists(self._dev_name(layer.id))
         return mnt.is_mount_point(self._path(layer))
+
+    def _block_path(self, layer: Layer) -> Path:
+        return dm.device_path(self._dev_name(layer.id))
 
     def _set_size(self, layer: Layer, size_bytes: int) -> None:
         sectors = self._sectors_for(size_bytes)
@@ -455,6 +480,8 @@ class DevmapperDriver(LayerDriver):
         name = self._dev_name(layer.id)
         if dm.exists(name):
             dm.reload(name, "thin", sectors, self._thin_params(layer.extra["device_id"]))
+        if layer.block:
+            return  # no filesystem to grow: the device is the volume
         self._grow_fs(layer)
         if not self._is_active(layer):
             dm.remove(name)
@@ -466,11 +493,6 @@ class DevmapperDriver(LayerDriver):
         return None
 
     # ------------------------------------------------------------------ reporting
-
-    def block_device(self, layer_id: str) -> Path:
-        """The active thin device of a layer that ``get`` has activated (for block volumes)."""
-        layer = self._visible(layer_id)
-        return dm.device_path(self._dev_name(layer.id))
 
     def capacity(self) -> Capacity:
         """Pool data space; in loop-lvm mode never more than the file's filesystem has."""

@@ -10,7 +10,9 @@ On-disk layout: ``<home>/layers.db`` with one table::
 ``ready`` (committed) or ``removing`` (forgotten, disk work may be half done).
 ``mounts`` is the persisted get/put reference count. ``origin`` is the writable layer a
 frozen layer was frozen from (for a freeze in progress, it is what recovery needs).
-``extra`` is a small JSON object a driver may use for its own per-layer facts.
+``extra`` is a small JSON object a driver may use for its own per-layer facts; the key
+``"block": true`` is the base machinery's own and marks a raw block layer (no filesystem,
+see :attr:`Layer.block`).
 Every write is its own transaction (``synchronous=FULL``): once a call returns, the
 record survives ``kill -9``.
 """
@@ -60,6 +62,11 @@ class Layer:
     @property
     def frozen(self) -> bool:
         return self.kind is LayerKind.FROZEN
+
+    @property
+    def block(self) -> bool:
+        """A raw block layer (``CreateOpts(block=True)``): a device, no filesystem."""
+        return bool(self.extra.get("block"))
 
     def with_(self, **changes: Any) -> Layer:
         return replace(self, **changes)

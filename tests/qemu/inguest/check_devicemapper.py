@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from csi import mount as mnt
 from csi.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
 from csi.graphdriver import dm_ioctl as dm
 from csi.graphdriver.base import CreateOpts
@@ -29,22 +28,6 @@ DM_OPTIONS = {"dm.loopback": "true", "dm.loopdatasize": "4G", "dm.loopmetadatasi
 
 def open_driver(home: Path, **extra: str) -> DevmapperDriver:
     return DevmapperDriver(home, {**DM_OPTIONS, **extra})
-
-
-@pytest.fixture
-def dm_home(guest_scratch: Path) -> Iterator[Path]:
-    home = guest_scratch / "devicemapper"
-    yield home
-    # whatever a failed check left behind goes: mounts, thin devices, pool, loop devices
-    for mp in mnt.mounts_under(home):
-        mnt.unmount(mp.target, detach=True)
-    for name in dm.list_devices("strata-"):
-        if not name.endswith(".pool"):
-            dm.remove(name)
-    for name in dm.list_devices("strata-"):
-        dm.remove(name)
-    for f in ("data", "metadata"):
-        dm.detach_loop(home / "loop" / f)
 
 
 @pytest.fixture(params=["ext4", "xfs"])
@@ -128,6 +111,43 @@ def test_resize_grows_device_and_filesystem(driver: DevmapperDriver) -> None:
     with pytest.raises(InvalidArgument):
         driver.resize("g", base)
     driver.put("g")
+
+
+def test_block_layers_are_raw_thin_devices(dm_home: Path) -> None:
+    """A block layer has no filesystem: get refuses it, get_block activates the bare device;
+    a snapshot of it taken while a writer holds it open sees the writer's buffered bytes."""
+    driver = open_driver(dm_home)
+    try:
+        driver.create("b", opts=CreateOpts(size_bytes=32 * MIB, block=True))
+        driver.create("f")
+        with pytest.raises(InvalidArgument, match="no filesystem"):
+            driver.get("b")
+        with pytest.raises(InvalidArgument, match="holds a filesystem"):
+            driver.get_block("f")
+        dev = driver.get_block("b")
+        assert device_bytes(dev) == 32 * MIB and not any((dm_home / "mnt" / "b").iterdir())
+        pattern = os.urandom(MIB)
+        fd = os.open(dev, os.O_RDWR)
+        try:
+            assert os.pread(fd, MIB, 0) == bytes(MIB), "a new block layer reads as zeros"
+            os.pwrite(fd, pattern, 2 * MIB)  # buffered, not synced: freeze must flush it
+            frozen = driver.freeze("b", "bs")
+        finally:
+            os.close(fd)
+        assert frozen.block
+        with pytest.raises(InvalidArgument, match="block layer"):
+            driver.create("c", "bs")  # the child of a block layer must be one too
+        driver.create("c", "bs", CreateOpts(block=True))
+        driver.resize("b", 64 * MIB)  # active: the table grows, there is no filesystem to grow
+        assert device_bytes(driver.block_device("b")) == 64 * MIB
+        driver.put("b")
+        with open(driver.get_block("c"), "rb") as f:
+            f.seek(2 * MIB)
+            assert f.read(MIB) == pattern
+        driver.put("c")
+        assert set(dm.list_devices(driver._prefix + "-")) == set()
+    finally:
+        driver.release_pool()
 
 
 def test_clone_may_be_larger_but_not_smaller_than_parent(dm_home: Path) -> None:

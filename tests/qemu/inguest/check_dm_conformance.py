@@ -14,8 +14,6 @@ from typing import ClassVar
 import pytest
 from conformance import DriverConformance, open_driver
 
-from csi import mount as mnt
-from csi.graphdriver import dm_ioctl as dm
 from csi.graphdriver.devicemapper import DevmapperDriver
 
 OPTIONS = {"dm.loopback": "true", "dm.loopdatasize": "4G", "dm.loopmetadatasize": "64M", "dm.basesize": "64M"}
@@ -25,15 +23,6 @@ class TestDevmapperConformance(DriverConformance):
     max_depth: ClassVar[int] = 16
 
     @pytest.fixture
-    def driver(self, guest_scratch: Path) -> Iterator[DevmapperDriver]:
-        home = guest_scratch / "devicemapper"
-        try:
-            with open_driver(DevmapperDriver, home, OPTIONS) as drv:
-                yield drv  # type: ignore[misc]
-        finally:
-            for mp in mnt.mounts_under(home):
-                mnt.unmount(mp.target, detach=True)
-            for name in sorted(dm.list_devices("strata-"), key=lambda n: n.endswith(".pool")):
-                dm.remove(name)
-            for f in ("data", "metadata"):
-                dm.detach_loop(home / "loop" / f)
+    def driver(self, dm_home: Path) -> Iterator[DevmapperDriver]:
+        with open_driver(DevmapperDriver, dm_home, OPTIONS) as drv:  # dm_home releases the pool after
+            yield drv  # type: ignore[misc]

@@ -9,12 +9,13 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from csi import mount as mnt
+from csi.graphdriver import dm_ioctl as dm
 
 
 @pytest.fixture
@@ -25,6 +26,34 @@ def guest_scratch() -> Iterator[Path]:
     for mp in mnt.mounts_under(path):
         mnt.unmount(mp.target, detach=True)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def release_devicemapper(home: Path) -> None:
+    """Remove whatever a devicemapper home left active: mounts under it, thin devices, the
+    pool, its loop devices (a failed check's leftovers; the data stays in the files)."""
+    for mp in mnt.mounts_under(home):
+        mnt.unmount(mp.target, detach=True)
+    for name in dm.list_devices("strata-"):
+        if not name.endswith(".pool"):
+            dm.remove(name)
+    for name in dm.list_devices("strata-"):
+        dm.remove(name)
+    for f in ("data", "metadata"):
+        dm.detach_loop(home / "loop" / f)
+
+
+@pytest.fixture
+def dm_release() -> Callable[[Path], None]:
+    """:func:`release_devicemapper`, for checks whose driver home another harness places."""
+    return release_devicemapper
+
+
+@pytest.fixture
+def dm_home(guest_scratch: Path) -> Iterator[Path]:
+    """A devicemapper driver home on the scratch disk, released after the check."""
+    home = guest_scratch / "devicemapper"
+    yield home
+    release_devicemapper(home)
 
 
 @pytest.fixture
