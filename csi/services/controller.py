@@ -11,6 +11,11 @@ ControllerExpandVolume      ``driver.resize``; where the driver cannot enforce s
                             (``Unsupported``) the new capacity is recorded only
 ==========================  ================================================================
 
+Block volumes (volumeMode Block, where the driver ``supports_block``) are raw block layers
+(``CreateOpts(block=True)``); the record keeps the access type. A restore or clone keeps
+its source's type: asking for the other one is INVALID_ARGUMENT, and so is the same name
+again with the other type (ALREADY_EXISTS, as any incompatible repeat).
+
 Crash protocol: creates do the layer work first, under fresh random layer IDs with
 strata's prefixes, and then commit the record, ``ready``, in one transaction: a kill
 before the commit leaves only layers no record knows of, which start-up recovery removes
@@ -66,6 +71,10 @@ def fits(capacity: int, range_: csi_pb2.CapacityRange) -> bool:
     return capacity >= range_.required_bytes and (not range_.limit_bytes or capacity <= range_.limit_bytes)
 
 
+def _access(block: bool) -> str:
+    return "block" if block else "mount"
+
+
 def timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
@@ -115,7 +124,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def CreateVolume(self, request: csi_pb2.CreateVolumeRequest,
                      context: grpc.ServicerContext) -> csi_pb2.CreateVolumeResponse:
         require(request.name, "name")
-        self.plugin.check_capabilities(request.volume_capabilities)
+        block = self.plugin.check_capabilities(request.volume_capabilities)
         parameters = self.plugin.check_parameters(request.parameters)
         size = requested_size(request.capacity_range, self.driver.capacity().total_bytes)
         self.plugin.check_accessibility(request.accessibility_requirements)
@@ -135,35 +144,47 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 if (existing.source_kind, existing.source_id) != (source_kind, source_id) \
                         or dict(existing.parameters) != parameters or not fits(existing.capacity, request.capacity_range):
                     raise AlreadyExists(f"volume {request.name!r} exists with other capacity, parameters or source")
+                if existing.block != block:
+                    raise AlreadyExists(f"volume {request.name!r} exists with {_access(existing.block)} access, "
+                                        f"not {_access(block)}")
                 return csi_pb2.CreateVolumeResponse(volume=self._volume_message(existing))
-            record = self._create(request.name, size, parameters, source_kind, source_id, request.capacity_range)
+            record = self._create(request.name, size, parameters, source_kind, source_id, request.capacity_range,
+                                  block)
             return csi_pb2.CreateVolumeResponse(volume=self._volume_message(record))
 
     def _create(self, name: str, size: int, parameters: dict[str, str], source_kind: str, source_id: str,
-                range_: csi_pb2.CapacityRange) -> VolumeRecord:
+                range_: csi_pb2.CapacityRange, block: bool) -> VolumeRecord:
         parent = base = None
         if source_kind == "snapshot":
             snap = self._snapshot(source_id)
+            self._same_access(self.driver.layer(snap.layer).block, block, "snapshot", source_id)
             parent, size = snap.layer, self._at_least(size, snap.size, range_, "snapshot")
         elif source_kind == "volume":
             src = self._volume(source_id)
+            self._same_access(src.block, block, "volume", source_id)
             base, size = new_layer_id(CLONE_BASE_PREFIX), self._at_least(size, src.capacity, range_, "volume")
             parent = base
         layer = new_layer_id(VOLUME_PREFIX)
         try:
             if base is not None:
                 self.driver.freeze(parse_id(source_id)[0], base)
-            self.driver.create(layer, parent, CreateOpts(size_bytes=size or None))
+            self.driver.create(layer, parent, CreateOpts(size_bytes=size or None, block=block))
             if base is not None:
                 self.driver.remove(base)  # hidden now, freed with the clone
             return self.store.add_volume(VolumeRecord(
                 layer=layer, name=name, capacity=size, parameters=parameters, source_kind=source_kind,
-                source_id=source_id, parent_layer=parent, base_layer=base, state=RecordState.READY))
+                source_id=source_id, parent_layer=parent, base_layer=base, state=RecordState.READY, block=block))
         except BaseException:
             for made in (layer, base):
                 if made is not None:
                     self.driver.remove(made)
             raise
+
+    @staticmethod
+    def _same_access(source_block: bool, block: bool, what: str, source_id: str) -> None:
+        if source_block != block:
+            raise InvalidArgument(f"the source {what} {source_id} holds a {_access(source_block)} volume: it cannot "
+                                  f"be restored or cloned for {_access(block)} access")
 
     @staticmethod
     def _at_least(size: int, source_size: int, range_: csi_pb2.CapacityRange, what: str) -> int:
@@ -198,12 +219,15 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                                    context: grpc.ServicerContext) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
         require(request.volume_id, "volume_id")
         require(request.volume_capabilities, "volume_capabilities")
-        self._volume(request.volume_id)
+        record = self._volume(request.volume_id)
         try:
-            self.plugin.check_capabilities(request.volume_capabilities)
+            block = self.plugin.check_capabilities(request.volume_capabilities)
             self.plugin.check_parameters(request.parameters)
         except InvalidArgument as exc:
             return csi_pb2.ValidateVolumeCapabilitiesResponse(message=str(exc))
+        if block != record.block:
+            return csi_pb2.ValidateVolumeCapabilitiesResponse(
+                message=f"volume {request.volume_id} was created for {_access(record.block)} access")
         return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed(
             volume_context=request.volume_context, volume_capabilities=request.volume_capabilities,
             parameters=request.parameters, mutable_parameters=request.mutable_parameters))

@@ -10,6 +10,16 @@
 * Inline ephemeral volumes (``csi.storage.k8s.io/ephemeral: "true"``): the layer is
   created at publish (recorded under the name ``ephemeral:<kubelet volume id>``),
   gotten and bind-mounted at the target; unpublish unmounts, puts and removes it.
+* Block volumes (volumeMode Block, devicemapper): NodeStageVolume activates the volume's
+  device (``driver.get_block``) and mounts nothing — the staging directory stays empty;
+  NodePublishVolume creates the target as an empty *file* and bind-mounts the device node
+  onto it (read-only when asked: the mount is ``ro``, but the kernel lets a device node be
+  opened for writing on a read-only mount, so a reader-only publication relies on the
+  container runtime's device permission, as kubelet sets it); NodeUnpublishVolume
+  unmounts and removes the file; NodeGetVolumeStats reports the device's total bytes only;
+  NodeExpandVolume has no filesystem to grow (ControllerExpandVolume grew the device).
+  A volume staged or published with the other access type than it was created for is
+  INVALID_ARGUMENT.
 * Paths must be absolute and normalised; a volume ID strata did not issue is NOT_FOUND
   before any path is looked at. Every mount goes through :mod:`csi.mount`.
 
@@ -71,11 +81,42 @@ def prepare_dir(path: str, what: str) -> None:
     os.makedirs(path, mode=0o750, exist_ok=True)
 
 
-def remove_dir(path: str) -> None:
+def prepare_file(path: str, what: str) -> None:
+    """Create ``path`` as an empty file (a block volume's target; parents must exist)."""
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise InvalidArgument(f"{what} {path} exists and is not a regular file (block volumes are published "
+                              "at a file)")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise InvalidArgument(f"the parent directory of {what} {path} does not exist")
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640))
+
+
+def remove_target(path: str) -> None:
+    """Remove an unmounted target: the directory of a mount, the file of a block volume."""
     try:
-        os.rmdir(path)
+        if os.path.isdir(path):
+            os.rmdir(path)
+        else:
+            os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def device_bytes(device: str | Path) -> int:
+    """The size of a block device, read from the device itself."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def check_access(record: VolumeRecord, want: MountRequest, volume_id: str) -> None:
+    """The capability must ask for the access type the volume was created for."""
+    if want.block != record.block:
+        created, asked = ("block", "mount") if record.block else ("mount", "block")
+        raise InvalidArgument(f"volume {volume_id} was created for {created} access; it cannot be used with "
+                              f"{asked} access")
 
 
 def apply_mount_group(path: Path, group: str) -> None:
@@ -107,6 +148,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         require(request.HasField("volume_capability"), "volume_capability")
         want = self.plugin.mount_request(request.volume_capability)
         record = self._layer(request.volume_id)
+        check_access(record, want, request.volume_id)
         with self.plugin.locks.hold(f"volume:{record.layer}", f"path:{staging}"):
             existing = self.store.publication_at(STAGE, staging)
             if existing is not None:
@@ -118,7 +160,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             pub = self.store.add_publication(Publication(record.layer, STAGE, staging, want.readonly, want.flags,
                                                          want.mount_group))
             try:
-                self.stage_mount(pub, want.selinux_label)
+                if record.block:
+                    self.driver.get_block(pub.layer)  # the device is active; nothing is mounted
+                else:
+                    self.stage_mount(pub, want.selinux_label)
             except BaseException:
                 self.undo_stage(pub)
                 raise
@@ -168,6 +213,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if staging == target:
             raise InvalidArgument("target_path must differ from staging_target_path")
         record = self._layer(request.volume_id)
+        check_access(record, want, request.volume_id)
         with self.plugin.locks.hold(f"volume:{record.layer}", f"path:{target}"):
             staged = self.store.publication_at(STAGE, staging)
             if staged is None or staged.layer != record.layer or staged.state is not RecordState.READY:
@@ -177,11 +223,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 if existing.layer != record.layer or existing.readonly != readonly or existing.flags != want.flags:
                     raise AlreadyExists(f"{target} is already published with another volume or other options")
                 return csi_pb2.NodePublishVolumeResponse()
-            prepare_dir(target, "target_path")
+            if record.block:
+                prepare_file(target, "target_path")
+            else:
+                prepare_dir(target, "target_path")
             pub = self.store.add_publication(Publication(record.layer, PUBLISH, target, readonly, want.flags,
                                                          source=staging))
             try:
-                bind(staging, target, readonly, want.flags)
+                bind(self.driver.block_device(record.layer) if record.block else staging, target, readonly,
+                     want.flags)
             except BaseException:
                 self.undo_publish(pub)
                 raise
@@ -191,7 +241,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def undo_publish(self, pub: Publication) -> None:
         self.store.set_publication(pub, RecordState.REMOVING)
         mnt.unmount_all(pub.path)
-        remove_dir(pub.path)
+        remove_target(pub.path)
         self.store.delete_publication(pub)
 
     def _publish_ephemeral(self, request: csi_pb2.NodePublishVolumeRequest, target: str, want: MountRequest,
@@ -206,6 +256,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         size = attributes.get("size", "0")
         if not size.isdigit():
             raise InvalidArgument(f"inline volume attribute size={size!r} must be a number of bytes")
+        if want.block:
+            raise InvalidArgument("inline ephemeral volumes are filesystems: use mount access")
         name = EPHEMERAL_NAME + volume_id
         with self.plugin.locks.hold(f"volume-name:{name}", f"path:{target}"):
             existing = self.store.volume_by_name(name)
@@ -240,7 +292,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             self.store.set_volume(record.layer, state=RecordState.REMOVING)
             self.store.set_publication(pub, RecordState.REMOVING)
         mnt.unmount_all(pub.path)
-        remove_dir(pub.path)
+        remove_target(pub.path)
         self.driver.put(record.layer)
         self.driver.remove(record.layer)
         with self.store.transaction():
@@ -290,6 +342,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         problems = []
         if not self.driver.exists(record.layer):
             problems.append(f"layer {record.layer} is missing from the {self.driver.name} store")
+        elif record.block:
+            return self._block_stats(record, pub)
         if not mnt.is_mount_point(pub.path):
             problems.append(f"{pub.path} is no longer mounted")
         condition = csi_pb2.VolumeCondition(abnormal=bool(problems), message="; ".join(problems) or "healthy")
@@ -309,12 +363,28 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                                used=st.f_files - st.f_ffree))
         return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
 
+    def _block_stats(self, record: VolumeRecord, pub: Publication) -> csi_pb2.NodeGetVolumeStatsResponse:
+        """A block volume: the device's size (total bytes only: what is used is the user's business)."""
+        problems = []
+        try:
+            total = device_bytes(self.driver.block_device(record.layer))
+        except (FailedPrecondition, OSError) as exc:
+            problems.append(f"the device of volume layer {record.layer} is not active: {exc}")
+        if pub.kind == PUBLISH and not mnt.is_mount_point(pub.path):
+            problems.append(f"{pub.path} is no longer bound to the volume's device")
+        condition = csi_pb2.VolumeCondition(abnormal=bool(problems), message="; ".join(problems) or "healthy")
+        if problems:
+            return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=condition)
+        usage = csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.BYTES, total=total)
+        return csi_pb2.NodeGetVolumeStatsResponse(usage=[usage], volume_condition=condition)
+
     def NodeExpandVolume(self, request: csi_pb2.NodeExpandVolumeRequest,
                          context: grpc.ServicerContext) -> csi_pb2.NodeExpandVolumeResponse:
-        """Layered directories have no filesystem to grow: report the recorded capacity."""
+        """No filesystem to grow here: layered directories have none, a devicemapper volume's
+        filesystem (or block device) was grown by ControllerExpandVolume. Report the capacity."""
         record, _ = self._volume_path(request.volume_id, request.volume_path)
         if request.HasField("volume_capability"):
-            self.plugin.mount_request(request.volume_capability)
+            check_access(record, self.plugin.mount_request(request.volume_capability), request.volume_id)
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=max(record.capacity,
                                                                    request.capacity_range.required_bytes))
 

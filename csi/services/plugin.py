@@ -4,6 +4,10 @@ the per-key locks, and the checks on capabilities, topology and parameters.
 :class:`Plugin` is built once per server from a :class:`PluginConfig`; building it
 selects the driver (:func:`csi.graphdriver.registry.new_driver`), opens
 ``<root>/state.db`` and runs start-up recovery (:mod:`csi.services.recovery`).
+
+Access types: mount access everywhere; block access (volumeMode Block) only where the
+layered driver ``supports_block`` (devicemapper: the volume's thin device is the block
+device), else INVALID_ARGUMENT naming the driver. One request asks for one access type.
 """
 
 from __future__ import annotations
@@ -52,12 +56,14 @@ class PluginConfig:
 
 @dataclass(frozen=True)
 class MountRequest:
-    """What a VolumeCapability asks of a mount, validated."""
+    """What a VolumeCapability asks of a mount, validated. ``block``: block access (a device
+    node at the target), which has no flags, group or label."""
 
     readonly: bool
     flags: tuple[str, ...]
     mount_group: str
     selinux_label: str
+    block: bool = False
 
 
 class Plugin:
@@ -109,26 +115,33 @@ class Plugin:
                                   f"{self.driver.name!r} layered driver")
         return {k: v for k, v in parameters.items() if not k.startswith(KUBERNETES_PREFIX)}
 
-    def check_capabilities(self, capabilities: Sequence[csi_pb2.VolumeCapability]) -> None:
+    def check_capabilities(self, capabilities: Sequence[csi_pb2.VolumeCapability]) -> bool:
+        """Validate every capability; return whether they ask for block access (all or none)."""
         if not capabilities:
             raise InvalidArgument("volume_capabilities is required")
-        for capability in capabilities:
-            self.mount_request(capability)
+        kinds = {self.mount_request(capability).block for capability in capabilities}
+        if len(kinds) > 1:
+            raise InvalidArgument("volume_capabilities mix block and mount access: a volume is either a block "
+                                  "device or a filesystem")
+        return kinds.pop()
 
     def mount_request(self, capability: csi_pb2.VolumeCapability) -> MountRequest:
-        """Validate one capability (mount access, single-node mode, bind-able flags)."""
+        """Validate one capability (access type, single-node mode, bind-able flags)."""
         kind = capability.WhichOneof("access_type")
-        if kind == "block":
-            raise InvalidArgument(f"block access is not supported by the {self.driver.name} layered driver; "
-                                  "use mount access")
-        if kind != "mount":
-            raise InvalidArgument("volume capability needs an access_type (mount)")
+        if kind == "block" and not self.driver.supports_block:
+            raise InvalidArgument(f"block access is not supported by the {self.driver.name} layered driver (a "
+                                  "block volume needs a device per volume: devicemapper); use mount access")
+        if kind not in ("mount", "block"):
+            raise InvalidArgument("volume capability needs an access_type (mount or block)")
         mode = capability.access_mode.mode
         if mode == _AccessMode.UNKNOWN:
             raise InvalidArgument("volume capability needs an access_mode")
         if mode not in SINGLE_NODE_MODES:
             raise InvalidArgument(f"access mode {_AccessMode.Mode.Name(mode)} is not supported: strata volumes are "
                                   "node-local")
+        if kind == "block":
+            return MountRequest(readonly=mode in READ_ONLY_MODES, flags=(), mount_group="", selinux_label="",
+                                block=True)
         mount = capability.mount
         if mount.fs_type not in ("",):
             raise InvalidArgument(f"fs_type {mount.fs_type!r} is not supported: strata volumes are directories of "

@@ -13,7 +13,8 @@ reconciliation (which finishes or rolls back half-done layer work). Steps:
    are removed (a crash between layer work and commit).
 4. Each layer's mount reference count is set to the number of ``ready`` stagings of it
    (plus its inline publication), and every ``ready`` staging and publication whose
-   mount is gone is mounted again.
+   mount is gone is mounted again. A block volume's staging mounts nothing (its
+   reference keeps the device active); its publication binds the device node again.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _release(plugin: Plugin, layer_id: str) -> None:
 
 
 def recover(plugin: Plugin) -> None:
-    from csi.services.node import bind, remove_dir
+    from csi.services.node import bind, prepare_file, remove_target
 
     store, driver = plugin.store, plugin.driver
     ephemeral = {v.layer: v for v in store.volumes() if v.ephemeral}
@@ -56,7 +57,7 @@ def recover(plugin: Plugin) -> None:
         log.info("recovery: undoing interrupted %s of %s at %s", pub.kind, pub.layer, pub.path)
         mnt.unmount_all(pub.path)
         if pub.kind == PUBLISH:
-            remove_dir(pub.path)
+            remove_target(pub.path)
         store.delete_publication(pub)
 
     # 2. interrupted creates and deletes
@@ -90,12 +91,19 @@ def recover(plugin: Plugin) -> None:
         while (current := driver.store.require(layer.id).mounts) > wanted:
             driver.put(layer.id)
         for _ in range(wanted - current):
-            driver.get(layer.id)
+            if layer.block:
+                driver.get_block(layer.id)
+            else:
+                driver.get(layer.id)
+    block_layers = {layer.id for layer in driver.layers() if layer.block}
     for pub in sorted(pubs, key=lambda p: p.kind != STAGE):  # stagings first: publications bind from them
-        if mnt.is_mount_point(pub.path):
+        if mnt.is_mount_point(pub.path) or (pub.layer in block_layers and pub.kind == STAGE):
             continue
         log.info("recovery: re-mounting %s of %s at %s", pub.kind, pub.layer, pub.path)
-        if pub.kind == STAGE or not pub.source:
+        if pub.layer in block_layers:
+            prepare_file(pub.path, "block volume target")
+            source = driver.block_device(pub.layer)
+        elif pub.kind == STAGE or not pub.source:
             source = driver.get(pub.layer)
             driver.put(pub.layer)  # the count was set above; this get only asked for the path
         else:

@@ -4,12 +4,14 @@ Usage::
 
     strata serve [--endpoint unix:///PATH/csi.sock] [--node-id NAME] [--root DIR]
                  [--driver auto|vfs|overlay|aufs|btrfs|devicemapper] [--driver-name strata.csi.dev]
-                 [--max-volumes N] [--log-level info] [--version]
+                 [--max-volumes N] [--storage-opt KEY=VALUE ...] [--log-level info] [--version]
 
 Defaults work on a laptop: root ``./strata-data``, the socket inside it, node ID the
 host name, driver chosen by the registry (vfs when nothing better fits). With ``--driver
 auto`` and ``STRATA_NODE_DRIVER_LABEL`` set (the Helm chart sets it), the Node label of
 that name picks the driver (:func:`csi.nodelabel.resolve_driver`), read once at start-up.
+``--storage-opt`` (repeatable, as Docker's) passes options to the layered driver, e.g.
+``dm.thinpooldev=/dev/mapper/POOL`` for devicemapper.
 The socket is created owner-only (0600). SIGTERM or SIGINT stop accepting calls, let
 in-flight calls finish (up to ``--grace`` seconds) and exit 0.
 
@@ -66,13 +68,15 @@ class ServeConfig:
     grace_seconds: float = 30.0
     forward_listen: str = ""  # HOST:PORT of the expansion forward listener (csi.forwarder); "" = none
     forward_token_file: str = ""
+    storage_opts: tuple[tuple[str, str], ...] = ()  # layered driver options (--storage-opt KEY=VALUE)
 
     def socket_path(self) -> Path:
         return socket_path(self.endpoint or f"unix://{Path(self.root).resolve() / 'csi.sock'}")
 
     def plugin_config(self) -> PluginConfig:
         return PluginConfig(root=Path(self.root).resolve(), node_id=self.node_id, driver=self.driver,
-                            driver_name=self.driver_name, max_volumes_per_node=self.max_volumes_per_node)
+                            driver_name=self.driver_name, max_volumes_per_node=self.max_volumes_per_node,
+                            driver_options=dict(self.storage_opts))
 
 
 def socket_path(endpoint: str) -> Path:
@@ -169,6 +173,8 @@ def parse_args(argv: list[str]) -> tuple[ServeConfig, str]:
                         help="layered driver (default: auto)")
     parser.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME, help="CSI driver name")
     parser.add_argument("--max-volumes", type=int, default=0, help="max volumes per node (0: no limit)")
+    parser.add_argument("--storage-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="layered driver option, repeatable (e.g. dm.thinpooldev=/dev/mapper/POOL)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds to drain calls on SIGTERM")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--forward-listen", default="",
@@ -178,10 +184,16 @@ def parse_args(argv: list[str]) -> tuple[ServeConfig, str]:
     args = parser.parse_args(argv)
     if args.forward_listen and not args.forward_token_file:
         parser.error("--forward-listen needs --forward-token-file")
+    storage_opts = []
+    for opt in args.storage_opt:
+        key, sep, value = opt.partition("=")
+        if not sep or not key:
+            parser.error(f"--storage-opt {opt!r}: expected KEY=VALUE")
+        storage_opts.append((key.strip(), value.strip()))
     config = ServeConfig(root=Path(args.root), endpoint=args.endpoint, node_id=args.node_id, driver=args.driver,
                          driver_name=args.driver_name, max_volumes_per_node=args.max_volumes,
                          grace_seconds=args.grace, forward_listen=args.forward_listen,
-                         forward_token_file=args.forward_token_file)
+                         forward_token_file=args.forward_token_file, storage_opts=tuple(storage_opts))
     return config, args.log_level
 
 

@@ -4,7 +4,7 @@ On-disk layout: ``<root>/state.db`` (WAL journal, ``synchronous=FULL``)::
 
     volumes(layer TEXT PRIMARY KEY, name TEXT UNIQUE, capacity INTEGER, parameters TEXT,
             source_kind TEXT, source_id TEXT, parent_layer TEXT, base_layer TEXT,
-            created REAL, state TEXT, ephemeral INTEGER)
+            created REAL, state TEXT, ephemeral INTEGER, block INTEGER)
     snapshots(layer TEXT PRIMARY KEY, name TEXT UNIQUE, source_layer TEXT, size INTEGER,
               created REAL, state TEXT)
     publications(layer TEXT, kind TEXT, path TEXT, readonly INTEGER, flags TEXT,
@@ -17,7 +17,9 @@ On-disk layout: ``<root>/state.db`` (WAL journal, ``synchronous=FULL``)::
 ones. A publication's ``kind`` is ``stage`` (staging path) or ``publish`` (target path);
 ``source`` is the staging path a ``publish`` binds from (empty for inline volumes).
 ``base_layer`` is the hidden frozen layer a clone was made from; ``parent_layer`` the
-frozen layer a volume was created on (snapshot restore or clone base).
+frozen layer a volume was created on (snapshot restore or clone base). ``block`` is the
+access type the volume was created for (1: volumeMode Block, a raw device; 0: a
+filesystem); a database from before the column gets it (0) when opened.
 
 This module is the only writer of the database; every method is one transaction, so
 what a call returned survives ``kill -9``.
@@ -43,7 +45,7 @@ CREATE TABLE IF NOT EXISTS volumes(
     layer TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, capacity INTEGER NOT NULL,
     parameters TEXT NOT NULL, source_kind TEXT NOT NULL, source_id TEXT NOT NULL,
     parent_layer TEXT, base_layer TEXT, created REAL NOT NULL, state TEXT NOT NULL,
-    ephemeral INTEGER NOT NULL);
+    ephemeral INTEGER NOT NULL, block INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS snapshots(
     layer TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, source_layer TEXT NOT NULL,
     size INTEGER NOT NULL, created REAL NOT NULL, state TEXT NOT NULL);
@@ -73,6 +75,7 @@ class VolumeRecord:
     created: float = field(default_factory=time.time)
     state: RecordState = RecordState.PENDING
     ephemeral: bool = False
+    block: bool = False  # created for block access (a raw device), not a filesystem
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,9 @@ class StateStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(volumes)")}
+            if "block" not in columns:  # a store written before block volumes existed
+                self._db.execute("ALTER TABLE volumes ADD COLUMN block INTEGER NOT NULL DEFAULT 0")
         except sqlite3.Error as exc:
             raise StrataError(f"cannot open state store {self.path}: {exc}") from exc
         self._depth = 0
@@ -162,15 +168,16 @@ class StateStore:
     @staticmethod
     def _volume(row: tuple[Any, ...]) -> VolumeRecord:
         return VolumeRecord(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], row[7],
-                            row[8], RecordState(row[9]), bool(row[10]))
+                            row[8], RecordState(row[9]), bool(row[10]), bool(row[11]))
 
     _VOLUME_COLUMNS = ("layer, name, capacity, parameters, source_kind, source_id, parent_layer, base_layer, "
-                       "created, state, ephemeral")
+                       "created, state, ephemeral, block")
 
     def add_volume(self, v: VolumeRecord) -> VolumeRecord:
-        self._run(f"INSERT INTO volumes({self._VOLUME_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        self._run(f"INSERT INTO volumes({self._VOLUME_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                   (v.layer, v.name, v.capacity, json.dumps(dict(v.parameters), sort_keys=True), v.source_kind,
-                   v.source_id, v.parent_layer, v.base_layer, v.created, v.state.value, int(v.ephemeral)))
+                   v.source_id, v.parent_layer, v.base_layer, v.created, v.state.value, int(v.ephemeral),
+                   int(v.block)))
         return v
 
     def volume(self, layer: str) -> VolumeRecord | None:
