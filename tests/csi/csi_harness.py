@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -215,6 +216,16 @@ def code_of(call: Callable[[], Any]) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+def accepts(sock: Path) -> bool:
+    """Whether a server listens on the unix socket ``sock`` (a stale socket file refuses)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(sock))
+        except OSError:
+            return False
+    return True
+
+
 class ServeProcess:
     """``strata serve`` as a child process (for kill -9 tests)."""
 
@@ -222,15 +233,16 @@ class ServeProcess:
         self.harness, self.log = harness, log
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Stubs:
+    def start(self, timeout: float = 30) -> Stubs:
         cfg = self.harness.config
         args = [sys.executable, "-m", "csi.cli", "serve", "--endpoint", cfg.endpoint, "--node-id", cfg.node_id,
-                "--root", str(cfg.root), "--driver", cfg.driver, "--grace", "5"]
+                "--root", str(cfg.root), "--driver", cfg.driver, "--grace", "5",
+                *(f"--storage-opt={key}={value}" for key, value in cfg.storage_opts)]
+        sock = cfg.socket_path()
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        sock = cfg.socket_path()
-        while not sock.exists():
+        deadline = time.monotonic() + timeout
+        while not accepts(sock):  # a killed server's socket file stays behind: wait for a listener
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"strata serve did not start: {self.log.read_text()[-2000:]}")
             time.sleep(0.02)
