@@ -4,7 +4,8 @@ aufs is overlay's predecessor and is absent from mainline kernels (and from this
 :meth:`AufsDriver.check_support` raises NotSupported("aufs not in /proc/filesystems")
 there, so the registry moves on. Where a kernel carries aufs, everything but the mount
 comes from :class:`~csi.graphdriver.overlay.OverlayDriver` (layout, O(1) and copying
-freezes with their crash recovery, native diffs).
+freezes with their crash recovery, native diffs, and size enforcement by XFS project
+quota on the rw branch, the ``diff`` dir, where the home is on XFS with ``prjquota``).
 
 Mounts (as data, performed by :mod:`csi.mount`):
 

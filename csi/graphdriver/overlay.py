@@ -39,13 +39,21 @@ Freeze (a snapshot of writable layer S into frozen layer F):
 
 Crash safety of freeze: the mode (``rename`` / ``copy``) is recorded in F's record before
 any disk work. Recovery: rename mode — F's diff exists means the rename happened: finish
-(S gets its fresh diff) and commit; otherwise roll back. Copy mode — the copy is made at
-``diff.copy`` and renamed to ``diff`` only when complete: ``diff`` exists means commit,
-otherwise roll back. S's content is never deleted by either path.
+(the diff's project ID moves to F, S gets its fresh diff and ID) and commit; otherwise
+roll back. Copy mode — the copy is made at ``diff.copy`` and renamed to ``diff`` only
+when complete: ``diff`` exists means commit, otherwise roll back. S's content is never
+deleted by either path.
 
-Size: no XFS/ext4 project quota on this kernel, so sizes are recorded but not enforced
-(``status`` says so). :meth:`OverlayDriver._quota_hook` is the place for XFS project
-quota on the diff dir in a later issue.
+Size: on a home on XFS mounted with ``prjquota`` (:mod:`csi.graphdriver.layer_limits`),
+a writable layer created with a size gets its own XFS project ID on its ``diff`` dir (and
+its ``work`` dir, where overlay prepares copy-ups) with a hard block limit of that size:
+the limit covers what the layer adds on top of its parent, copy-ups of lower files
+included, not the parent's content. ``resize`` raises the limit; removal releases the ID.
+Frozen layers have no limit: an O(1) freeze hands the renamed diff dir's ID over to the
+frozen layer as an accounting ID with the limit cleared (re-tagging would cost O(files)),
+and the writable layer gets a fresh ID on its new, empty diff dir, so after a snapshot a
+volume may again write its size on top of it; a copying freeze leaves the copy untagged.
+Elsewhere sizes are recorded but not enforced, and ``status`` says so.
 
 Native diff: ``diff``/``changes``/``apply_diff``/``diff_size`` of a layer against its own
 parent read or write the diff dir directly (:mod:`csi.graphdriver.layerdiff`); other
@@ -68,6 +76,7 @@ from csi import mount as mnt
 from csi.errors import Busy, IncompatibleFilesystem, NotSupported, OutOfRange
 from csi.graphdriver import layerdiff
 from csi.graphdriver.base import Change, Layer, LayerDriver
+from csi.graphdriver.layer_limits import LayerLimits, no_enforcement
 from csi.graphdriver.layout import OVERLAY_WHITEOUTS, Layout, WhiteoutFormat, copy_tree, remove_path
 
 OVERLAY_OPTIONS: tuple[str, ...] = ("index=off", "redirect_dir=off", "metacopy=off", "xino=off")
@@ -157,19 +166,30 @@ class OverlayDriver(LayerDriver):
         self.layout = Layout(self.home)
         self.layout.prepare()
         self.layout.sweep()
+        self.limits = LayerLimits.for_home(self.home, upper=self.layout.diff,
+                                           companions=lambda layer_id: (self.layout.work(layer_id),))
         for layer in self.store.all():  # a get that died before counting its mount
             if layer.mounts == 0 and self._is_active(layer):
                 mnt.unmount(self.layout.merged(layer.id), detach=True)
 
     def size_enforcement(self) -> str:
-        return f"none (no project quota on {filesystem_of(self.home)})"
+        if self.limits is not None:
+            return self.limits.describe("each writable layer's upper dir: what it adds or copies up")
+        return no_enforcement(filesystem_of(self.home), self.home)
 
-    def _quota_hook(self, layer: Layer) -> None:
-        """Where XFS project quota will be applied (later issue): with
-        :class:`csi.graphdriver.xfs_quota.ProjectQuota` on the layer's diff dir. Mind the
-        O(1) freeze: the renamed diff keeps its project ID, so the frozen layer's files
-        must be re-tagged (or the limit moved) when it becomes F's. Until then sizes are
-        recorded in the layer record and nothing enforces them on this kernel."""
+    def _set_size(self, layer: Layer, size_bytes: int) -> None:
+        if self.limits is None:
+            return super()._set_size(layer, size_bytes)
+        self.limits.apply(layer.id, size_bytes)
+
+    def _usage(self, layer: Layer) -> int | None:
+        usage = self.limits.usage(layer.id) if self.limits is not None and not layer.frozen else None
+        return None if usage is None else usage.used_bytes
+
+    def reconcile(self) -> None:
+        super().reconcile()
+        if self.limits is not None:
+            self.limits.reconcile(self.store.all())
 
     def _status_extra(self) -> list[tuple[str, str]]:
         return [
@@ -177,6 +197,7 @@ class OverlayDriver(LayerDriver):
             ("mount options", ",".join(OVERLAY_OPTIONS)),
             ("native diff", "yes (against the layer's own parent)"),
             ("max lower layers", "500"),
+            *(self.limits.status() if self.limits else []),
         ]
 
     # ------------------------------------------------------------------ layers on disk
@@ -197,11 +218,14 @@ class OverlayDriver(LayerDriver):
             raise OutOfRange(f"{self.name} layers stack at most {self.max_chain} deep; "
                              f"layer {layer.id} would be {len(lowers) + 1}")
         self.layout.make(layer.id, writable=True, lowers=lowers)
-        self._quota_hook(layer)
+        if self.limits is not None:
+            self.limits.apply(layer.id, layer.size_bytes)
 
     def _destroy(self, layer_id: str) -> None:
         self._short_names.pop(layer_id, None)
         self.layout.destroy(layer_id)
+        if self.limits is not None:  # after the files are gone: nothing is charged to the ID any more
+            self.limits.release(layer_id)
 
     def _on_disk(self) -> set[str]:
         return self.layout.on_disk()
@@ -291,8 +315,11 @@ class OverlayDriver(LayerDriver):
         return self._finish_rename(source, frozen, parent_shorts)
 
     def _finish_rename(self, source: Layer, frozen: Layer, parent_shorts: list[str]) -> str:
-        """Give ``source`` a fresh, empty diff dir on top of ``frozen`` (idempotent)."""
+        """Give ``source`` a fresh, empty diff dir on top of ``frozen`` (idempotent). The
+        project ID of the renamed diff moves to ``frozen`` first; ``source`` gets a new one."""
         lay = self.layout
+        if self.limits is not None:
+            self.limits.hand_over(frozen.id)
         fresh, target = lay.layer_dir(source.id) / "diff.new", lay.diff(source.id)
         if not target.exists():
             remove_path(fresh)
@@ -308,6 +335,8 @@ class OverlayDriver(LayerDriver):
             crash_point("freeze-rename:fresh")
             os.rename(fresh, target)
         lay.reset_work(source.id)
+        if self.limits is not None:
+            self.limits.apply(source.id, source.size_bytes)
         lay.write_lower(source.id, [lay.short(frozen.id), *parent_shorts])
         fsync_dir(lay.layer_dir(source.id))
         fsync_dir(lay.layer_dir(frozen.id))

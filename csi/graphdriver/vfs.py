@@ -21,16 +21,20 @@ On-disk layout under the driver home::
   The frozen directory itself is additionally marked immutable (``chattr +i`` on its top
   directory: nothing can be added, removed or renamed at its top level) where the
   filesystem supports the flag.
-* Size: no enforcement yet; ``status()`` says so plainly (ext4 has no project quota in
-  this kernel; btrfs qgroups need subvolumes, which is the btrfs driver). The hook for
-  XFS homes mounted with ``prjquota``: :class:`csi.graphdriver.xfs_quota.ProjectQuota` —
-  ``assign`` the renamed ``dir/<id>`` in ``_make`` when ``layer.size_bytes`` is set,
-  ``resize`` in ``_set_size``, ``release`` in ``_destroy``, and report it in
-  ``size_enforcement``.
+* Size: on a home on XFS mounted with ``prjquota``, a writable layer created with a size
+  gets its own XFS project ID on ``dir/<id>`` with a hard block limit of that size
+  (:mod:`csi.graphdriver.layer_limits`): the limit covers the layer's whole content, the
+  copy of its parent included (as a disk of that size would), so ``create`` refuses
+  (OutOfRange) a size below what the parent occupies; ``resize`` raises the limit, removal
+  releases the ID, frozen layers have none. Elsewhere ``status()`` says plainly that sizes
+  are not enforced (no project quota on ext4 in this kernel; btrfs qgroups need
+  subvolumes, which is the btrfs driver).
 
 Crash safety: a layer directory appears under ``dir/`` only complete (rename); anything
 in ``tmp/`` or ``mnt/`` or ``dir/`` that no record knows of is an orphan that
-:meth:`LayerDriver.reconcile` removes through ``_destroy``.
+:meth:`LayerDriver.reconcile` removes through ``_destroy``. The project ID is assigned
+after the rename while the record still says ``creating``; :meth:`VfsDriver.reconcile`
+then brings the quota records in line with the layer records.
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ import stat
 from pathlib import Path
 
 from csi import mount as mnt
+from csi.errors import OutOfRange
 from csi.graphdriver.base import Layer, LayerDriver
+from csi.graphdriver.layer_limits import LayerLimits, no_enforcement
 from csi.graphdriver.treecopy import CopyStats, copy_tree, remove_tree, tree_bytes
 from csi.ids import is_layer_id
 
@@ -76,6 +82,7 @@ class VfsDriver(LayerDriver):
     def _setup(self) -> None:
         for sub in (self._dirs, self._mnts, self._tmps):
             sub.mkdir(mode=0o700, exist_ok=True)
+        self.limits = LayerLimits.for_home(self.home, upper=lambda layer_id: self._dirs / layer_id)
 
     # ------------------------------------------------------------------ primitives
 
@@ -90,7 +97,15 @@ class VfsDriver(LayerDriver):
         os.rename(temp, self._dirs / layer_id)
 
     def _make(self, layer: Layer, parent: Layer | None) -> None:
-        self._build(layer.id, self._dirs / parent.id if parent is not None else None)
+        source = self._dirs / parent.id if parent is not None else None
+        if self.limits is not None and layer.size_bytes and source is not None:
+            inherited = tree_bytes(source)
+            if inherited > layer.size_bytes:
+                raise OutOfRange(f"vfs: layer {layer.id} of {layer.size_bytes} bytes cannot hold its parent "
+                                 f"{parent.id}, which occupies {inherited} bytes; ask for at least that much")
+        self._build(layer.id, source)
+        if self.limits is not None:
+            self.limits.apply(layer.id, layer.size_bytes)
 
     def _freeze(self, source: Layer, frozen: Layer) -> str | None:
         self._build(frozen.id, self._dirs / source.id)
@@ -101,6 +116,18 @@ class VfsDriver(LayerDriver):
         mnt.unmount_all(self._mnts / layer_id)
         for path in (self._mnts / layer_id, self._tmps / layer_id, self._dirs / layer_id):
             _remove_tree(path)
+        if self.limits is not None:  # after the files are gone: nothing is charged to the ID any more
+            self.limits.release(layer_id)
+
+    def _set_size(self, layer: Layer, size_bytes: int) -> None:
+        if self.limits is None:
+            return super()._set_size(layer, size_bytes)
+        self.limits.apply(layer.id, size_bytes)
+
+    def reconcile(self) -> None:
+        super().reconcile()
+        if self.limits is not None:
+            self.limits.reconcile(self.store.all())
 
     def _on_disk(self) -> set[str]:
         found: set[str] = set()
@@ -134,20 +161,24 @@ class VfsDriver(LayerDriver):
         return not layer.frozen or mnt.is_mount_point(self._mnts / layer.id)
 
     def size_enforcement(self) -> str:
+        if self.limits is not None:
+            return self.limits.describe("each writable layer's directory, its parent's copy included")
         fs = _fs_name(self.home)
         if fs == "btrfs":
             return "none (vfs layers are plain directories, not btrfs subvolumes: qgroups need the btrfs driver)"
-        if fs == "xfs":
-            return "none (XFS project quota is not enabled for the vfs home)"
-        return f"none (no project quota on {fs})"
+        return no_enforcement(fs, self.home)
 
     def _usage(self, layer: Layer) -> int | None:
+        if self.limits is not None and not layer.frozen:
+            usage = self.limits.usage(layer.id)
+            if usage is not None:
+                return usage.used_bytes
         return tree_bytes(self._dirs / layer.id)
 
     def _status_extra(self) -> list[tuple[str, str]]:
         fs = _fs_name(self.home)
         shares = "reflink (FICLONE)" if fs in ("btrfs", "xfs") else "full copy (copy_file_range)"
-        return [("backing filesystem", fs), ("copy method", shares)]
+        return [("backing filesystem", fs), ("copy method", shares), *(self.limits.status() if self.limits else [])]
 
 
 def _fs_name(path: Path) -> str:

@@ -9,8 +9,10 @@ Use::
 
     quota = ProjectQuota.for_home(home)     # None unless home is on XFS with prjquota
     quota.assign(layer_dir, size_bytes)     # new ID (or the dir's current one) + limit
-    quota.resize(layer_dir, size_bytes)     # same as assign on an assigned dir
-    quota.usage(layer_dir) -> bytes
+    quota.resize(layer_dir, size_bytes)     # only the limit when the dir carries its ID
+    quota.ensure(layer_dir, size_bytes)     # assign unless ID, tag and limit already agree
+    quota.adopt(moved_dir)                  # record the ID a renamed dir carries (limit 0)
+    quota.usage(layer_dir) -> ProjectUsage
     quota.release(layer_dir)                # limit cleared, ID free again
 
 Kernel interfaces only, no ``xfs_quota`` parsing: ``FS_IOC_FSGETXATTR`` /
@@ -26,6 +28,11 @@ fsync'd and renamed, under an exclusive ``flock`` of ``<home>/quota-projects.loc
 whose directory may be gone: :meth:`ProjectQuota.for_home` drops such records and
 clears their limits, so no ID leaks and no stale limit survives. IDs start at
 ``first_id`` (default 100000, clear of the small IDs operators put in /etc/projid).
+
+An ID counts as free only when no record names it *and* the filesystem charges nothing
+to it (no inodes, no blocks): files that still carry a released ID (a directory renamed
+away before a crash, deleted inodes the kernel has not reclaimed yet) are never charged
+to the next directory that gets an ID.
 """
 
 from __future__ import annotations
@@ -154,6 +161,7 @@ class ProjectUsage:
     project_id: int
     used_bytes: int
     limit_bytes: int  # 0 = no limit
+    inodes: int = 0  # inodes charged to the project
 
 
 def _quotactl(home: Path, cmd: int, project_id: int, dq: _FsDiskQuota) -> None:
@@ -183,7 +191,12 @@ def read_usage(home: Path, project_id: int) -> ProjectUsage:
         if "No such file" in str(exc):  # no dquot yet: nothing charged, no limit
             return ProjectUsage(project_id, 0, 0)
         raise
-    return ProjectUsage(project_id, dq.d_bcount * BASIC_BLOCK, dq.d_blk_hardlimit * BASIC_BLOCK)
+    return ProjectUsage(project_id, dq.d_bcount * BASIC_BLOCK, dq.d_blk_hardlimit * BASIC_BLOCK, dq.d_icount)
+
+
+def limit_of(size_bytes: int) -> int:
+    """The limit in bytes the filesystem keeps for ``size_bytes`` (whole basic blocks)."""
+    return -(-size_bytes // BASIC_BLOCK) * BASIC_BLOCK
 
 
 def prjquota_mount(path: Path) -> mnt.MountPoint | None:
@@ -246,7 +259,7 @@ class ProjectQuota:
         finally:
             os.close(lock_fd)
 
-    def _key(self, directory: str | os.PathLike[str]) -> str:
+    def key(self, directory: str | os.PathLike[str]) -> str:
         real = os.path.realpath(directory)
         home = os.path.realpath(self.home)
         rel = os.path.relpath(real, home)
@@ -260,26 +273,69 @@ class ProjectQuota:
         """Give ``directory`` its own project (or keep the one it has) limited to ``size_bytes``."""
         if size_bytes <= 0:
             raise InvalidArgument(f"quota size must be positive, got {size_bytes}")
-        key = self._key(directory)
+        key = self.key(directory)
         with self._state() as projects:
             pid = projects.get(key)
             if pid is None:
-                used = set(projects.values())
-                pid = next((i for i in range(self.first_id, MAX_PROJECT_ID) if i not in used), None)
-                if pid is None:
-                    raise NoSpace("no free XFS project id")
+                pid = self._free_id(set(projects.values()))
                 projects[key] = pid
         # the ID is recorded (durably) before it is used anywhere
         set_limit(self.home, pid, size_bytes)
         set_project_tree(self.home / key, pid)
         return pid
 
+    def _free_id(self, recorded: set[int]) -> int:
+        """The lowest ID no record names and nothing on the filesystem is charged to."""
+        for pid in range(self.first_id, MAX_PROJECT_ID):
+            if pid in recorded:
+                continue
+            usage = read_usage(self.home, pid)
+            if usage.inodes == 0 and usage.used_bytes == 0:
+                return pid
+        raise NoSpace("no free XFS project id")
+
     def resize(self, directory: str | os.PathLike[str], size_bytes: int) -> int:
+        """Change the limit of an assigned directory (only the limit when the directory
+        carries its recorded ID: its content was tagged when it was assigned); else assign."""
+        if size_bytes <= 0:
+            raise InvalidArgument(f"quota size must be positive, got {size_bytes}")
+        key = self.key(directory)
+        pid = self.project_of(directory)
+        if pid is None or get_project(self.home / key) != pid:
+            return self.assign(directory, size_bytes)
+        set_limit(self.home, pid, size_bytes)
+        return pid
+
+    def ensure(self, directory: str | os.PathLike[str], size_bytes: int) -> int:
+        """Like :meth:`assign`, but without touching anything when the directory already
+        carries its recorded ID and the limit is ``size_bytes`` (start-up checks)."""
+        key = self.key(directory)
+        pid = self.project_of(directory)
+        if (pid is not None and get_project(self.home / key) == pid
+                and read_usage(self.home, pid).limit_bytes == limit_of(size_bytes)):
+            return pid
         return self.assign(directory, size_bytes)
+
+    def adopt(self, directory: str | os.PathLike[str], limit_bytes: int = 0) -> int | None:
+        """Record the ID ``directory`` already carries (a tagged directory renamed to a new
+        place) under its new path, dropping the record of its old path, and set its limit
+        (0: none). Returns the ID, or None when the directory carries none of ours.
+        Idempotent."""
+        key = self.key(directory)
+        pid = get_project(self.home / key)
+        if not self.first_id <= pid <= MAX_PROJECT_ID:
+            return None
+        with self._state() as projects:
+            for other, other_pid in list(projects.items()):
+                if other_pid == pid and other != key:
+                    del projects[other]
+            projects[key] = pid
+        set_limit(self.home, pid, limit_bytes)
+        return pid
 
     def project_of(self, directory: str | os.PathLike[str]) -> int | None:
         with self._state() as projects:
-            return projects.get(self._key(directory))
+            return projects.get(self.key(directory))
 
     def usage(self, directory: str | os.PathLike[str]) -> ProjectUsage | None:
         pid = self.project_of(directory)

@@ -4,33 +4,17 @@ Runs inside the qemu guest only (this host kernel has no filesystem quotas)."""
 
 from __future__ import annotations
 
-import errno
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+from quota_writes import MIB, fill, wait_uncharged
 
 from csi import mount as mnt
 from csi.errors import InvalidArgument
 from csi.graphdriver import xfs_quota as xq
 from csi.graphdriver.xfs_quota import ProjectQuota
-
-MIB = 1 << 20
-
-
-def fill(path: Path, total: int, chunk: int = MIB) -> int:
-    """Write up to ``total`` bytes to ``path``; return how many went in before ENOSPC/EDQUOT."""
-    written = 0
-    block = b"x" * chunk
-    try:
-        with open(path, "wb") as f:
-            while written < total:
-                written += f.write(block)
-                f.flush()
-                os.fsync(f.fileno())
-    except OSError as exc:
-        assert exc.errno in (errno.ENOSPC, errno.EDQUOT), exc
-    return written
 
 
 def test_for_home_is_none_without_prjquota(guest_scratch: Path) -> None:
@@ -107,8 +91,17 @@ def test_release_frees_id_and_clears_limit(xfs_prjquota: Path) -> None:
     quota.release(a)  # idempotent
     assert xq.read_usage(quota.home, pid_a).limit_bytes == 0
     assert fill(a / "f", 8 * MIB) == 8 * MIB  # no limit any more
-    assert quota.assign(b, 4 * MIB) == pid_a  # the ID is free again
-    assert quota.assigned() == {"b": pid_a}
+    # a still carries the ID and its files are charged to it: not handed out again ...
+    pid_b = quota.assign(b, 4 * MIB)
+    assert pid_b != pid_a
+    assert quota.assigned() == {"b": pid_b}
+    # ... until nothing is charged to it (deleted inodes are reclaimed in the background)
+    shutil.rmtree(a)
+    wait_uncharged(quota.home, pid_a)
+    c = quota.home / "c"
+    c.mkdir()
+    assert quota.assign(c, 4 * MIB) == pid_a  # the ID is free again
+    assert quota.assigned() == {"b": pid_b, "c": pid_a}
 
 
 def test_crash_leftovers_are_reconciled(xfs_prjquota: Path) -> None:
@@ -139,3 +132,35 @@ def test_bad_input_changes_nothing(xfs_prjquota: Path) -> None:
     with pytest.raises(InvalidArgument):
         quota.assign(quota.home / "missing", MIB)
     assert quota.assigned() == {}
+
+
+def test_adopt_follows_a_renamed_directory(xfs_prjquota: Path) -> None:
+    """overlay's O(1) freeze renames a tagged upper dir: its ID follows it, without limit."""
+    quota = ProjectQuota.for_home(xfs_prjquota / "home")
+    assert quota is not None
+    old = quota.home / "old"
+    old.mkdir()
+    (old / "f").write_bytes(b"a" * MIB)
+    pid = quota.assign(old, 8 * MIB)
+    (quota.home / "frozen").mkdir()
+    os.rename(old, quota.home / "frozen" / "diff")
+    assert quota.adopt(quota.home / "frozen" / "diff") == pid
+    assert quota.adopt(quota.home / "frozen" / "diff") == pid  # idempotent
+    assert quota.assigned() == {"frozen/diff": pid}
+    assert xq.read_usage(quota.home, pid).limit_bytes == 0
+    plain = quota.home / "plain"
+    plain.mkdir()
+    assert quota.adopt(plain) is None and quota.assigned() == {"frozen/diff": pid}
+
+
+def test_ensure_restores_a_lost_limit(xfs_prjquota: Path) -> None:
+    quota = ProjectQuota.for_home(xfs_prjquota / "home")
+    assert quota is not None
+    layer = quota.home / "layer"
+    layer.mkdir()
+    pid = quota.assign(layer, 4 * MIB)
+    assert quota.ensure(layer, 4 * MIB) == pid
+    xq.set_limit(quota.home, pid, 0)
+    assert quota.ensure(layer, 4 * MIB) == pid
+    assert xq.read_usage(quota.home, pid).limit_bytes == 4 * MIB
+    assert fill(layer / "f", 16 * MIB) <= 4 * MIB
