@@ -20,6 +20,15 @@ Policy (IDs and limits are allocated by :class:`csi.graphdriver.xfs_quota.Projec
   freeze cost O(files); the writable layer gets a fresh ID on its new, empty upper dir;
 * removing a layer releases its ID (``release``) after its directory is gone.
 
+Content must be born in its project where possible: XFS refuses to rename or hard-link an
+inode of another project into a tagged tree (EXDEV), and symlinks and device nodes cannot
+be re-tagged afterwards (no file descriptor to set the ID through). So overlay tags the
+empty upper dir at create, and vfs copies a child's content into a tagged staging dir
+(``stage``, then ``settle`` once renamed). Only a layer that gets its *first* size later,
+by ``resize``, has existing content re-tagged, and the symlinks and special files it
+already holds stay outside the project (a few bytes each; renaming one inside the layer
+then fails with EXDEV, which ``mv`` handles by copying).
+
 Crash safety: the drivers call ``apply`` while the layer record still says ``creating`` (a
 crash rolls the layer back, and its ``_destroy`` releases the ID) or, on resize, before the
 record's size changes. :meth:`LayerLimits.reconcile` runs after the driver's start-up
@@ -75,6 +84,19 @@ class LayerLimits:
             self.quota.release(upper)
             return
         self._tag_companions(layer_id, self.quota.resize(upper, size_bytes))
+
+    def stage(self, staging: Path, size_bytes: int) -> None:
+        """Give an empty staging directory a layer's ID and limit before its content is made
+        inside it (every inode is then born in the project); :meth:`settle` follows."""
+        self.quota.assign(staging, size_bytes)
+
+    def settle(self, layer_id: str, size_bytes: int) -> None:
+        """The content made under a staging directory was renamed to ``layer_id``'s upper
+        dir: record the ID there, limited to ``size_bytes`` (idempotent)."""
+        self.quota.adopt(self.upper(layer_id), size_bytes)
+
+    def release_staging(self, staging: Path) -> None:
+        self.quota.release(staging)
 
     def hand_over(self, frozen_id: str) -> None:
         """A writable layer's upper dir became frozen layer ``frozen_id``'s: its ID follows

@@ -33,8 +33,10 @@ On-disk layout under the driver home::
 Crash safety: a layer directory appears under ``dir/`` only complete (rename); anything
 in ``tmp/`` or ``mnt/`` or ``dir/`` that no record knows of is an orphan that
 :meth:`LayerDriver.reconcile` removes through ``_destroy``. The project ID is assigned
-after the rename while the record still says ``creating``; :meth:`VfsDriver.reconcile`
-then brings the quota records in line with the layer records.
+to the staging directory ``tmp/<id>`` before the copy and follows the content to
+``dir/<id>``, all while the record still says ``creating`` (a crash rolls it back and
+``_destroy`` releases the ID under either name); :meth:`VfsDriver.reconcile` then brings
+the quota records in line with the layer records.
 """
 
 from __future__ import annotations
@@ -86,15 +88,30 @@ class VfsDriver(LayerDriver):
 
     # ------------------------------------------------------------------ primitives
 
-    def _build(self, layer_id: str, source: Path | None) -> None:
-        """Make ``dir/<layer_id>`` as a copy of ``source`` (or empty), via ``tmp/``."""
+    def _build(self, layer_id: str, source: Path | None, size_bytes: int | None = None) -> None:
+        """Make ``dir/<layer_id>`` as a copy of ``source`` (or empty), via ``tmp/``.
+
+        With a size on a quota home the copy is made in ``tmp/<id>/content`` below a
+        wrapper that already carries the layer's project ID and limit, so every inode is
+        born in the project (symlinks and device nodes too, which cannot be re-tagged
+        afterwards: XFS refuses to rename or link an inode of another project, EXDEV)."""
         temp = self._tmps / layer_id
         _remove_tree(temp)
+        size = size_bytes or 0
+        limits = self.limits if size > 0 else None
+        content = temp
+        if limits is not None:
+            temp.mkdir(mode=0o700)
+            limits.stage(temp, size)
+            content = temp / "content"
         if source is None:
-            temp.mkdir(mode=0o755)
+            content.mkdir(mode=0o755)
         else:
-            self.last_copy = copy_tree(source, temp)
-        os.rename(temp, self._dirs / layer_id)
+            self.last_copy = copy_tree(source, content)
+        os.rename(content, self._dirs / layer_id)
+        if limits is not None:
+            limits.settle(layer_id, size)
+            temp.rmdir()
 
     def _make(self, layer: Layer, parent: Layer | None) -> None:
         source = self._dirs / parent.id if parent is not None else None
@@ -103,9 +120,7 @@ class VfsDriver(LayerDriver):
             if inherited > layer.size_bytes:
                 raise OutOfRange(f"vfs: layer {layer.id} of {layer.size_bytes} bytes cannot hold its parent "
                                  f"{parent.id}, which occupies {inherited} bytes; ask for at least that much")
-        self._build(layer.id, source)
-        if self.limits is not None:
-            self.limits.apply(layer.id, layer.size_bytes)
+        self._build(layer.id, source, layer.size_bytes)
 
     def _freeze(self, source: Layer, frozen: Layer) -> str | None:
         self._build(frozen.id, self._dirs / source.id)
@@ -118,6 +133,7 @@ class VfsDriver(LayerDriver):
             _remove_tree(path)
         if self.limits is not None:  # after the files are gone: nothing is charged to the ID any more
             self.limits.release(layer_id)
+            self.limits.release_staging(self._tmps / layer_id)
 
     def _set_size(self, layer: Layer, size_bytes: int) -> None:
         if self.limits is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -270,6 +271,27 @@ def test_child_smaller_than_its_parent_is_refused(driver: LayerDriver) -> None:
     driver.create("child", "base", CreateOpts(size_bytes=8 * MIB))
     assert fill(driver.get("child") / "more", 32 * MIB) <= 4 * MIB
     driver.put("child")
+
+
+def test_inherited_symlinks_and_devices_stay_movable(driver: LayerDriver) -> None:
+    """A child's copy of its parent is born in the child's project, symlinks and device
+    nodes included (XFS refuses renames and links of another project's inodes: EXDEV)."""
+    driver.create("p")
+    path = driver.get("p")
+    (path / "sub").mkdir()
+    (path / "link").symlink_to("target")
+    os.mkfifo(path / "fifo")
+    os.mknod(path / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    driver.put("p")
+    driver.freeze("p", "base")
+    driver.create("child", "base", CreateOpts(size_bytes=8 * MIB))
+    path = driver.get("child")
+    for name in ("link", "fifo", "null"):
+        os.rename(path / name, path / "sub" / name)
+        os.link(path / "sub" / name, path / f"{name}-2", follow_symlinks=False)
+    assert os.readlink(path / "sub" / "link") == "target"
+    driver.put("child")
+    check_quota_matches_layers(driver)
 
 
 # --------------------------------------------------------------------------- kill -9
