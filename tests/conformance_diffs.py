@@ -185,6 +185,17 @@ class DiffChecks:
         driver.create("same", base)
         assert driver.diff_size("same", base) == len(driver.diff("same", base).read())
 
+    def test_diff_stream_closed_early_releases_the_layers(self, driver: LayerDriver) -> None:
+        base, x = self._diff_pair(driver)
+        with self.mounted(driver, x) as path:
+            (path / "large").write_bytes(os.urandom(1 << 20) * 6)  # more than the pipe and read buffers hold
+        stream = driver.diff(x, base)
+        assert len(stream.read(4096)) == 4096
+        stream.close()  # the reader gives up mid-stream: the producer stops, its holds are released
+        driver.remove(x)
+        driver.remove(base)
+        assert x not in driver._on_disk() and base not in driver._on_disk()
+
     def test_diff_needs_the_real_parent(self, driver: LayerDriver) -> None:
         with pytest.raises(NotFound):
             driver.diff("missing")

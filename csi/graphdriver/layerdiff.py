@@ -22,85 +22,25 @@ in the (writable, unmounted) layer, which the caller removes.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import stat
 import tarfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from csi.errors import InvalidArgument, StrataError
+from csi.errors import InvalidArgument
 from csi.graphdriver.base import Change, ChangeKind
 from csi.graphdriver.layout import (
     OCI_OPAQUE, OCI_WHITEOUT_PREFIX, WhiteoutFormat, copy_file, copy_metadata, remove_path,
 )
+from csi.graphdriver.pipestream import pipe_stream, send_file_data, write_all
 
 
 def diff_stream(layer_dir: Path, fmt: WhiteoutFormat) -> IO[bytes]:
     """The OCI layer tar (PAX) of ``layer_dir``, produced by a thread into a pipe."""
-    read_fd, write_fd = os.pipe()
-    failures: list[BaseException] = []
-
-    def produce() -> None:
-        try:
-            with os.fdopen(write_fd, "wb") as out:
-                write_layer_tar(layer_dir, fmt, out)
-        except BrokenPipeError:
-            pass  # the reader stopped early
-        except BaseException as exc:  # handed to the reader
-            failures.append(exc)
-
-    thread = threading.Thread(target=produce, name=f"diff-{layer_dir.parent.name}", daemon=True)
-    thread.start()
-    return io.BufferedReader(_PipeReader(read_fd, thread, failures), buffer_size=1 << 20)
-
-
-class _PipeReader(io.RawIOBase):
-    """Read end of the producer's pipe; at EOF re-raises the producer's failure.
-
-    ``tell`` works and ``seek`` moves forward (by reading), so readers that expect a
-    file (``tarfile.open(mode="r:")``) can read the stream too."""
-
-    def __init__(self, fd: int, thread: threading.Thread, failures: list[BaseException]) -> None:
-        self._fd, self._thread, self._failures, self._pos = fd, thread, failures, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        target = offset + (self._pos if whence == io.SEEK_CUR else 0)
-        if whence == io.SEEK_END or target < self._pos:
-            raise io.UnsupportedOperation("a diff stream can only seek forward")
-        scratch = bytearray(min(1 << 20, max(target - self._pos, 1)))
-        while self._pos < target:
-            view = memoryview(scratch)[: target - self._pos]
-            if self.readinto(view) == 0:
-                break
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        n = os.readv(self._fd, [buffer])
-        self._pos += n
-        if n == 0:
-            self._thread.join()
-            if self._failures:
-                raise StrataError(f"diff stream failed: {self._failures[0]}") from self._failures[0]
-        return n
-
-    def close(self) -> None:
-        if not self.closed:
-            os.close(self._fd)
-            self._thread.join()
-        super().close()
+    return pipe_stream(lambda out: write_layer_tar(layer_dir, fmt, out), f"diff-{layer_dir.parent.name}")
 
 
 def _walk(layer_dir: Path) -> Iterator[tuple[str, str, str, os.stat_result]]:
@@ -195,33 +135,13 @@ def write_layer_tar(layer_dir: Path, fmt: WhiteoutFormat, out: IO[bytes]) -> Non
     written = 0
     for ti, data_path in _members(layer_dir, fmt):
         header = ti.tobuf(_TAR_OPTIONS["format"], _TAR_OPTIONS["encoding"], _TAR_OPTIONS["errors"])
-        _write_all(fd, header)
+        write_all(fd, header)
         written += len(header)
         if data_path is not None:
-            written += _send_file(fd, data_path, ti.size)
+            written += send_file_data(fd, data_path, ti.size)
     end = 2 * tarfile.BLOCKSIZE
     end += -(written + end) % tarfile.RECORDSIZE
-    _write_all(fd, bytes(end))
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _send_file(fd: int, path: str, size: int) -> int:
-    """Send ``size`` bytes of ``path`` plus padding to a block; return bytes written."""
-    sent = 0
-    with open(path, "rb") as source:
-        while sent < size:
-            n = os.sendfile(fd, source.fileno(), sent, min(size - sent, 1 << 30))
-            if n == 0:
-                break
-            sent += n
-    padded = -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-    _write_all(fd, bytes(padded - sent))
-    return padded
+    write_all(fd, bytes(end))
 
 
 def diff_size(layer_dir: Path, fmt: WhiteoutFormat) -> int:

@@ -14,8 +14,9 @@ metadata travels with the diff. A directory counts as *replaced* when the parent
 entries in it and none of their names is left: the tar then carries an opaque marker
 instead of one whiteout per old entry.
 
-``diff`` writes the OCI layer tar (:mod:`csi.graphdriver.ocitar`) into an anonymous
-temporary file in the driver home, so the mounts are released before the caller reads.
+``diff`` streams the OCI layer tar (:mod:`csi.graphdriver.ocitar`) from a producer
+thread through a pipe (:func:`~csi.graphdriver.pipestream.pipe_stream`), file data with
+sendfile(2); the two layers stay mounted (``get``) until the stream ends or is closed.
 ``diff_size`` is **the length in bytes of that tar stream** (headers and padding
 included), computed by writing the same stream into a counter.
 ``apply_diff`` applies a tar onto the writable layer ``id`` whose parent must be
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -35,6 +35,7 @@ from typing import IO, TYPE_CHECKING
 
 from csi.errors import InvalidArgument
 from csi.graphdriver.ocitar import LayerTarWriter, apply_tar, read_xattrs
+from csi.graphdriver.pipestream import pipe_stream
 from csi.ids import check_layer_id
 
 if TYPE_CHECKING:
@@ -108,14 +109,20 @@ class NaiveDiffer:
     # ------------------------------------------------------------------ contract
 
     def diff(self, layer_id: str, parent: str | None = None) -> IO[bytes]:
-        out = tempfile.TemporaryFile(dir=self.driver.home)
+        """The tar, streamed while it is made (never staged on disk); both layers are
+        checked here and held (``get``) until the stream ends or is closed."""
+        trees = ExitStack()
+        new, old = trees.enter_context(self._trees(layer_id, parent))
+
+        def produce(out: IO[bytes]) -> None:
+            with trees:
+                self._write_trees(new, old, out)
+
         try:
-            self._write(layer_id, parent, out)
-            out.seek(0)
+            return pipe_stream(produce, f"diff-{layer_id}")
         except BaseException:
-            out.close()
+            trees.close()
             raise
-        return out
 
     def diff_size(self, layer_id: str, parent: str | None = None) -> int:
         counter = _Counter()
@@ -239,7 +246,11 @@ class NaiveDiffer:
         return False
 
     def _write(self, layer_id: str, parent: str | None, out: IO[bytes]) -> None:
-        with self._trees(layer_id, parent) as (new, old), LayerTarWriter(out) as writer:
+        with self._trees(layer_id, parent) as (new, old):
+            self._write_trees(new, old, out)
+
+    def _write_trees(self, new: _Tree, old: _Tree, out: IO[bytes]) -> None:
+        with LayerTarWriter(out) as writer:
             for entry in self.compare(new, old):
                 if entry.kind == "opaque":
                     writer.add_opaque(entry.path)

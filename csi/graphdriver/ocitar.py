@@ -28,6 +28,7 @@ API used by the naive differ and by drivers with a native diff (overlay):
 from __future__ import annotations
 
 import errno
+import io
 import os
 import shutil
 import stat
@@ -39,6 +40,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from csi.errors import InvalidArgument
+from csi.graphdriver.pipestream import send_file_data, write_all
 from csi.graphdriver.treecopy import remove_tree
 
 WHITEOUT_PREFIX = ".wh."
@@ -157,6 +159,15 @@ def tarinfo_for(fs_path: Path, arcname: str, st: os.stat_result) -> tarfile.TarI
     return info
 
 
+def _raw_fileno(fileobj: IO[bytes]) -> int | None:
+    """The descriptor behind ``fileobj`` (a pipe, a regular file) to send file data to
+    directly, or None for in-memory sinks."""
+    try:
+        return fileobj.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+
+
 class LayerTarWriter:
     """Writes an OCI layer tar to ``fileobj`` (see module docstring)."""
 
@@ -165,6 +176,8 @@ class LayerTarWriter:
                                  encoding=_ENCODING, errors=_ERRORS)
         self._inodes: dict[tuple[int, int], str] = {}
         self.content_bytes = 0
+        self._fileobj = fileobj
+        self._fd = _raw_fileno(fileobj)
 
     def __enter__(self) -> LayerTarWriter:
         return self
@@ -193,9 +206,15 @@ class LayerTarWriter:
         if info is None:
             return
         if info.type == tarfile.REGTYPE:
-            with open(fs_path, "rb") as f:
-                self._tar.addfile(info, f)
             self.content_bytes += info.size
+            if self._fd is None:
+                with open(fs_path, "rb") as f:
+                    self._tar.addfile(info, f)
+            else:  # header through tarfile's encoder, data with sendfile(2): no copy through Python
+                header = info.tobuf(tarfile.PAX_FORMAT, _ENCODING, _ERRORS)
+                self._fileobj.flush()  # what tarfile wrote through the file object goes first
+                write_all(self._fd, header)
+                self._tar.offset += len(header) + send_file_data(self._fd, fs_path, info.size)
         else:
             self._tar.addfile(info)
 
