@@ -17,7 +17,8 @@ from manifests import CHART, Obj, container, flag, objects, of_kind, one, render
 GROUPED = {
     "driverGroups": [
         {"name": "fast", "nodeSelector": {"disk": "nvme"}, "driver": "btrfs"},
-        {"name": "thin", "nodeSelector": {"pool": "thin", "zone": "b"}, "driver": "devicemapper"},
+        {"name": "thin", "nodeSelector": {"pool": "thin", "zone": "b"}, "driver": "devicemapper",
+         "storageOpts": ["dm.thinpooldev=/dev/mapper/vg-thinpool", "dm.fs=xfs"]},
     ],
 }
 MATRIX: dict[str, dict[str, Any]] = {
@@ -95,6 +96,7 @@ def test_validation_catches_a_broken_object(rendered: dict[str, list[Obj]]) -> N
 def test_values_schema_refuses_bad_values() -> None:
     for bad in ({"driver": "zfs"}, {"images": {"provisioner": {"tag": "latest"}}}, {"driverz": "auto"},
                 {"driverGroups": [{"name": "x", "nodeSelector": {}, "driver": "btrfs"}]},
+                {"storageOpts": ["no-equals-sign"]},
                 {"logLevel": 3}, {"perDriverStorageClasses": ["nfs"]},
                 {"storageClass": {"parameters": {"sizeLimit": "1"}}}):
         with pytest.raises(helm.HelmError):
@@ -402,6 +404,12 @@ def test_driver_groups_cover_every_node_exactly_once(rendered: dict[str, list[Ob
     for node, (labels, owner) in nodes.items():
         running = [name for name, d in daemonsets.items() if matches(d["spec"]["template"]["spec"], labels)]
         assert running == [owner], (node, running)
+    # Driver options: the thin group's own (its pool), none elsewhere (the default is []).
+    storage_opts = {name: [a for a in container(d, "strata")["args"] if a.startswith("--storage-opt=")]
+                    for name, d in daemonsets.items()}
+    assert storage_opts == {"strata-node": [], "strata-node-fast": [],
+                            "strata-node-thin": ["--storage-opt=dm.thinpooldev=/dev/mapper/vg-thinpool",
+                                                 "--storage-opt=dm.fs=xfs"]}
     # The Node-label lookup is enabled only where the driver is auto.
     for name, d in daemonsets.items():
         env = {e["name"] for e in container(d, "strata")["env"]}
