@@ -203,7 +203,9 @@ class LayerDriver(Driver):
     def _freeze(self, source: Layer, frozen: Layer) -> str | None:
         """Create ``frozen`` on disk holding ``source``'s current content.
 
-        ``frozen.parent`` is set to ``source.parent`` by the caller. Return the ID that
+        ``frozen.parent`` is set to ``source.parent`` by the caller; a driver may instead
+        record (before any disk work, holding that layer's lock) another frozen layer whose
+        content plus ``frozen``'s own is ``source``'s (overlay's incremental freeze). Return the ID that
         ``source`` should have as parent afterwards (``frozen.id`` when the driver rebased
         ``source`` onto the new layer, as overlay does), or ``source.parent``.
         ``source.mounts`` tells whether it is in use."""
@@ -352,7 +354,10 @@ class LayerDriver(Driver):
             try:
                 new_parent = self._freeze(source, frozen)
             except BaseException:
+                stacked_on = (self.store.get(frozen_id) or frozen).parent
                 self._rollback(frozen_id)
+                if stacked_on != source.parent:  # _freeze put it on a layer removal may have hidden
+                    self._free_if_orphaned(stacked_on)
                 raise
             with self.store.transaction():
                 if new_parent != source.parent:

@@ -156,7 +156,7 @@ def diff_size(layer_dir: Path, fmt: WhiteoutFormat) -> int:
     return -(-total // record) * record
 
 
-def _lookup(root: Path | None, rel: str) -> os.stat_result | None:
+def lookup(root: Path | None, rel: str) -> os.stat_result | None:
     """lstat of ``root/rel`` if every intermediate component is a real directory."""
     if root is None:
         return None
@@ -181,11 +181,11 @@ def layer_changes(layer_dir: Path, below: Path | None, fmt: WhiteoutFormat) -> l
             continue
         hidden = fmt.whiteout_target(rel_dir, name, st)
         if hidden is not None:
-            if _lookup(below, os.path.join(rel_dir, hidden)) is not None:
+            if lookup(below, os.path.join(rel_dir, hidden)) is not None:
                 found.append(Change("/" + os.path.join(rel_dir, hidden), ChangeKind.DELETED))
             continue
         rel = os.path.join(rel_dir, name)
-        lower = _lookup(below, rel)
+        lower = lookup(below, rel)
         found.append(Change("/" + rel, ChangeKind.ADDED if lower is None else ChangeKind.MODIFIED))
         if lower is not None and stat.S_ISDIR(st.st_mode) and stat.S_ISDIR(lower.st_mode) and fmt.is_opaque(full):
             assert below is not None
@@ -222,11 +222,11 @@ class _Applier:
         parent, _, name = rel.rpartition("/")
         self.ensure_dir(parent)
         path = self.path(rel)
-        st = _lookup(self.root, rel)
+        st = lookup(self.root, rel)
         if st is not None and stat.S_ISDIR(st.st_mode):
             return
         self.make_dir(parent, name, st)
-        lower = _lookup(self.below, rel)
+        lower = lookup(self.below, rel)
         if lower is not None and stat.S_ISDIR(lower.st_mode):
             copy_metadata(os.path.join(str(self.below), rel), path, lower)
 
@@ -237,7 +237,7 @@ class _Applier:
         hidden = existing is not None or self.fmt.existing_whiteout(self.path(parent), name) is not None
         self.clear(parent, name)
         os.mkdir(path, 0o755)
-        lower = _lookup(self.below, rel)
+        lower = lookup(self.below, rel)
         if hidden and lower is not None and stat.S_ISDIR(lower.st_mode):
             self.fmt.make_opaque(path)  # the lower directory stays deleted underneath
 
@@ -258,11 +258,11 @@ class _Applier:
         if name.startswith(OCI_WHITEOUT_PREFIX):
             hidden = name[len(OCI_WHITEOUT_PREFIX):]
             self.clear(parent, hidden)
-            if _lookup(self.below, os.path.join(parent, hidden)) is not None:
+            if lookup(self.below, os.path.join(parent, hidden)) is not None:
                 self.fmt.make_whiteout(self.path(parent), hidden)
             return
         path = self.path(rel)
-        existing = _lookup(self.root, rel) if rel else os.lstat(self.root)
+        existing = lookup(self.root, rel) if rel else os.lstat(self.root)
         if ti.isdir():
             if existing is None or not stat.S_ISDIR(existing.st_mode):
                 self.make_dir(parent, name, existing)
@@ -293,9 +293,9 @@ class _Applier:
     def link(self, target_rel: str, path: str) -> None:
         """A hard link; a target that only exists below is copied up first."""
         target = self.path(target_rel)
-        st = _lookup(self.root, target_rel)
+        st = lookup(self.root, target_rel)
         if st is None:
-            lower = _lookup(self.below, target_rel)
+            lower = lookup(self.below, target_rel)
             if lower is None or stat.S_ISDIR(lower.st_mode):
                 raise InvalidArgument(f"hard link to {target_rel!r}, which is not in the layer or below it")
             assert self.below is not None

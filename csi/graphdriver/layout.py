@@ -260,15 +260,18 @@ AUFS_WHITEOUTS = WhiteoutFormat("aufs", native_oci=True)
 # ---------------------------------------------------------------------- exact tree copy
 
 
-def copy_tree(src: Path, dst: Path, *, durable: bool = False) -> int:
+def copy_tree(src: Path, dst: Path, *, durable: bool = False,
+              links: dict[tuple[int, int], str] | None = None) -> int:
     """Copy the directory ``src`` to the new path ``dst`` exactly; return bytes of file data.
 
     Extents are cloned when the filesystem allows (btrfs), so the cost is metadata only;
     otherwise ``copy_file_range`` copies in the kernel, keeping holes of sparse files.
     ``durable``: fsync every copied file and directory (only what was copied).
+    ``links``: hard links already copied, (st_dev, st_ino) -> copy; pass one dict to
+    several calls to keep links between the trees they copy.
     """
     copied = 0
-    links: dict[tuple[int, int], str] = {}
+    links = {} if links is None else links
     dirs: list[tuple[str, os.stat_result]] = []
     for dirpath, dirnames, filenames in os.walk(src):
         rel = os.path.relpath(dirpath, src)
@@ -283,20 +286,7 @@ def copy_tree(src: Path, dst: Path, *, durable: bool = False) -> int:
                 entries.append(name)
         for name in entries:
             s, d = os.path.join(dirpath, name), os.path.join(out_dir, name)
-            est = os.lstat(s)
-            key = (est.st_dev, est.st_ino)
-            if est.st_nlink > 1 and key in links:
-                os.link(links[key], d)
-                continue
-            if stat.S_ISREG(est.st_mode):
-                copied += copy_file(s, d, est, durable=durable)
-            elif stat.S_ISLNK(est.st_mode):
-                os.symlink(os.readlink(s), d)
-            else:
-                os.mknod(d, est.st_mode, est.st_rdev)
-            copy_metadata(s, d, est)
-            if est.st_nlink > 1:
-                links[key] = d
+            copied += copy_leaf(s, d, os.lstat(s), links, durable=durable)
     for out_dir, st in reversed(dirs):
         copy_metadata(os.path.join(src, os.path.relpath(out_dir, dst)), out_dir, st)
         if durable:
@@ -305,6 +295,27 @@ def copy_tree(src: Path, dst: Path, *, durable: bool = False) -> int:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+    return copied
+
+
+def copy_leaf(src: str, dst: str, st: os.stat_result, links: dict[tuple[int, int], str], *,
+              durable: bool = False) -> int:
+    """Copy one non-directory (``st`` = its lstat) with its metadata, or hard-link ``dst``
+    to the copy of the same inode in ``links``; return bytes of file data copied."""
+    key = (st.st_dev, st.st_ino)
+    if st.st_nlink > 1 and key in links:
+        os.link(links[key], dst)
+        return 0
+    copied = 0
+    if stat.S_ISREG(st.st_mode):
+        copied = copy_file(src, dst, st, durable=durable)
+    elif stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(src), dst)
+    else:
+        os.mknod(dst, st.st_mode, st.st_rdev)
+    copy_metadata(src, dst, st)
+    if st.st_nlink > 1:
+        links[key] = dst
     return copied
 
 

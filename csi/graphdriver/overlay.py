@@ -30,19 +30,30 @@ Freeze (a snapshot of writable layer S into frozen layer F):
 * S not mounted — O(1): S's diff dir is renamed to become F's diff (F.parent = S.parent),
   S gets a fresh empty diff dir (same root mode, owner, times) and is rebased onto F.
 * S mounted (or already as deep as a chain may be, ``max_chain``) — cost of the bytes S
-  changed since its parent: S's upper dir is copied into
-  F (extents cloned where the filesystem can, e.g. btrfs); S keeps its parent. The
-  copy reads the live upper dir: every file is copied as it is at that moment (overlay
+  changed since its last mounted freeze (:mod:`csi.graphdriver.upperdelta`); S keeps
+  its parent. The first such freeze copies S's upper dir into F (extents cloned where
+  the filesystem can, e.g. btrfs), parent S.parent, and writes ``layers/<F>/upper-index``
+  (a fingerprint of every upper inode). A later one, while that index still fits
+  (same S record, parent, upper dir and boot; the layer it names still ready, hidden
+  counts), makes F a child of that freeze holding only the entries whose inode changed,
+  new ones, and whiteouts for the ones gone. Up to ``max_delta_depth`` (32) freezes
+  stack so before a full copy starts over; a change no layer on top can express (rare:
+  see upperdelta) also means a full copy. The copy reads the live upper dir: every
+  file is copied as it is at that moment (overlay
   copy-ups are atomic renames from the work dir), but files written during the copy are
   not frozen together; quiesce the application for a multi-file consistent snapshot.
-  Each copied file and directory is fsynced before the freeze is committed.
+  Each copied file and directory, and the index, is fsynced before the freeze is committed.
+  A stacked snapshot keeps the one below it on disk (hidden) until it is removed itself.
+  aufs (its own whiteout form) always copies in full.
 
 Crash safety of freeze: the mode (``rename`` / ``copy``) is recorded in F's record before
 any disk work. Recovery: rename mode — F's diff exists means the rename happened: finish
 (the diff's project ID moves to F, S gets its fresh diff and ID) and commit; otherwise
-roll back. Copy mode — the copy is made at ``diff.copy`` and renamed to ``diff`` only
-when complete: ``diff`` exists means commit, otherwise roll back. S's content is never
-deleted by either path.
+roll back. Copy mode (``copy``, or ``delta`` when F was recorded as a child of S's last
+mounted freeze, under that layer's lock) — the copy and the index are made at
+``diff.copy`` / ``upper-index`` and the copy is renamed to ``diff`` only when both are
+complete: ``diff`` exists means commit, otherwise roll back (a hidden layer F stacked on
+is then freed). S's content is never deleted by either path.
 
 Size: on a home on XFS mounted with ``prjquota`` (:mod:`csi.graphdriver.layer_limits`),
 a writable layer created with a size gets its own XFS project ID on its ``diff`` dir (and
@@ -62,6 +73,7 @@ parents, and ``apply_diff`` onto a mounted layer, use the naive differ.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -74,10 +86,10 @@ from typing import IO, ClassVar
 
 from csi import mount as mnt
 from csi.errors import Busy, IncompatibleFilesystem, NotSupported, OutOfRange
-from csi.graphdriver import layerdiff
-from csi.graphdriver.base import Change, Layer, LayerDriver
+from csi.graphdriver import layerdiff, upperdelta
+from csi.graphdriver.base import Change, Layer, LayerDriver, LayerState
 from csi.graphdriver.layer_limits import LayerLimits, no_enforcement
-from csi.graphdriver.layout import OVERLAY_WHITEOUTS, Layout, WhiteoutFormat, copy_tree, remove_path
+from csi.graphdriver.layout import OVERLAY_WHITEOUTS, Layout, WhiteoutFormat, remove_path
 
 OVERLAY_OPTIONS: tuple[str, ...] = ("index=off", "redirect_dir=off", "metacopy=off", "xino=off")
 CRASH_ENV = "STRATA_TEST_CRASH_AT"  # tests only: kill -9 ourselves at the named step
@@ -126,6 +138,8 @@ class OverlayDriver(LayerDriver):
     name: ClassVar[str] = "overlay"
     whiteouts: ClassVar[WhiteoutFormat] = OVERLAY_WHITEOUTS
     max_chain: ClassVar[int] = 500  # layers in one view: the kernel's limit of lowers
+    max_delta_depth: ClassVar[int] = 32  # incremental mounted freezes stacked before a full copy
+    trust_margin_ns: int = upperdelta.TRUST_MARGIN_NS  # tests lower it (see upperdelta)
 
     # ------------------------------------------------------------------ support
 
@@ -344,22 +358,73 @@ class OverlayDriver(LayerDriver):
         return frozen.id
 
     def _freeze_by_copy(self, source: Layer, frozen: Layer, parent_shorts: list[str]) -> str | None:
-        self.store.update(frozen.id, extra={"freeze": "copy"})
-        self.layout.make(frozen.id, writable=False, lowers=parent_shorts, with_diff=False)
+        """Copy the upper dir, or only what changed since the last mounted freeze
+        (:mod:`csi.graphdriver.upperdelta`); the index of the upper dir goes with it."""
+        upper = self.layout.diff(source.id)
+        entries = upperdelta.scan(upper, self.whiteouts, margin_ns=self.trust_margin_ns)
+        stacked_on: Layer | None = None
+        depth, delta = 0, upperdelta.full(entries)
+        base = self._delta_base(source, entries)
+        if base is not None:
+            with self._locked(base[0].id):  # once recorded as its child, base[0] stays
+                current = self.store.get(base[0].id)
+                if current is not None and current.state is LayerState.READY:
+                    stacked_on, depth, delta = base
+                    self.store.update(frozen.id, parent=stacked_on.id, extra={"freeze": "delta"})
+        if stacked_on is None:
+            self.store.update(frozen.id, extra={"freeze": "copy"})
+        crash_point("freeze-copy:recorded")
+        lowers = self._shorts(self.chain(stacked_on.id)) if stacked_on is not None else parent_shorts
+        self.layout.make(frozen.id, writable=False, lowers=lowers, with_diff=False)
         staging = self.layout.layer_dir(frozen.id) / "diff.copy"
-        copy_tree(self.layout.diff(source.id), staging, durable=True)
+        upperdelta.build(upper, staging, delta, self.whiteouts)
+        st = os.lstat(upper)
+        upperdelta.UpperIndex(source.id, source.created, source.parent, (st.st_dev, st.st_ino),
+                              upperdelta.boot_id(), depth, entries).write(
+            self.layout.layer_dir(frozen.id) / upperdelta.INDEX_NAME)
         crash_point("freeze-copy:copied")
         os.rename(staging, self.layout.diff(frozen.id))
         fsync_dir(self.layout.layer_dir(frozen.id))
         crash_point("freeze-copy:moved")
         return source.parent
 
+    def _delta_base(self, source: Layer, entries: upperdelta.Tree) -> tuple[Layer, int, upperdelta.Delta] | None:
+        """The last mounted freeze of ``source`` when its index still describes the upper
+        dir and the new freeze may stack on it: (that layer, depth of the new one, delta)."""
+        if self.whiteouts.native_oci:  # aufs: its branch semantics are not planned here
+            return None
+        earlier = [l for l in self.store.all()
+                   if l.frozen and l.origin == source.id and l.state is LayerState.READY]
+        if not earlier:
+            return None
+        last = max(earlier, key=lambda l: (l.created, l.id))
+        index = upperdelta.UpperIndex.read(self.layout.layer_dir(last.id) / upperdelta.INDEX_NAME)
+        st = os.lstat(self.layout.diff(source.id))
+        if (index is None or index.source != source.id or index.source_created != source.created
+                or index.parent != source.parent or index.upper != (st.st_dev, st.st_ino)
+                or index.boot != upperdelta.boot_id() or index.depth + 1 > self.max_delta_depth
+                or len(self.chain(last.id)) + 2 > self.max_chain):  # + the new layer + a clone of it
+            return None
+        try:
+            with contextlib.ExitStack() as views:
+                below: list[Path | None] = []
+
+                def shown_below(rel: str) -> os.stat_result | None:
+                    if not below:  # P's view is mounted only when a case needs it
+                        below.append(views.enter_context(self.lower_view(source.parent)))
+                    return upperdelta.lookup(below[0], rel)
+
+                delta = upperdelta.plan(index.entries, entries, shown_below)
+        except upperdelta.NotIncremental:
+            return None
+        return last, index.depth + 1, delta
+
     def _recover_freeze(self, source: Layer, frozen: Layer) -> str | None | bool:
         mode = frozen.extra.get("freeze")
         frozen_diff = self.layout.diff(frozen.id)
         if mode == "rename" and frozen_diff.is_dir():
             return self._finish_rename(source, frozen, self._parent_shorts(source))
-        if mode == "copy" and frozen_diff.is_dir():
+        if mode in ("copy", "delta") and frozen_diff.is_dir():
             return source.parent
         return False
 

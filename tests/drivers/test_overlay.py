@@ -12,7 +12,8 @@ import stat
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,138 @@ def test_mounted_freeze_copies_the_upper_dir_only(overlay: OverlayDriver) -> Non
         assert sorted(os.listdir(view)) == ["added", "dir", "kept"]
 
 
+def _own_entries(root: Path) -> dict[str, str]:
+    """Relative path -> kind of everything in a diff dir ("whiteout", "opaque dir", ...)."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            if _is_whiteout(path):
+                found[rel] = "whiteout"
+            elif path.is_dir() and not path.is_symlink():
+                opaque = b"y" == (os.getxattr(path, "trusted.overlay.opaque") if "trusted.overlay.opaque"
+                                  in os.listxattr(path) else b"")
+                found[rel] = "opaque dir" if opaque else "dir"
+            else:
+                found[rel] = "file"
+    return found
+
+
+def _settled(drv: OverlayDriver) -> None:
+    """Let the upper dir's ctimes age past the driver's trust margin (lowered by the tests)."""
+    time.sleep(2 * drv.trust_margin_ns / 1e9)
+
+
+def test_mounted_freeze_again_copies_only_the_changes(overlay: OverlayDriver) -> None:
+    overlay.trust_margin_ns = 50_000_000  # 50 ms: more than a clock tick, ns timestamps on ext4
+    _base_with_tree(overlay)  # base: gone, dir/old, kept
+    overlay.create("w", "base")
+    path = overlay.get("w")
+    try:
+        (path / "same-size").write_bytes(b"a" * 100)
+        (path / "untouched").write_bytes(os.urandom(5000))
+        (path / "to-delete").write_text("bye")
+        (path / "replace-me").mkdir()
+        (path / "replace-me" / "inner").write_text("inner")
+        (path / "mode").write_text("mode")
+        (path / "attr").write_text("attr")
+        (path / "linked-a").write_text("linked")
+        os.link(path / "linked-a", path / "linked-b")
+        (path / "gains-link").write_text("gains")
+        (path / "sub" / "deeper").mkdir(parents=True)
+        (path / "sub" / "deeper" / "leaf").write_text("leaf")
+        (path / "sub" / "deeper" / "changes").write_text("one")
+        (path / os.fsdecode(b"raw-\xff")).write_text("a name that is not UTF-8")
+        _settled(overlay)
+        overlay.freeze("w", "s1")
+        _settled(overlay)
+        st = os.stat(path / "same-size")
+        (path / "same-size").write_bytes(b"b" * 100)  # same size, mtime put back
+        os.utime(path / "same-size", ns=(st.st_atime_ns, st.st_mtime_ns))
+        (path / "to-delete").unlink()
+        shutil.rmtree(path / "replace-me")
+        (path / "replace-me").mkdir()
+        (path / "replace-me" / "new").write_text("new")
+        os.chmod(path / "mode", 0o600)
+        os.setxattr(path / "attr", "user.note", b"set")
+        os.link(path / "gains-link", path / "new-link")
+        (path / "kept").unlink()  # from the base layer: a whiteout in the upper dir
+        shutil.rmtree(path / "dir")  # from the base layer: an opaque dir replaces it
+        (path / "dir").mkdir()
+        (path / "dir" / "fresh").write_text("fresh")
+        (path / "sub" / "deeper" / "changes").write_text("two")
+        os.chmod(path / os.fsdecode(b"raw-\xff"), 0o640)
+        expected = tree_state(path)
+        overlay.freeze("w", "s2")
+        (path / "after").write_text("not in s2")
+    finally:
+        overlay.put("w")
+    assert overlay.layer("s2").parent == "s1" and overlay.layer("s2").extra["freeze"] == "delta"
+    assert overlay.layer("s1").parent == "base" and overlay.layer("w").parent == "base"
+    with mounted(overlay, "s2") as view:
+        assert tree_state(view) == expected
+    assert _own_entries(overlay.layout.diff("s2")) == {
+        "same-size": "file", "to-delete": "whiteout", "replace-me": "dir", "replace-me/inner": "whiteout",
+        "replace-me/new": "file", "mode": "file", "attr": "file", "gains-link": "file", "new-link": "file",
+        "kept": "whiteout", "dir": "opaque dir", "dir/fresh": "file", "sub": "dir", "sub/deeper": "dir",
+        "sub/deeper/changes": "file", os.fsdecode(b"raw-\xff"): "file",
+    }
+    own = overlay.layout.diff("s2")
+    assert os.stat(own / "gains-link").st_ino == os.stat(own / "new-link").st_ino
+    # a clone of the stacked snapshot sees the same; s1 removed first stays until s2 goes
+    overlay.create("clone", "s2")
+    with mounted(overlay, "clone") as view:
+        assert tree_state(view) == expected
+    overlay.remove("clone")
+    overlay.remove("s1")
+    assert not overlay.exists("s1") and overlay.layout.layer_dir("s1").is_dir()
+    overlay.remove("s2")
+    assert not overlay.layout.layer_dir("s1").exists() and not overlay.layout.layer_dir("s2").exists()
+
+
+def test_mounted_freezes_stack_until_the_depth_limit(overlay: OverlayDriver) -> None:
+    overlay.trust_margin_ns = 20_000_000
+    overlay.max_delta_depth = 2  # type: ignore[misc]
+    overlay.create("w")
+    with mounted(overlay, "w") as path:
+        for i in range(5):
+            (path / f"file{i}").write_text(str(i))
+            _settled(overlay)
+            overlay.freeze("w", f"s{i}")
+            with mounted(overlay, f"s{i}") as view:
+                assert tree_state(view) == tree_state(path)
+    parents = [overlay.layer(f"s{i}").parent for i in range(5)]
+    assert parents == [None, "s0", "s1", None, "s3"]  # s3: a full copy again
+
+
+def test_mounted_freeze_after_other_freezes_or_a_new_layer_copies_in_full(overlay: OverlayDriver) -> None:
+    overlay.trust_margin_ns = 20_000_000
+    overlay.create("w")
+    with mounted(overlay, "w") as path:
+        (path / "f").write_text("1")
+        _settled(overlay)
+        overlay.freeze("w", "m1")
+    overlay.freeze("w", "u1")  # unmounted: w is rebased onto u1, m1's index no longer fits
+    with mounted(overlay, "w") as path:
+        (path / "g").write_text("2")
+        overlay.freeze("w", "m2")
+    assert overlay.layer("m2").parent == "u1" and overlay.layer("m2").extra["freeze"] == "copy"
+    with mounted(overlay, "w") as path:  # a remount keeps the upper dir's inodes: still exact
+        (path / "h").write_text("3")
+        overlay.freeze("w", "m3")
+        expected = tree_state(path)
+    assert overlay.layer("m3").parent == "m2"
+    with mounted(overlay, "m3") as view:
+        assert tree_state(view) == expected
+    overlay.remove("w")
+    overlay.create("w", "u1")  # the same ID again: another layer, m3's index is not its own
+    with mounted(overlay, "w") as path:
+        (path / "g").write_text("other")
+        overlay.freeze("w", "m4")
+    assert overlay.layer("m4").parent == "u1" and overlay.layer("m4").extra["freeze"] == "copy"
+
+
 def test_mount_description(overlay: OverlayDriver) -> None:
     _base_with_tree(overlay)
     overlay.create("w", "base")
@@ -247,10 +380,18 @@ def test_home_on_a_filesystem_without_upper_support(scratch_root: Path) -> None:
 
 _FREEZE_CHILD = r"""
 import os, sys
+from csi.graphdriver import upperdelta
 from csi.graphdriver.overlay import OverlayDriver
 drv = OverlayDriver(sys.argv[1])
-if sys.argv[2] == "mounted":
+drv.trust_margin_ns = 20_000_000
+if sys.argv[2] != "unmounted":
     drv.get("w")
+if sys.argv[2] == "again-removed":
+    build = upperdelta.build
+    def removing_first(*args, **kwargs):
+        drv.remove("first")  # hidden, not removed: the freeze in progress stacks on it
+        return build(*args, **kwargs)
+    upperdelta.build = removing_first
 drv.freeze("w", "snap")
 print("finished", flush=True)
 """
@@ -263,20 +404,38 @@ _STEPS = [
     ("unmounted", "freeze-rename:finished", True),
     ("mounted", "freeze-copy:copied", False),
     ("mounted", "freeze-copy:moved", True),
+    # a second mounted freeze: only the changes, stacked on the first ("first")
+    ("again", "freeze-copy:recorded", False),
+    ("again", "freeze-copy:copied", False),
+    ("again", "freeze-copy:moved", True),
+    ("again-removed", "freeze-copy:copied", False),
+    ("again-removed", "freeze-copy:moved", True),
 ]
 
 
-@pytest.mark.parametrize(("how", "step", "committed"), _STEPS, ids=[s for _, s, _ in _STEPS])
+@pytest.mark.parametrize(("how", "step", "committed"), _STEPS, ids=[f"{h}-{s}" for h, s, _ in _STEPS])
 def test_kill_9_inside_freeze(ext4_dir: Path, how: str, step: str, committed: bool) -> None:
     """The child process SIGKILLs itself at ``step`` (STRATA_TEST_CRASH_AT, read only at
-    the named crash points); a restart must finish or roll back, never lose content."""
+    the named crash points); a restart must finish or roll back, never lose content.
+    ``again``: the layer was frozen while mounted before ("first") and changed since, so
+    the freeze stacks the changes on "first"; ``again-removed``: "first" is removed
+    (hidden) while that freeze runs."""
     home = ext4_dir / "overlay"
     drv = OverlayDriver(home)
+    drv.trust_margin_ns = 20_000_000
     drv.create("w")
     with mounted(drv, "w") as path:
         (path / "data").write_bytes(b"precious" * 1000)
         (path / "sub").mkdir()
         (path / "sub" / "file").write_text("deep")
+        (path / "kept").write_text("kept")
+        if how.startswith("again"):
+            _settled(drv)
+            drv.freeze("w", "first")
+            _settled(drv)
+            (path / "data").write_bytes(b"changed" * 1000)
+            (path / "sub" / "file").unlink()
+            (path / "new").write_text("new")
         expected = tree_state(path)
     drv.store.close()
     proc = subprocess.run([sys.executable, "-c", _FREEZE_CHILD, str(home), how],
@@ -294,25 +453,73 @@ def test_kill_9_inside_freeze(ext4_dir: Path, how: str, step: str, committed: bo
             with mounted(restarted, "snap") as path:  # type: ignore[arg-type]
                 assert tree_state(path) == expected
             assert restarted.layer("w").parent == ("snap" if how == "unmounted" else None)
+            assert restarted.layer("snap").parent == ("first" if how.startswith("again") else None)
         else:
             assert restarted.layer("w").parent is None
+        if how == "again-removed":  # hidden while it has a child, freed with the rolled-back one
+            assert not restarted.exists("first")
+            assert (restarted.store.get("first") is not None) == committed
         restarted.freeze("w", "again")  # the layer works normally afterwards
 
 
 # --------------------------------------------------------------------------- against vfs
 
 
+class _StackCountingOverlay(OverlayDriver):
+    """Overlay with a trust margin short enough for the state machine's steps (20 ms: more
+    than this kernel's 4 ms tick, ns timestamps on ext4 and btrfs), counting the mounted
+    freezes that stacked only the changes on the last one."""
+
+    trust_margin_ns = 20_000_000
+    stacked = 0
+
+    def _freeze(self, source: Any, frozen: Any) -> str | None:
+        new_parent = super()._freeze(source, frozen)
+        if self.store.require(frozen.id).extra.get("freeze") == "delta":
+            type(self).stacked += 1
+        return new_parent
+
+
+def _copied_up_hard_link(drv: Any, layer_id: str, rel: str, follow: bool) -> Callable[[], str | None] | None:
+    """Overlay (index=off) copies a lower file up on its first change, breaking its hard
+    links: for a hard-linked lower file at ``rel``, a probe that names it (relative to the
+    root) once an operation copied it up."""
+    root = Path(drv.get(layer_id))
+    try:
+        path = Path(os.path.realpath(root / rel) if follow else
+                    os.path.join(os.path.realpath((root / rel).parent), (root / rel).name))
+        if os.path.commonpath([root, path]) != str(root) or path == root:
+            return None
+        try:
+            st = os.lstat(path)
+        except OSError:  # missing, or a symlink loop: the operation fails before any copy-up
+            return None
+        inside = str(path.relative_to(root))
+        upper = drv.layout.diff(layer_id) / inside
+        if stat.S_ISDIR(st.st_mode) or st.st_nlink < 2 or os.path.lexists(upper):
+            return None
+        return lambda: inside if os.path.lexists(upper) else None
+    finally:
+        drv.put(layer_id)
+
+
 def test_state_machine_overlay_on_ext4_against_vfs(ext4_dir: Path, scratch_root: Path) -> None:
-    """Random file operations, freezes (mounted: copy; unmounted: rename) and clones,
-    with native diff round trips, compared step by step with vfs."""
+    """Random file operations, freezes (mounted: a copy of the upper dir, or of its changes
+    since the last mounted freeze; unmounted: rename) and clones, with native diff round
+    trips, compared step by step with vfs."""
     from test_statemachine import run_driver_state_machine
 
     reference = scratch_root / f"sm-ref-{ext4_dir.name}"
     reference.mkdir()
-    run_driver_state_machine(OverlayDriver, ext4_dir, reference)
+    _StackCountingOverlay.stacked = 0
+    run_driver_state_machine(_StackCountingOverlay, ext4_dir, reference, copy_up=_copied_up_hard_link)
+    assert _StackCountingOverlay.stacked >= 5, "the machine hardly ever froze a layer while mounted twice"
 
 
 def test_state_machine_overlay_on_btrfs_against_vfs(btrfs_dir: Path, ext4_dir: Path) -> None:
     from test_statemachine import run_driver_state_machine
 
-    run_driver_state_machine(OverlayDriver, btrfs_dir, ext4_dir, max_examples=6)
+    _StackCountingOverlay.stacked = 0
+    run_driver_state_machine(_StackCountingOverlay, btrfs_dir, ext4_dir, max_examples=6,
+                             copy_up=_copied_up_hard_link)
+    assert _StackCountingOverlay.stacked >= 1

@@ -7,7 +7,8 @@ which the reference vfs driver lives. Hypothesis then drives both with the same 
 * file operations inside a writable layer: write, append, truncate, mkdir, rm -r,
   rename, symlink, hard link, chmod, unlink, setxattr — each must succeed on both or
   fail on both with the same errno;
-* ``freeze`` of a writable layer (mounted or not), ``clone`` (a writable child of a
+* ``freeze`` of a writable layer (mounted or not; a second rule freezes mounted only, so a
+  layer is often frozen while mounted several times with changes between), ``clone`` (a writable child of a
   frozen layer), ``remove`` of a writable layer, ``remount`` (put + get);
 * a diff round trip: ``apply_diff(diff(w, parent))`` onto a fresh child of the parent
   reproduces ``w`` exactly, mtimes included.
@@ -25,7 +26,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import uuid
+from unittest import mock
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +43,11 @@ from csi.graphdriver.base import LayerDriver
 from csi.graphdriver.vfs import VfsDriver
 
 MakeDriver = Callable[[Path], LayerDriver]
+# (driver under test, layer, path, follow its last symlink), asked before an operation on
+# that path: None, or a probe to call after it, which names the file (relative to the
+# layer's root) the operation copied up from a lower layer while it had other hard links
+# (overlay without its index gives that name a new inode of its own)
+CopyUp = Callable[[LayerDriver, str, str, bool], "Callable[[], str | None] | None"]
 
 PATHS = st.sampled_from(["a", "d", "d/a", "d/e", "d/e/a", "etc", "etc/conf", "data", "data/deep", "data/owned",
                          "hard-a", "hard-b", "link-rel", "replace-me", "replace-me/old1", "bin/tool"])
@@ -49,14 +57,35 @@ MODES = st.sampled_from([0o644, 0o600, 0o755, 0o4755, 0o700, 0o1777])
 XATTRS = st.sampled_from(["user.a", "user.b", "trusted.t"])
 
 
-def _rename(src: Path, dst: Path) -> None:
-    """``mv``: rename, or copy and delete where the kernel says EXDEV (overlay dirs)."""
+def _rename(src: Path, dst: Path, *, by_copy: bool = False) -> bool:
+    """``mv``: rename, or copy and delete where the kernel says EXDEV (overlay dirs);
+    ``by_copy`` takes the copying way at once. True when it copied."""
     try:
+        if by_copy:
+            raise OSError(errno.EXDEV, "as the driver under test", str(src))
         os.rename(src, dst)
+        return False
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        shutil.move(src, dst)
+        with mock.patch.object(os, "rename", side_effect=OSError(errno.EXDEV, "copying", str(src))):
+            shutil.move(src, dst)  # shutil.move tries os.rename first
+        return True
+
+
+def _break_hard_link(root: Path, rel: str) -> None:
+    """Give ``rel`` a new inode of its own, the same in all else (what a copy-up does)."""
+    path, tmp = root / rel, root / (rel + ".sm-copy-up")
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(path), tmp)
+    else:
+        shutil.copy2(path, tmp, follow_symlinks=False)
+    os.chown(tmp, st.st_uid, st.st_gid, follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(tmp, stat.S_IMODE(st.st_mode))
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+    os.rename(tmp, path)
 
 
 def _rm_r(path: Path) -> None:
@@ -81,8 +110,11 @@ def _close(drv: LayerDriver) -> None:
         shutil.rmtree(drv.home, ignore_errors=True)
 
 
-def driver_state_machine(make_driver: MakeDriver, homes: Path, reference_homes: Path) -> type[RuleBasedStateMachine]:
-    """A state machine class comparing ``make_driver`` with vfs (see module docstring)."""
+def driver_state_machine(make_driver: MakeDriver, homes: Path, reference_homes: Path,
+                         copy_up: CopyUp | None = None) -> type[RuleBasedStateMachine]:
+    """A state machine class comparing ``make_driver`` with vfs (see module docstring).
+    ``copy_up``: where the driver under test breaks hard links of lower files on copy-up,
+    it says which, and the reference breaks the same link before the operation."""
 
     class DriverAgainstVfs(RuleBasedStateMachine):
         writable = Bundle("writable")
@@ -104,18 +136,30 @@ def driver_state_machine(make_driver: MakeDriver, homes: Path, reference_homes: 
             self.counter += 1
             return f"{prefix}{self.counter}"
 
-        def _both(self, layer_id: str, action: Callable[[Path], None]) -> None:
+        def _both(self, layer_id: str, action: Callable[[Path], None], *copied_up: tuple[str, bool],
+                  test_first: bool = False) -> None:
+            """``action`` on both (the reference first, unless ``test_first``); ``copied_up``:
+            the (path, follow its last symlink) it may copy up in the driver under test: then
+            the driver under test goes first, and a hard link it broke so is broken in the
+            reference before the same action there."""
+            probes = [p for p in (copy_up(self.test, layer_id, rel, follow) for rel, follow in copied_up)
+                      if p is not None] if copy_up is not None else []
+            test_first = test_first or bool(probes)
             outcomes = []
-            for drv in (self.ref, self.test):
+            for drv in ((self.test, self.ref) if test_first else (self.ref, self.test)):
                 root = drv.get(layer_id)
                 try:
+                    if drv is self.ref:
+                        for broken in filter(None, (probe() for probe in probes)):
+                            _break_hard_link(root, broken)
                     action(root)
                     outcomes.append(None)
                 except OSError as exc:
                     outcomes.append(exc.errno)
                 finally:
                     drv.put(layer_id)
-            assert outcomes[0] == outcomes[1], f"reference errno {outcomes[0]}, driver errno {outcomes[1]}"
+            ref_errno, test_errno = outcomes[::-1] if test_first else outcomes
+            assert ref_errno == test_errno, f"reference errno {ref_errno}, driver errno {test_errno}"
 
         # -- layers
 
@@ -156,6 +200,12 @@ def driver_state_machine(make_driver: MakeDriver, homes: Path, reference_homes: 
             self._same_layers(layer, fid)
             self.live.add(fid)
             return fid
+
+        @rule(target=frozen, layer=writable)
+        def freeze_mounted(self, layer: str) -> str:
+            """Mounted freezes again and again, with file operations between them: overlay
+            stacks each one's changes on the last (an incremental copy of the upper dir)."""
+            return self.freeze(layer, True)
 
         @rule(target=writable, parent=frozen)
         def clone(self, parent: str) -> str:
@@ -202,19 +252,19 @@ def driver_state_machine(make_driver: MakeDriver, homes: Path, reference_homes: 
 
         @rule(layer=writable, path=PATHS, data=DATA)
         def write(self, layer: str, path: str, data: bytes) -> None:
-            self._both(layer, lambda r: _write(r / path, data, "wb"))
+            self._both(layer, lambda r: _write(r / path, data, "wb"), (path, True))
 
         @rule(layer=writable, path=PATHS, size=BIG)
         def write_big(self, layer: str, path: str, size: int) -> None:
-            self._both(layer, lambda r: _write(r / path, b"z" * size, "wb"))
+            self._both(layer, lambda r: _write(r / path, b"z" * size, "wb"), (path, True))
 
         @rule(layer=writable, path=PATHS, data=DATA)
         def append(self, layer: str, path: str, data: bytes) -> None:
-            self._both(layer, lambda r: _write(r / path, data, "ab"))
+            self._both(layer, lambda r: _write(r / path, data, "ab"), (path, True))
 
         @rule(layer=writable, path=PATHS, size=st.integers(0, 100_000))
         def truncate(self, layer: str, path: str, size: int) -> None:
-            self._both(layer, lambda r: os.truncate(r / path, size))
+            self._both(layer, lambda r: os.truncate(r / path, size), (path, True))
 
         @rule(layer=writable, path=PATHS)
         def mkdir(self, layer: str, path: str) -> None:
@@ -226,7 +276,9 @@ def driver_state_machine(make_driver: MakeDriver, homes: Path, reference_homes: 
 
         @rule(layer=writable, src=PATHS, dst=PATHS)
         def rename(self, layer: str, src: str, dst: str) -> None:
-            self._both(layer, lambda r: _rename(r / src, r / dst))
+            copied = []  # the driver under test first: the reference copies where it had to
+            self._both(layer, lambda r: copied.append(_rename(r / src, r / dst, by_copy=bool(copied and copied[0]))),
+                       (src, False), test_first=True)
 
         @rule(layer=writable, points_to=st.sampled_from(["a", "../x", "/etc/passwd", "d/a"]), path=PATHS)
         def symlink(self, layer: str, points_to: str, path: str) -> None:
@@ -234,12 +286,12 @@ def driver_state_machine(make_driver: MakeDriver, homes: Path, reference_homes: 
 
         @rule(layer=writable, src=PATHS, dst=PATHS)
         def hardlink(self, layer: str, src: str, dst: str) -> None:
-            self._both(layer, lambda r: os.link(r / src, r / dst, follow_symlinks=False))
+            self._both(layer, lambda r: os.link(r / src, r / dst, follow_symlinks=False), (src, False))
 
         @rule(layer=writable, path=PATHS, mode=MODES)
         def chmod(self, layer: str, path: str, mode: int) -> None:
             self._both(layer, lambda r: os.chmod(r / path, mode, follow_symlinks=False)
-                       if not (r / path).is_symlink() else None)
+                       if not (r / path).is_symlink() else None, (path, False))
 
         @rule(layer=writable, path=PATHS)
         def unlink(self, layer: str, path: str) -> None:
@@ -247,7 +299,7 @@ def driver_state_machine(make_driver: MakeDriver, homes: Path, reference_homes: 
 
         @rule(layer=writable, path=PATHS, name=XATTRS, value=st.binary(max_size=32))
         def setxattr(self, layer: str, path: str, name: str, value: bytes) -> None:
-            self._both(layer, lambda r: os.setxattr(r / path, name, value, follow_symlinks=False))
+            self._both(layer, lambda r: os.setxattr(r / path, name, value, follow_symlinks=False), (path, False))
 
         # -- the invariant
 
@@ -266,9 +318,9 @@ def driver_state_machine(make_driver: MakeDriver, homes: Path, reference_homes: 
 
 
 def run_driver_state_machine(make_driver: MakeDriver, homes: Path, reference_homes: Path, *,
-                             max_examples: int = 12, steps: int = 30) -> None:
+                             max_examples: int = 12, steps: int = 30, copy_up: CopyUp | None = None) -> None:
     """Run the comparison (see module docstring); bounded to about half a minute."""
-    machine = driver_state_machine(make_driver, homes, reference_homes)
+    machine = driver_state_machine(make_driver, homes, reference_homes, copy_up)
     phases = [Phase.explicit, Phase.reuse, Phase.generate]
     if os.environ.get("STRATA_HYPOTHESIS_SHRINK") == "1":  # minutes on real filesystems: opt in
         phases.append(Phase.shrink)
