@@ -17,7 +17,10 @@ fingerprint is *trusted* only when its ctime is older than the scan's start by
 :data:`TRUST_MARGIN_NS` (2 s: more than a clock tick and the 1 s granularity of ext4 with
 small inodes); untrusted entries are copied again next time. The index also names the
 boot (a power loss may leave an inode's metadata newer than its data), W's record and
-its upper dir's inode: any mismatch means a full copy.
+its upper dir's inode: any mismatch means a full copy. Assumed: the wall clock is not
+set back by more than the margin between two freezes of a boot (a repeated ctime could
+then hide a change). Granularity is the file: a big file with a small change is copied
+whole (extents cloned where the filesystem can).
 
 Planning (:func:`plan`) walks U and the index together. Overlay's merge is a fold
 (``view(D, F1, P) = merge(D, view(F1 + P))``), so with ``V`` = P's view and for each path:
