@@ -22,7 +22,9 @@ access type the volume was created for (1: volumeMode Block, a raw device; 0: a
 filesystem); a database from before the column gets it (0) when opened.
 
 This module is the only writer of the database; every method is one transaction, so
-what a call returned survives ``kill -9``.
+what a call returned survives ``kill -9`` and a power cut (a method returns once what it
+wrote or read is on stable storage); concurrent calls share the fsyncs (group commit,
+:mod:`csi.walsync`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from csi.errors import AlreadyExists, StrataError
+from csi.walsync import WalSync, open_wal_database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS volumes(
@@ -112,14 +115,12 @@ class StateStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
+            self._db = open_wal_database(self.path, _SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(volumes)")}
             if "block" not in columns:  # a store written before block volumes existed
                 self._db.execute("ALTER TABLE volumes ADD COLUMN block INTEGER NOT NULL DEFAULT 0")
-        except sqlite3.Error as exc:
+            self._sync = WalSync(self._db, self.path)
+        except (sqlite3.Error, OSError) as exc:
             raise StrataError(f"cannot open state store {self.path}: {exc}") from exc
         self._depth = 0
 
@@ -151,17 +152,26 @@ class StateStore:
                     self._db.execute("ROLLBACK")
                 raise
             self._depth -= 1
-            if outer:
-                self._db.execute("COMMIT")
+            if not outer:
+                return
+            self._db.execute("COMMIT")
+            seq = self._sync.note(self._db)
+        self._sync.wait(seq)
 
     def _run(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run one statement; outside a transaction, return once what it wrote or read is durable."""
         with self._lock:
             try:
-                return self._db.execute(sql, args).fetchall()
+                rows = self._db.execute(sql, args).fetchall()
             except sqlite3.IntegrityError as exc:
                 raise AlreadyExists(f"record conflicts with an existing one: {exc}") from exc
             except sqlite3.Error as exc:
                 raise StrataError(f"state store error: {exc}") from exc
+            if self._depth:
+                return rows
+            seq = self._sync.note(self._db, found=bool(rows))
+        self._sync.wait(seq)
+        return rows
 
     # ------------------------------------------------------------------ volumes
 

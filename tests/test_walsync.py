@@ -1,0 +1,139 @@
+"""Group commit (csi.walsync) on real sqlite databases: every commit is on disk once its
+wait returns, concurrent commits share syncs, a failed sync fails every later wait, and the
+two stores built on it keep their records across a reopen."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from csi.errors import StrataError
+from csi.graphdriver.metadata import Layer, LayerKind, LayerState, LayerStore
+from csi.state.store import RecordState, StateStore, VolumeRecord
+from csi.walsync import WalSync, open_wal_database
+
+SCHEMA = "CREATE TABLE IF NOT EXISTS t(k TEXT PRIMARY KEY, v INTEGER);"
+
+
+class CountingSync(WalSync):
+    """A WalSync that counts its real fdatasyncs (the sync itself is not replaced)."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self.syncs = 0
+        super().__init__(db, path)
+
+    def _sync_wal(self) -> None:
+        self.syncs += 1
+        super()._sync_wal()
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Iterator[tuple[sqlite3.Connection, CountingSync]]:
+    path = tmp_path / "x.db"
+    db = open_wal_database(path, SCHEMA)
+    try:
+        yield db, CountingSync(db, path)
+    finally:
+        db.close()
+
+
+def test_connection_is_wal_with_normal_sync(tmp_path: Path) -> None:
+    db = open_wal_database(tmp_path / "x.db", SCHEMA)
+    try:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL: WalSync syncs
+    finally:
+        db.close()
+
+
+def test_concurrent_commits_share_syncs_and_all_survive(database: tuple[sqlite3.Connection, CountingSync],
+                                                        tmp_path: Path) -> None:
+    db, sync = database
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+    per_thread = 40
+
+    def writer(n: int) -> None:
+        start.wait()
+        for i in range(per_thread):
+            with lock:
+                db.execute("INSERT INTO t VALUES (?, ?)", (f"{n}-{i}", i))
+                seq = sync.note(db)
+            sync.wait(seq)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    before = sync.syncs
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    commits = 8 * per_thread
+    assert 0 < sync.syncs - before < commits, "eight writers should share fdatasyncs"
+    again = sqlite3.connect(tmp_path / "x.db")
+    try:
+        assert again.execute("SELECT count(*) FROM t").fetchone()[0] == commits
+    finally:
+        again.close()
+
+
+def test_reads_wait_only_for_what_they_could_see(database: tuple[sqlite3.Connection, CountingSync]) -> None:
+    db, sync = database
+    db.execute("INSERT INTO t VALUES ('a', 1)")
+    seq = sync.note(db)  # committed, not yet waited for
+    db.execute("SELECT v FROM t WHERE k='zzz'").fetchall()
+    assert sync.note(db, found=False) == 0  # found nothing: nothing to wait for
+    rows = db.execute("SELECT v FROM t WHERE k='a'").fetchall()
+    read_seq = sync.note(db, found=bool(rows))
+    assert read_seq == seq  # a read that found rows waits for the commit it saw
+    synced = sync.syncs
+    sync.wait(read_seq)
+    assert sync.syncs == synced + 1
+    sync.wait(seq)  # already durable: no second sync
+    assert sync.syncs == synced + 1
+
+
+def test_a_failed_sync_fails_every_later_wait(database: tuple[sqlite3.Connection, CountingSync],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """fdatasync cannot be made to fail on a healthy disk: the EIO is injected (a fake)."""
+    db, sync = database
+    db.execute("INSERT INTO t VALUES ('a', 1)")
+    seq = sync.note(db)
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    with pytest.raises(StrataError, match="durable"):
+        sync.wait(seq)
+    monkeypatch.undo()
+    db.execute("INSERT INTO t VALUES ('b', 2)")
+    with pytest.raises(StrataError, match="durable"):
+        sync.wait(sync.note(db))
+
+
+def test_stores_keep_records_across_reopen(tmp_path: Path) -> None:
+    layers = LayerStore(tmp_path)
+    layers.insert(Layer(id="l1", parent=None, kind=LayerKind.WRITABLE, state=LayerState.READY))
+    with layers.transaction():
+        layers.update("l1", mounts=2)
+    assert layers.require("l1").mounts == 2
+    layers.close()
+    state = StateStore(tmp_path)
+    state.add_volume(VolumeRecord(layer="l1", name="n1", capacity=1, state=RecordState.READY))
+    with state.transaction():
+        state.set_volume("l1", capacity=5)
+    state.close()
+    reopened_layers, reopened_state = LayerStore(tmp_path), StateStore(tmp_path)
+    try:
+        assert reopened_layers.require("l1").mounts == 2
+        volume = reopened_state.volume("l1")
+        assert volume is not None and volume.capacity == 5
+    finally:
+        reopened_layers.close()
+        reopened_state.close()
