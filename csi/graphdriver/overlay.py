@@ -140,6 +140,7 @@ class OverlayDriver(LayerDriver):
     max_chain: ClassVar[int] = 500  # layers in one view: the kernel's limit of lowers
     max_delta_depth: ClassVar[int] = 32  # incremental mounted freezes stacked before a full copy
     trust_margin_ns: int = upperdelta.TRUST_MARGIN_NS  # tests lower it (see upperdelta)
+    record_after_make: ClassVar[bool] = True  # a half-made layers/<id> is an orphan reconcile removes
 
     # ------------------------------------------------------------------ support
 

@@ -64,6 +64,7 @@ class VfsDriver(LayerDriver):
     """Layers as directories, children as (reflinked) copies. See module docstring."""
 
     name = "vfs"
+    record_after_make = True  # a half-made layer (tmp/<id>, dir/<id>) is an orphan reconcile removes
 
     # ------------------------------------------------------------------ layout
 
