@@ -1,4 +1,4 @@
-"""The btrfs ioctls the btrfs driver needs, called directly with ``fcntl.ioctl``.
+"""The btrfs ioctls the btrfs driver needs, called directly (``ioctl(2)`` through ctypes).
 
 Why our own layer: the PyPI ``btrfsutil`` wheel links against libbtrfsutil 6.10+ and
 fails to load on Debian 12 (6.2: undefined symbol); the PyPI ``btrfs`` package
@@ -17,6 +17,10 @@ read-only or writable), destroy (``SNAP_DESTROY_V2`` by name), subvolume flags
 parent uuid, flags), quota (``QUOTA_CTL`` enable, ``QUOTA_RESCAN_WAIT``, quota-tree
 search for the status, qgroup usage and limits), ``QGROUP_LIMIT``, and ``statfs(2)``'s
 ``f_type`` (Python's ``os.statvfs`` lacks it).
+
+Every ioctl is made through ctypes, which releases the GIL for the call:
+``fcntl.ioctl`` with a buffer holds it, and a btrfs ioctl may wait for a transaction
+commit, which would stall every other thread of the plugin meanwhile.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import os
 import stat
 import struct
@@ -141,14 +144,15 @@ class QgroupLimit:
 # ------------------------------------------------------------------ helpers
 
 def _call(fd: int, request: int, buf: bytearray | int, what: str) -> None:
-    """One ioctl; a bytearray argument is passed by reference so the kernel can fill it."""
-    try:
-        if isinstance(buf, bytearray):
-            fcntl.ioctl(fd, request, buf, True)
-        else:
-            fcntl.ioctl(fd, request, buf)
-    except OSError as exc:
-        raise OSError(exc.errno, f"btrfs {what}: {os.strerror(exc.errno or 0)}") from exc
+    """One ioctl, without the GIL; a bytearray argument is passed by reference so the
+    kernel can fill it, an int by value."""
+    if isinstance(buf, bytearray):
+        arg: int | None = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf)) if buf else None
+    else:
+        arg = buf
+    if _libc.ioctl(fd, request, arg) < 0:  # some return a positive value on success (GET_SUBVOL_INFO: 1)
+        err = ctypes.get_errno()
+        raise OSError(err, f"btrfs {what}: {os.strerror(err)}")
 
 
 def _name_bytes(name: str) -> bytes:
@@ -171,6 +175,7 @@ def qgroup_id(subvolume_id: int, level: int = 0) -> int:
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 
 
 def filesystem_magic(path: str | os.PathLike[str]) -> int:
