@@ -1,6 +1,6 @@
 """The CSI plugin's state: volumes, snapshots and publications in one sqlite3 database.
 
-On-disk layout: ``<root>/state.db`` (WAL journal, ``synchronous=FULL``)::
+On-disk layout: ``<root>/state.db`` (WAL journal; durability: :mod:`csi.walsync`)::
 
     volumes(layer TEXT PRIMARY KEY, name TEXT UNIQUE, capacity INTEGER, parameters TEXT,
             source_kind TEXT, source_id TEXT, parent_layer TEXT, base_layer TEXT,
