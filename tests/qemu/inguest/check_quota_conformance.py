@@ -14,25 +14,27 @@ from typing import ClassVar
 import pytest
 from conformance import DriverConformance, open_driver
 
+from csi.graphdriver.base import LayerDriver
 from csi.graphdriver.overlay import OverlayDriver
 from csi.graphdriver.vfs import VfsDriver
 
 
-class TestVfsOnXfsQuota(DriverConformance):
+class _OnXfsQuota(DriverConformance):
+    """The suite for ``driver_class`` on an XFS home with prjquota (collected through subclasses)."""
+
     max_depth: ClassVar[int] = 16
+    driver_class: ClassVar[type[LayerDriver]]
 
     @pytest.fixture
-    def driver(self, xfs_prjquota: Path) -> Iterator[VfsDriver]:
-        with open_driver(VfsDriver, xfs_prjquota / "vfs") as drv:
+    def driver(self, xfs_prjquota: Path) -> Iterator[LayerDriver]:
+        with open_driver(self.driver_class, xfs_prjquota / self.driver_class.name) as drv:
             assert drv.size_enforcement().startswith("xfs project quota")
             yield drv
 
 
-class TestOverlayOnXfsQuota(DriverConformance):
-    max_depth: ClassVar[int] = 16
+class TestVfsOnXfsQuota(_OnXfsQuota):
+    driver_class = VfsDriver
 
-    @pytest.fixture
-    def driver(self, xfs_prjquota: Path) -> Iterator[OverlayDriver]:
-        with open_driver(OverlayDriver, xfs_prjquota / "overlay") as drv:
-            assert drv.size_enforcement().startswith("xfs project quota")
-            yield drv
+
+class TestOverlayOnXfsQuota(_OnXfsQuota):
+    driver_class = OverlayDriver
