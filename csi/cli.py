@@ -13,7 +13,7 @@ from csi import __version__
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("csi.services.server", "run the CSI plugin on a unix socket"),
-    "controller": ("csi.forwarder", "forward controller calls (expansion) to the node that owns a volume"),
+    "controller": ("csi.services.forwarder", "forward controller calls (expansion) to the node that owns a volume"),
     "demo": ("csi.demo", "end-to-end demo: create, write, snapshot, clone on a local socket"),
     "bench": ("csi.bench", "benchmarks: layered drivers and CSI lifecycle, with baselines"),
 }

@@ -24,7 +24,7 @@ from typing import TypeVar
 
 import grpc
 
-from csi import mount as mnt
+from csi.host import mount as mnt
 from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc as rpc
 from csi.services.server import ServeConfig, start_server

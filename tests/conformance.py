@@ -45,10 +45,11 @@ from typing import Any, ClassVar
 
 import pytest
 
-from csi import mount as mnt
+from csi.host import mount as mnt
 from csi.errors import AlreadyExists, Busy, InvalidArgument, NotFound
-from csi.graphdriver.base import CreateOpts, LayerDriver
-from csi.graphdriver.metadata import LayerState
+from csi.graphdriver.driver import CreateOpts
+from csi.graphdriver.layered import LayerDriver
+from csi.graphdriver.driver import LayerState
 from conformance_diffs import DiffChecks
 from layertree import T0, FileState, assert_same_tree, mutate, populate, set_mtimes, tree_state
 

@@ -25,7 +25,8 @@ from typing import Any, ClassVar
 import pytest
 
 from csi.errors import InvalidArgument, NotFound
-from csi.graphdriver.base import ChangeKind, LayerDriver
+from csi.graphdriver.driver import ChangeKind
+from csi.graphdriver.layered import LayerDriver
 from layertree import T0, assert_same_tree, mutate, populate
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from csi import mount as mnt
+from csi.host import mount as mnt
 
 
 def _kernel_has(fstype: str) -> bool:

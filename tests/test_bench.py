@@ -8,7 +8,6 @@ flags. No timing is asserted: the figures are whatever this machine gives.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from csi import mount as mnt
+from csi.host import mount as mnt
 from csi.bench.drivers import GOAL_GET_PUT_P50_S
 from csi.bench.fsenv import format_size, parse_size
 from csi.bench.lifecycle import LIFECYCLE_RPCS, plugin_available

@@ -1,4 +1,4 @@
-"""csi.mount on the real kernel: bind mounts, unmounting, mountinfo parsing, overlay by
+"""csi.host.mount on the real kernel: bind mounts, unmounting, mountinfo parsing, overlay by
 classic mount(2) and by the new mount API (fsopen/fsconfig) for chains past one page."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from csi import mount as mnt
+from csi.host import mount as mnt
 from csi.errors import InvalidArgument, NotFound
 
 

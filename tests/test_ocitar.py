@@ -1,4 +1,4 @@
-"""csi.graphdriver.ocitar and the naive differ on their own: names, exact times, binary
+"""csi.graphdriver.diff.ocitar and the naive differ on their own: names, exact times, binary
 xattrs and odd file names, refusing tars that would write outside the root."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from csi.errors import InvalidArgument
-from csi.graphdriver.base import ChangeKind
-from csi.graphdriver.naive_diff import NaiveDiffer
-from csi.graphdriver.ocitar import (LayerTarApplier, LayerTarWriter, MemberKind, apply_tar, classify, format_ns,
+from csi.graphdriver.driver import ChangeKind
+from csi.graphdriver.diff.naive import NaiveDiffer
+from csi.graphdriver.diff.ocitar import (LayerTarApplier, LayerTarWriter, MemberKind, apply_tar, classify, format_ns,
                                     opaque_name, parse_ns, whiteout_name)
 from csi.graphdriver.vfs import VfsDriver
 from conformance import assert_same_tree, open_driver

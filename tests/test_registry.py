@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from csi import mount as mnt
+from csi.host import mount as mnt
 from csi.errors import (IncompatibleFilesystem, InvalidArgument, NotSupported, PrerequisitesMissing,
                         StrataError)
 from csi.graphdriver import registry
-from csi.graphdriver.base import LayerDriver
-from csi.graphdriver.btrfs import BtrfsDriver
-from csi.graphdriver.overlay import OverlayDriver
+from csi.graphdriver.layered import LayerDriver
+from csi.graphdriver.btrfs.driver import BtrfsDriver
+from csi.graphdriver.overlay.driver import OverlayDriver
 from csi.graphdriver.registry import NoDriverAvailable, Selection, driver_class, holds_state, new_driver
 from csi.graphdriver.vfs import VfsDriver
 

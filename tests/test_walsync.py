@@ -1,4 +1,4 @@
-"""Group commit (csi.walsync) on real sqlite databases: every commit is on disk once its
+"""Group commit (csi.host.walsync) on real sqlite databases: every commit is on disk once its
 wait returns, concurrent commits share syncs, a failed sync fails every later wait, and the
 two stores built on it keep their records across a reopen."""
 
@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from csi.errors import StrataError
-from csi.graphdriver.metadata import Layer, LayerKind, LayerState, LayerStore
+from csi.graphdriver.driver import Layer, LayerKind, LayerState
+from csi.graphdriver.metastore import LayerStore
 from csi.state.store import RecordState, StateStore, VolumeRecord
-from csi.walsync import WalSync, open_wal_database
+from csi.host.walsync import WalSync, open_wal_database
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS t(k TEXT PRIMARY KEY, v INTEGER);"
 

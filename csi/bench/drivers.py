@@ -36,13 +36,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from csi import mount as mnt
+from csi.host import mount as mnt
 from csi.bench.fsenv import MIB, Backing, DataSource, copy_tree, fill_tree, format_size, remove_tree, write_file
 from csi.bench.report import (
     Goal, Latency, Section, Table, at_least, at_most, mbps, ms, timed, with_ratio,
 )
 from csi.errors import DriverUnavailable, StrataError
-from csi.graphdriver.base import CreateOpts, LayerDriver
+from csi.graphdriver.layered import LayerDriver
 from csi.graphdriver.registry import driver_class
 from csi.ids import new_layer_id
 

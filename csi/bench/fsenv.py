@@ -8,7 +8,7 @@ Layout of one run (all under a fresh ``mkdtemp`` directory in ``/var/tmp`` by de
 
 :class:`BenchFilesystems` is a context manager: on exit — normal, error, Ctrl-C or a
 SIGTERM turned into :class:`Interrupted` by :func:`terminate_as_interrupt` — it unmounts
-every mount left under the scratch directory (deepest first, through :mod:`csi.mount`),
+every mount left under the scratch directory (deepest first, through :mod:`csi.host.mount`),
 detaches the loop device and deletes the scratch directory. btrfs is optional: when the
 kernel or btrfs-progs lacks it, :attr:`BenchFilesystems.unavailable` says why and the
 btrfs-backed cases are reported as skipped.
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 
-from csi import mount as mnt
+from csi.host import mount as mnt
 
 MIB = 1 << 20
 FILE_BYTES = 4 * MIB  # files of the data tree are this large (the last one may be smaller)

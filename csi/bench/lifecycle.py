@@ -42,7 +42,7 @@ from typing import Any
 
 import grpc
 
-from csi import mount as mnt
+from csi.host import mount as mnt
 from csi.bench.drivers import CASES, DriverCase
 from csi.bench.fsenv import MIB, Backing, DataSource, copy_tree, fill_tree, format_size, remove_tree, write_file
 from csi.bench.report import Goal, Latency, Section, Table, at_least, at_most, ms, timed, with_ratio

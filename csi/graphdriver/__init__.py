@@ -1,9 +1,21 @@
-"""Layered storage: the driver contract, the registry and the drivers.
+"""Layered storage: the driver contract, the shared machinery, the registry and the drivers.
 
-Public entry points: :class:`csi.graphdriver.base.Driver` (the contract),
-:func:`csi.graphdriver.registry.new_driver` (per-node selection).
+Layout (each module's docstring states its contract or on-disk layout)::
+
+    driver.py       the contract: value types and the Driver interface (types only)
+    layered.py      LayerDriver: the contract implemented once over a few storage primitives
+    metastore.py    the crash-safe layer records (sqlite, WAL) behind LayerDriver
+    registry.py     per-node selection (explicit name, prior state, priority list)
+    diff/           the one OCI layer-tar codec and the naive (tree-walking) differ
+    quota/          XFS project quota and the layer-size policy on top of it
+    vfs.py          the copy-based driver
+    overlay/        overlay and aufs: layout, upper-dir diff, incremental freezes
+    btrfs/          subvolumes and qgroups, with the ioctls they need
+    devicemapper/   thin devices, with the DM ioctls
+
+Nothing outside this package touches a driver's records: services call the contract only.
 """
 
-from csi.graphdriver.base import Change, ChangeKind, CreateOpts, Driver, Layer, LayerKind
+from csi.graphdriver.driver import Capacity, Change, ChangeKind, CreateOpts, Driver, Layer, LayerKind, LayerState
 
-__all__ = ["Change", "ChangeKind", "CreateOpts", "Driver", "Layer", "LayerKind"]
+__all__ = ["Capacity", "Change", "ChangeKind", "CreateOpts", "Driver", "Layer", "LayerKind", "LayerState"]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from csi.errors import DriverUnavailable, InvalidArgument, StrataError
-from csi.graphdriver.base import LayerDriver
+from csi.graphdriver.layered import LayerDriver
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,10 @@ PRIORITY: tuple[str, ...] = ("btrfs", "overlay", "aufs", "devicemapper", "vfs")
 # disables its own driver.
 DRIVER_CLASSES: Mapping[str, str] = {
     "vfs": "csi.graphdriver.vfs:VfsDriver",
-    "overlay": "csi.graphdriver.overlay:OverlayDriver",
-    "aufs": "csi.graphdriver.aufs:AufsDriver",
-    "btrfs": "csi.graphdriver.btrfs:BtrfsDriver",
-    "devicemapper": "csi.graphdriver.devicemapper:DevmapperDriver",
+    "overlay": "csi.graphdriver.overlay.driver:OverlayDriver",
+    "aufs": "csi.graphdriver.overlay.aufs:AufsDriver",
+    "btrfs": "csi.graphdriver.btrfs.driver:BtrfsDriver",
+    "devicemapper": "csi.graphdriver.devicemapper.driver:DevmapperDriver",
 }
 
 

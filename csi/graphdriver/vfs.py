@@ -2,11 +2,11 @@
 
 It works on any filesystem and is the last resort of the priority list. Copies use
 reflinks where the filesystem shares extents (btrfs, XFS), so there a copy costs
-metadata only; elsewhere (ext4) they are real copies (:mod:`csi.graphdriver.treecopy`).
+metadata only; elsewhere (ext4) they are real copies (:mod:`csi.host.treecopy`).
 
 On-disk layout under the driver home::
 
-    layers.db        the layer records (csi.graphdriver.metadata)
+    layers.db        the layer records (csi.graphdriver.metastore)
     dir/<id>/        the content of layer <id> (writable and frozen alike)
     mnt/<id>/        a frozen layer's read-only bind mount of dir/<id>, while gotten
     tmp/<id>/        a layer being built (copy in progress); renamed to dir/<id> when done
@@ -23,7 +23,7 @@ On-disk layout under the driver home::
   filesystem supports the flag.
 * Size: on a home on XFS mounted with ``prjquota``, a writable layer created with a size
   gets its own XFS project ID on ``dir/<id>`` with a hard block limit of that size
-  (:mod:`csi.graphdriver.layer_limits`): the limit covers the layer's whole content, the
+  (:mod:`csi.graphdriver.quota.limits`): the limit covers the layer's whole content, the
   copy of its parent included (as a disk of that size would), so ``create`` refuses
   (OutOfRange) a size below what the parent occupies; ``resize`` raises the limit, removal
   releases the ID, frozen layers have none. Elsewhere ``status()`` says plainly that sizes
@@ -48,11 +48,12 @@ import os
 import stat
 from pathlib import Path
 
-from csi import mount as mnt
+from csi.host import mount as mnt
 from csi.errors import OutOfRange
-from csi.graphdriver.base import Layer, LayerDriver
-from csi.graphdriver.layer_limits import LayerLimits, no_enforcement
-from csi.graphdriver.treecopy import CopyStats, copy_tree, remove_tree, tree_bytes
+from csi.graphdriver.driver import Layer
+from csi.graphdriver.layered import LayerDriver
+from csi.graphdriver.quota.limits import LayerLimits, no_enforcement
+from csi.host.treecopy import CopyStats, copy_tree, remove_tree, tree_bytes
 from csi.ids import is_layer_id
 
 _FS_IOC_GETFLAGS = 0x80086601

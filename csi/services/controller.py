@@ -34,7 +34,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi.errors import Aborted, AlreadyExists, Busy, InvalidArgument, NotFound, OutOfRange, Unsupported
-from csi.graphdriver.base import CreateOpts
+from csi.graphdriver.driver import CreateOpts
 from csi.ids import is_layer_id, new_layer_id
 from csi.proto import csi_pb2, csi_pb2_grpc
 from csi.services.plugin import KUBERNETES_PREFIX, Plugin

@@ -21,7 +21,7 @@
   A volume staged or published with the other access type than it was created for is
   INVALID_ARGUMENT.
 * Paths must be absolute and normalised; a volume ID strata did not issue is NOT_FOUND
-  before any path is looked at. Every mount goes through :mod:`csi.mount`.
+  before any path is looked at. Every mount goes through :mod:`csi.host.mount`.
 
 Crash protocol: a publication row is written ``pending`` before the mount and marked
 ``ready`` after it; teardown marks it ``removing`` first. Recovery
@@ -35,9 +35,9 @@ from pathlib import Path
 
 import grpc
 
-from csi import mount as mnt
+from csi.host import mount as mnt
 from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from csi.graphdriver.base import CreateOpts
+from csi.graphdriver.driver import CreateOpts
 from csi.ids import new_layer_id
 from csi.proto import csi_pb2, csi_pb2_grpc
 from csi.services.controller import require

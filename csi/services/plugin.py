@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from csi.errors import InvalidArgument, ResourceExhausted
-from csi.graphdriver.base import LayerDriver
+from csi.graphdriver.layered import LayerDriver
 from csi.graphdriver.registry import Selection, new_driver
 from csi.proto import csi_pb2
 from csi.services.locks import KeyLocks

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from csi import mount as mnt
+from csi.host import mount as mnt
 from csi.services.volume_ids import CLONE_BASE_PREFIX, SNAPSHOT_PREFIX, VOLUME_PREFIX
 from csi.state.store import PUBLISH, STAGE, RecordState
 

@@ -9,7 +9,7 @@ Usage::
 Defaults work on a laptop: root ``./strata-data``, the socket inside it, node ID the
 host name, driver chosen by the registry (vfs when nothing better fits). With ``--driver
 auto`` and ``STRATA_NODE_DRIVER_LABEL`` set (the Helm chart sets it), the Node label of
-that name picks the driver (:func:`csi.nodelabel.resolve_driver`), read once at start-up.
+that name picks the driver (:func:`csi.kube.resolve_driver`), read once at start-up.
 ``--storage-opt`` (repeatable, as Docker's) passes options to the layered driver, e.g.
 ``dm.thinpooldev=/dev/mapper/POOL`` for devicemapper.
 The socket is created owner-only (0600). SIGTERM or SIGINT stop accepting calls, let
@@ -66,7 +66,7 @@ class ServeConfig:
     max_volumes_per_node: int = 0
     workers: int = 16
     grace_seconds: float = 30.0
-    forward_listen: str = ""  # HOST:PORT of the expansion forward listener (csi.forwarder); "" = none
+    forward_listen: str = ""  # HOST:PORT of the expansion forward listener (csi.services.forwarder); "" = none
     forward_token_file: str = ""
     storage_opts: tuple[tuple[str, str], ...] = ()  # layered driver options (--storage-opt KEY=VALUE)
 
@@ -147,7 +147,7 @@ def start_server(config: ServeConfig) -> ServerHandle:
     try:
         server = build_server(config, plugin)
         if config.forward_listen:  # before the socket exists, so a bad listener fails start-up cleanly
-            from csi.forwarder import start_forward_listener
+            from csi.services.forwarder import start_forward_listener
 
             forward_server = start_forward_listener(config.forward_listen, Path(config.forward_token_file),
                                                     ControllerService(plugin))
@@ -205,7 +205,7 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        from csi.nodelabel import resolve_driver
+        from csi.kube import resolve_driver
 
         config = replace(config, driver=resolve_driver(config.driver, config.node_id))
         handle = start_server(config)

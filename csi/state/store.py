@@ -1,6 +1,6 @@
 """The CSI plugin's state: volumes, snapshots and publications in one sqlite3 database.
 
-On-disk layout: ``<root>/state.db`` (WAL journal; durability: :mod:`csi.walsync`)::
+On-disk layout: ``<root>/state.db`` (WAL journal; durability: :mod:`csi.host.walsync`)::
 
     volumes(layer TEXT PRIMARY KEY, name TEXT UNIQUE, capacity INTEGER, parameters TEXT,
             source_kind TEXT, source_id TEXT, parent_layer TEXT, base_layer TEXT,
@@ -24,7 +24,7 @@ filesystem); a database from before the column gets it (0) when opened.
 This module is the only writer of the database; every method is one transaction, so
 what a call returned survives ``kill -9`` and a power cut (a method returns once what it
 wrote or read is on stable storage); concurrent calls share the fsyncs (group commit,
-:mod:`csi.walsync`).
+:mod:`csi.host.walsync`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from csi.errors import AlreadyExists, StrataError
-from csi.walsync import WalSync, open_wal_database
+from csi.host.walsync import WalSync, open_wal_database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS volumes(

@@ -16,7 +16,7 @@ import pytest
 from csi_harness import Harness, MiB, block_cap, mount_cap
 
 from csi.errors import Unsupported
-from csi.graphdriver.base import CreateOpts
+from csi.graphdriver.driver import CreateOpts
 from csi.graphdriver.vfs import VfsDriver
 from csi.proto import csi_pb2 as pb
 from csi.services.server import parse_args

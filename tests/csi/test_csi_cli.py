@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from csi import __version__
-from csi import mount as mnt
+from csi.host import mount as mnt
 
 
 def strata(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

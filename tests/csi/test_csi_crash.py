@@ -17,7 +17,7 @@ import grpc
 import pytest
 from csi_harness import Harness, MiB, ServeProcess, Stubs, files_of, mount_cap
 
-from csi import mount as mnt
+from csi.host import mount as mnt
 from csi.proto import csi_pb2 as pb
 from csi.state.store import RecordState
 

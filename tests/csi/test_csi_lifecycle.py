@@ -12,7 +12,7 @@ import grpc
 import pytest
 from csi_harness import NODE, Harness, MiB, code_of, files_of, mount_cap
 
-from csi import mount as mnt
+from csi.host import mount as mnt
 from csi.proto import csi_pb2 as pb
 
 PAYLOAD = {

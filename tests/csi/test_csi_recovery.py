@@ -10,8 +10,8 @@ from collections.abc import Callable
 import pytest
 from csi_harness import Harness, files_of
 
-from csi import mount as mnt
-from csi.graphdriver.base import CreateOpts
+from csi.host import mount as mnt
+from csi.graphdriver.driver import CreateOpts
 from csi.ids import new_layer_id
 from csi.proto import csi_pb2 as pb
 from csi.services.node import bind

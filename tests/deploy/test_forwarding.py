@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi.forwarder import TOKEN_HEADER
+from csi.services.forwarder import TOKEN_HEADER
 from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc as rpc
 

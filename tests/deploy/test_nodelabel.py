@@ -23,8 +23,8 @@ import pytest
 from kubernetes import client
 
 from csi.errors import FailedPrecondition, InvalidArgument, NotFound
-from csi.forwarder import KubernetesAddresses
-from csi.nodelabel import ENV_LABEL, driver_from_node_label, node_internal_ip, resolve_driver
+from csi.services.forwarder import KubernetesAddresses
+from csi.kube import ENV_LABEL, driver_from_node_label, node_internal_ip, resolve_driver
 
 RESPONSES = Path(__file__).parent / "api_responses"
 ROUTES = {
@@ -137,9 +137,9 @@ def test_internal_ip_for_the_forwarder(api_server: FakeApiServer, monkeypatch: p
     with pytest.raises(NotFound, match="no InternalIP"):
         node_internal_ip("node-typo", api)
     # KubernetesAddresses formats HOST:PORT, bracketing IPv6.
-    import csi.nodelabel
+    import csi.kube
 
-    monkeypatch.setattr(csi.nodelabel, "incluster_api_client", lambda: api)
+    monkeypatch.setattr(csi.kube, "incluster_api_client", lambda: api)
     assert KubernetesAddresses(9820)("node-labelled") == "10.0.3.17:9820"
     assert KubernetesAddresses(9820)("node-plain") == "[fd00:10::17]:9820"
     with pytest.raises(NotFound):

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conformance import DriverConformance, open_driver  # noqa: E402
 
 from csi.errors import NotSupported, OutOfRange  # noqa: E402
-from csi.graphdriver.aufs import MAX_BRANCHES, AufsDriver  # noqa: E402
-from csi.graphdriver.layout import AUFS_WHITEOUTS  # noqa: E402
-from csi.graphdriver.overlay import kernel_has  # noqa: E402
+from csi.graphdriver.overlay.aufs import MAX_BRANCHES, AufsDriver  # noqa: E402
+from csi.graphdriver.overlay.layout import AUFS_WHITEOUTS  # noqa: E402
+from csi.graphdriver.overlay.driver import kernel_has  # noqa: E402
 
 
 class TestAufs(DriverConformance):

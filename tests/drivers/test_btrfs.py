@@ -19,11 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from conformance import DriverConformance, open_driver, reopen  # noqa: E402
 
-from csi import mount as mnt  # noqa: E402
+from csi.host import mount as mnt  # noqa: E402
 from csi.errors import IncompatibleFilesystem, InvalidArgument, OutOfRange, Unsupported  # noqa: E402
-from csi.graphdriver import btrfs_ioctl as ioc  # noqa: E402
-from csi.graphdriver.base import CreateOpts, Layer, LayerKind, LayerState  # noqa: E402
-from csi.graphdriver.btrfs import BtrfsDriver  # noqa: E402
+from csi.graphdriver.btrfs import ioctl as ioc  # noqa: E402
+from csi.graphdriver.driver import CreateOpts, Layer, LayerKind
+from csi.graphdriver.layered import LayerState  # noqa: E402
+from csi.graphdriver.btrfs.driver import BtrfsDriver  # noqa: E402
 
 
 class TestBtrfs(DriverConformance):
@@ -447,8 +448,8 @@ class TestRecovery:
 
 _CHILD = r"""
 import sys
-from csi.graphdriver.btrfs import BtrfsDriver
-from csi.graphdriver.base import CreateOpts
+from csi.graphdriver.btrfs.driver import BtrfsDriver
+from csi.graphdriver.driver import CreateOpts
 drv = BtrfsDriver(sys.argv[1])
 parent = None
 for i in range(100_000):

@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conformance import DriverConformance, open_driver, reopen, tree_state  # noqa: E402
 
-from csi import mount as mnt  # noqa: E402
+from csi.host import mount as mnt  # noqa: E402
 from csi.errors import IncompatibleFilesystem  # noqa: E402
-from csi.graphdriver.metadata import LayerState  # noqa: E402
-from csi.graphdriver.overlay import CRASH_ENV, OverlayDriver  # noqa: E402
+from csi.graphdriver.metastore import LayerState  # noqa: E402
+from csi.graphdriver.overlay.driver import CRASH_ENV, OverlayDriver  # noqa: E402
 
 
 class TestOverlayOnExt4(DriverConformance):
@@ -380,8 +380,8 @@ def test_home_on_a_filesystem_without_upper_support(scratch_root: Path) -> None:
 
 _FREEZE_CHILD = r"""
 import os, sys
-from csi.graphdriver import upperdelta
-from csi.graphdriver.overlay import OverlayDriver
+from csi.graphdriver.overlay import upperdelta
+from csi.graphdriver.overlay.driver import OverlayDriver
 drv = OverlayDriver(sys.argv[1])
 drv.trust_margin_ns = 20_000_000
 if sys.argv[2] != "unmounted":

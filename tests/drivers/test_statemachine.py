@@ -38,8 +38,8 @@ from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, initia
                                  run_state_machine_as_test)
 
 from conformance import assert_same_tree, populate
-from csi import mount as mnt
-from csi.graphdriver.base import LayerDriver
+from csi.host import mount as mnt
+from csi.graphdriver.layered import LayerDriver
 from csi.graphdriver.vfs import VfsDriver
 
 MakeDriver = Callable[[Path], LayerDriver]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from csi.graphdriver.upperdelta import Entry, NotIncremental, Tree, lookup, plan
+from csi.graphdriver.overlay.upperdelta import Entry, NotIncremental, Tree, lookup, plan
 
 DIR, REG, CHR = stat.S_IFDIR, stat.S_IFREG, stat.S_IFCHR
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from csi.errors import DriverUnavailable, InvalidArgument, NotSupported, PrerequisitesMissing
-from csi.graphdriver import dm_ioctl as dm
+from csi.graphdriver.devicemapper import ioctl as dm
 from csi.graphdriver import registry
-from csi.graphdriver.devicemapper import DevmapperDriver, DmConfig, parse_size
-from csi.graphdriver.xfs_quota import ProjectQuota, prjquota_mount
+from csi.graphdriver.devicemapper.driver import DevmapperDriver, DmConfig, parse_size
+from csi.graphdriver.quota.xfs import ProjectQuota, prjquota_mount
 
 
 def _dm_works() -> bool:

@@ -28,8 +28,8 @@ import pytest
 sys.path.append(str(Path(__file__).resolve().parents[2] / "csi"))  # the CSI harness (tests/csi)
 from csi_harness import Harness, MiB, ServeProcess, block_cap, code_of, files_of, mount_cap  # noqa: E402
 
-from csi import mount as mnt  # noqa: E402
-from csi.graphdriver import dm_ioctl as dm  # noqa: E402
+from csi.host import mount as mnt  # noqa: E402
+from csi.graphdriver.devicemapper import ioctl as dm  # noqa: E402
 from csi.proto import csi_pb2 as pb  # noqa: E402
 
 STORAGE_OPTS = (("dm.loopback", "true"), ("dm.loopdatasize", "1G"), ("dm.loopmetadatasize", "16M"),

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from csi.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
-from csi.graphdriver import dm_ioctl as dm
-from csi.graphdriver.base import CreateOpts
-from csi.graphdriver.devicemapper import DevmapperDriver
+from csi.graphdriver.devicemapper import ioctl as dm
+from csi.graphdriver.driver import CreateOpts
+from csi.graphdriver.devicemapper.driver import DevmapperDriver
 
 MIB = 1 << 20
 DM_OPTIONS = {"dm.loopback": "true", "dm.loopdatasize": "4G", "dm.loopmetadatasize": "64M", "dm.basesize": "64M"}
@@ -289,8 +289,8 @@ def test_pool_changed_behind_our_back_stops_start_up(dm_home: Path) -> None:
 CHILD = r"""
 import sys
 from pathlib import Path
-from csi.graphdriver.devicemapper import DevmapperDriver
-from csi.graphdriver.base import CreateOpts
+from csi.graphdriver.devicemapper.driver import DevmapperDriver
+from csi.graphdriver.driver import CreateOpts
 opts = dict(a.split("=", 1) for a in sys.argv[2:])
 d = DevmapperDriver(Path(sys.argv[1]), opts)
 print("ready", flush=True)

@@ -14,7 +14,7 @@ from typing import ClassVar
 import pytest
 from conformance import DriverConformance, open_driver
 
-from csi.graphdriver.devicemapper import DevmapperDriver
+from csi.graphdriver.devicemapper.driver import DevmapperDriver
 
 OPTIONS = {"dm.loopback": "true", "dm.loopdatasize": "4G", "dm.loopmetadatasize": "64M", "dm.basesize": "64M"}
 

@@ -1,5 +1,5 @@
 """Size enforcement of the overlay and vfs drivers on XFS mounted with ``prjquota``
-(:mod:`csi.graphdriver.layer_limits` over :class:`csi.graphdriver.xfs_quota.ProjectQuota`).
+(:mod:`csi.graphdriver.quota.limits` over :class:`csi.graphdriver.quota.xfs.ProjectQuota`).
 Runs inside the qemu guest only: this host's kernel has no filesystem quotas, and the
 guest's has no aufs (so aufs, which shares overlay's quota code, is not run here).
 
@@ -25,12 +25,13 @@ from pathlib import Path
 import pytest
 from quota_writes import MIB, fill, near, wait_uncharged
 
-from csi import mount as mnt
+from csi.host import mount as mnt
 from csi.errors import OutOfRange
-from csi.graphdriver import xfs_quota as xq
-from csi.graphdriver.base import CreateOpts, LayerDriver, LayerState
-from csi.graphdriver.layer_limits import LayerLimits
-from csi.graphdriver.overlay import OverlayDriver
+from csi.graphdriver.quota import xfs as xq
+from csi.graphdriver.driver import CreateOpts, LayerState
+from csi.graphdriver.layered import LayerDriver
+from csi.graphdriver.quota.limits import LayerLimits
+from csi.graphdriver.overlay.driver import OverlayDriver
 from csi.graphdriver.vfs import VfsDriver
 
 DRIVERS = [VfsDriver, OverlayDriver]
@@ -298,8 +299,8 @@ def test_inherited_symlinks_and_devices_stay_movable(driver: LayerDriver) -> Non
 
 _CRASH_CHILD = r"""
 import json, sys
-from csi.graphdriver.base import CreateOpts
-from csi.graphdriver.overlay import OverlayDriver
+from csi.graphdriver.driver import CreateOpts
+from csi.graphdriver.overlay.driver import OverlayDriver
 from csi.graphdriver.vfs import VfsDriver
 cls = {"vfs": VfsDriver, "overlay": OverlayDriver}[sys.argv[1]]
 drv = cls(sys.argv[2], {})

@@ -14,8 +14,8 @@ from typing import ClassVar
 import pytest
 from conformance import DriverConformance, open_driver
 
-from csi.graphdriver.base import LayerDriver
-from csi.graphdriver.overlay import OverlayDriver
+from csi.graphdriver.layered import LayerDriver
+from csi.graphdriver.overlay.driver import OverlayDriver
 from csi.graphdriver.vfs import VfsDriver
 
 

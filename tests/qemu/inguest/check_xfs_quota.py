@@ -1,4 +1,4 @@
-"""XFS project quota (csi.graphdriver.xfs_quota) on a real XFS mounted with prjquota.
+"""XFS project quota (csi.graphdriver.quota.xfs) on a real XFS mounted with prjquota.
 
 Runs inside the qemu guest only (this host kernel has no filesystem quotas)."""
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from quota_writes import MIB, fill, wait_uncharged
 
-from csi import mount as mnt
+from csi.host import mount as mnt
 from csi.errors import InvalidArgument
-from csi.graphdriver import xfs_quota as xq
-from csi.graphdriver.xfs_quota import ProjectQuota
+from csi.graphdriver.quota import xfs as xq
+from csi.graphdriver.quota.xfs import ProjectQuota
 
 
 def test_for_home_is_none_without_prjquota(guest_scratch: Path) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from csi import mount as mnt
-from csi.graphdriver import dm_ioctl as dm
+from csi.host import mount as mnt
+from csi.graphdriver.devicemapper import ioctl as dm
 
 
 @pytest.fixture

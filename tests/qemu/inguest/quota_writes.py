@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from csi.graphdriver import xfs_quota as xq
+from csi.graphdriver.quota import xfs as xq
 
 MIB = 1 << 20
 

@@ -40,8 +40,8 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from csi.errors import InvalidArgument
-from csi.graphdriver.pipestream import send_file_data, write_all
-from csi.graphdriver.treecopy import remove_tree
+from csi.host.pipestream import send_file_data, write_all
+from csi.host.treecopy import remove_tree
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."

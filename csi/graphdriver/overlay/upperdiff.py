@@ -2,7 +2,7 @@
 
 A layer's diff dir holds exactly its changes against its parent, so its OCI layer tar
 (uncompressed PAX, readable by GNU tar and Python's tarfile) is the diff dir itself with
-whiteouts translated by a :class:`~csi.graphdriver.layout.WhiteoutFormat`:
+whiteouts translated by a :class:`~csi.graphdriver.overlay.layout.WhiteoutFormat`:
 
 * ``diff_stream`` / ``write_layer_tar``: the root as ``./``, then entries in sorted
   pre-order; a whiteout becomes an empty ``.wh.NAME`` member, an opaque directory is its
@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from csi.errors import InvalidArgument
-from csi.graphdriver.base import Change, ChangeKind
-from csi.graphdriver.layout import (
+from csi.graphdriver.driver import Change, ChangeKind
+from csi.graphdriver.overlay.layout import (
     OCI_OPAQUE, OCI_WHITEOUT_PREFIX, WhiteoutFormat, copy_file, copy_metadata, remove_path,
 )
-from csi.graphdriver.pipestream import pipe_stream, send_file_data, write_all
+from csi.host.pipestream import pipe_stream, send_file_data, write_all
 
 
 def diff_stream(layer_dir: Path, fmt: WhiteoutFormat) -> IO[bytes]:

@@ -1,38 +1,6 @@
-"""The layered-storage contract (Docker's graphdriver, kept recognisable) and the
-machinery every driver shares.
-
-Contract (:class:`Driver`)::
-
-    create(id, parent=None, opts) -> Layer   new *writable* layer; content = parent's
-    freeze(id, frozen_id) -> Layer            new *frozen* (read-only) layer holding id's
-                                              current content; id stays writable, unchanged
-    remove(id)                                idempotent; deferred while children exist
-    get(id, mount_label="") -> Path           refcounted; frozen layers give a read-only view
-    get_block(id) -> Path                     refcounted like get, for block layers: activates
-                                              the layer's device and returns its node
-    block_device(id) -> Path                  the device node of an active layer (no reference)
-    put(id)                                   idempotent; releases get and get_block alike
-    exists(id) -> bool
-    status() -> [(key, value)]
-    cleanup()                                 release mounts, finish deferred work, drop leftovers
-    resize(id, size_bytes)                    raise a writable layer's size limit
-    diff(id, parent) -> tar stream            OCI layer tar of id relative to parent
-    changes(id, parent) -> [Change]
-    apply_diff(id, parent, stream) -> int     apply an OCI layer tar onto writable id
-    diff_size(id, parent) -> int
-
-Rules: only frozen layers are parents; IDs pass :func:`csi.ids.check_layer_id` before
-anything else; every error is a :mod:`csi.errors` type.
-
-Block layers (CSI volumeMode Block): a driver whose layers are devices sets
-``supports_block``; ``create(..., CreateOpts(block=True))`` then makes a *raw* layer (no
-filesystem), which ``get_block`` activates and ``get`` refuses (there is nothing to mount),
-while ``get_block`` refuses filesystem layers. Frozen copies and children of a block layer
-are block layers (a child must ask for ``block=True``; a mismatch is InvalidArgument).
-Elsewhere ``block=True``, ``get_block`` and ``block_device`` raise Unsupported.
-
-:class:`LayerDriver` implements the contract once — ID checks, per-layer locks,
-the crash-safe record protocol (:mod:`csi.graphdriver.metadata`), reference counts,
+"""The machinery every driver shares: :class:`LayerDriver` implements the contract
+(:class:`csi.graphdriver.driver.Driver`) once — ID checks, per-layer locks,
+the crash-safe record protocol (:mod:`csi.graphdriver.metastore`), reference counts,
 deferred removal, start-up reconciliation — and leaves the storage work to a few
 primitives (``_make``, ``_freeze``, ``_destroy``, ``_activate``, ``_deactivate``, ...).
 
@@ -52,118 +20,23 @@ from __future__ import annotations
 
 import os
 import threading
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import IO, ClassVar
 
 from csi.errors import AlreadyExists, Busy, FailedPrecondition, InvalidArgument, NotFound, StrataError, Unsupported
-from csi.graphdriver.metadata import Layer, LayerKind, LayerState, LayerStore
+from csi.graphdriver.diff.naive import NaiveDiffer
+from csi.graphdriver.driver import Capacity, Change, CreateOpts, Driver, Layer, LayerKind, LayerState
+from csi.graphdriver.metastore import LayerStore
 from csi.ids import check_layer_id
 
-__all__ = [
-    "Capacity", "Change", "ChangeKind", "CreateOpts", "Driver", "Layer", "LayerDriver", "LayerKind", "LayerState",
-]
-
-
-@dataclass(frozen=True)
-class CreateOpts:
-    """Options of :meth:`Driver.create`. ``size_bytes`` None means no limit; ``block`` asks
-    for a raw block layer (only where the driver ``supports_block``)."""
-
-    size_bytes: int | None = None
-    mount_label: str = ""
-    storage_opt: Mapping[str, str] | None = None
-    block: bool = False
-
-
-class ChangeKind(str, Enum):
-    ADDED = "added"
-    MODIFIED = "modified"
-    DELETED = "deleted"
-
-
-@dataclass(frozen=True)
-class Change:
-    path: str  # absolute, within the layer ("/a/b")
-    kind: ChangeKind
-
-
-@dataclass(frozen=True)
-class Capacity:
-    total_bytes: int
-    available_bytes: int
+__all__ = ["LayerDriver"]
 
 
 def _content(block: bool) -> str:
     return "block" if block else "filesystem"
-
-
-class Driver(ABC):
-    """The public contract. See the module docstring."""
-
-    name: ClassVar[str]
-    supports_block: ClassVar[bool] = False  # layers are devices: CreateOpts(block=True) works
-
-    @abstractmethod
-    def create(self, layer_id: str, parent: str | None = None, opts: CreateOpts | None = None) -> Layer: ...
-
-    @abstractmethod
-    def freeze(self, layer_id: str, frozen_id: str) -> Layer: ...
-
-    @abstractmethod
-    def remove(self, layer_id: str) -> None: ...
-
-    @abstractmethod
-    def get(self, layer_id: str, mount_label: str = "") -> Path: ...
-
-    @abstractmethod
-    def get_block(self, layer_id: str) -> Path: ...
-
-    @abstractmethod
-    def block_device(self, layer_id: str) -> Path: ...
-
-    @abstractmethod
-    def put(self, layer_id: str) -> None: ...
-
-    @abstractmethod
-    def exists(self, layer_id: str) -> bool: ...
-
-    @abstractmethod
-    def layer(self, layer_id: str) -> Layer: ...
-
-    @abstractmethod
-    def layers(self) -> list[Layer]: ...
-
-    @abstractmethod
-    def status(self) -> list[tuple[str, str]]: ...
-
-    @abstractmethod
-    def cleanup(self) -> None:
-        """Release every mount, finish deferred removals, drop on-disk leftovers. Like Docker's
-        ``Cleanup`` it is for shutdown (and tests): it must not run concurrently with other calls
-        on the same driver, since it rolls back layers that are still being created."""
-
-    @abstractmethod
-    def resize(self, layer_id: str, size_bytes: int) -> None: ...
-
-    @abstractmethod
-    def capacity(self) -> Capacity: ...
-
-    @abstractmethod
-    def diff(self, layer_id: str, parent: str | None = None) -> IO[bytes]: ...
-
-    @abstractmethod
-    def changes(self, layer_id: str, parent: str | None = None) -> list[Change]: ...
-
-    @abstractmethod
-    def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int: ...
-
-    @abstractmethod
-    def diff_size(self, layer_id: str, parent: str | None = None) -> int: ...
 
 
 class LayerDriver(Driver):
@@ -559,21 +432,13 @@ class LayerDriver(Driver):
     # ------------------------------------------------------------------ diffs (naive default)
 
     def diff(self, layer_id: str, parent: str | None = None) -> IO[bytes]:
-        from csi.graphdriver.naive_diff import NaiveDiffer
-
         return NaiveDiffer(self).diff(layer_id, parent)
 
     def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
-        from csi.graphdriver.naive_diff import NaiveDiffer
-
         return NaiveDiffer(self).changes(layer_id, parent)
 
     def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int:
-        from csi.graphdriver.naive_diff import NaiveDiffer
-
         return NaiveDiffer(self).apply_diff(layer_id, parent, stream)
 
     def diff_size(self, layer_id: str, parent: str | None = None) -> int:
-        from csi.graphdriver.naive_diff import NaiveDiffer
-
         return NaiveDiffer(self).diff_size(layer_id, parent)

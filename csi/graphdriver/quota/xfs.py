@@ -49,7 +49,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from csi import mount as mnt
+from csi.host import mount as mnt
 from csi.errors import InvalidArgument, NoSpace, StrataError
 
 STATE_FILE = "quota-projects.json"

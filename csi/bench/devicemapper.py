@@ -26,8 +26,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from csi.graphdriver.base import CreateOpts
-from csi.graphdriver.devicemapper import DevmapperDriver, parse_size
+from csi.graphdriver.driver import CreateOpts
+from csi.graphdriver.devicemapper.driver import DevmapperDriver, parse_size
 
 MIB = 1 << 20
 

@@ -14,7 +14,7 @@ On-disk layout under a driver home::
     <home>/tmp/                 private scratch mounts (lower views for diffs); swept at start-up
 
 A mount's option string names lowers by short name with the mount's working directory set
-to ``<home>/l``, so 500 lowers stay near one page (``csi.mount`` switches to the new mount
+to ``<home>/l``, so 500 lowers stay near one page (``csi.host.mount`` switches to the new mount
 API beyond it).
 
 Whiteouts come in two on-disk forms, described by :class:`WhiteoutFormat`: overlay's
@@ -38,7 +38,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from csi import mount as mnt
+from csi.host import mount as mnt
 from csi.ids import is_layer_id
 
 SHORT_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"

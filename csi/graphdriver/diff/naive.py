@@ -14,8 +14,8 @@ metadata travels with the diff. A directory counts as *replaced* when the parent
 entries in it and none of their names is left: the tar then carries an opaque marker
 instead of one whiteout per old entry.
 
-``diff`` streams the OCI layer tar (:mod:`csi.graphdriver.ocitar`) from a producer
-thread through a pipe (:func:`~csi.graphdriver.pipestream.pipe_stream`), file data with
+``diff`` streams the OCI layer tar (:mod:`csi.graphdriver.diff.ocitar`) from a producer
+thread through a pipe (:func:`~csi.host.pipestream.pipe_stream`), file data with
 sendfile(2); the two layers stay mounted (``get``) until the stream ends or is closed.
 ``diff_size`` is **the length in bytes of that tar stream** (headers and padding
 included), computed by writing the same stream into a counter.
@@ -31,15 +31,13 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
 from csi.errors import InvalidArgument
-from csi.graphdriver.ocitar import LayerTarWriter, apply_tar, read_xattrs
-from csi.graphdriver.pipestream import pipe_stream
+from csi.graphdriver.diff.ocitar import LayerTarWriter, apply_tar, read_xattrs
+from csi.graphdriver.driver import Change, ChangeKind, Driver
+from csi.host.pipestream import pipe_stream
 from csi.ids import check_layer_id
-
-if TYPE_CHECKING:
-    from csi.graphdriver.base import Change, LayerDriver
 
 _COMPARE_CHUNK = 1 << 20
 
@@ -102,7 +100,7 @@ class _Tree:
 class NaiveDiffer:
     """Diff, changes, apply and size by walking trees (see module docstring)."""
 
-    def __init__(self, driver: LayerDriver, *, verify_content: bool = True) -> None:
+    def __init__(self, driver: Driver, *, verify_content: bool = True) -> None:
         self.driver = driver
         self.verify_content = verify_content
 
@@ -130,8 +128,6 @@ class NaiveDiffer:
         return counter.count
 
     def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
-        from csi.graphdriver.base import Change, ChangeKind
-
         with self._trees(layer_id, parent) as (new, old):
             entries = list(self.compare(new, old))
         return [Change("/" + e.path, ChangeKind(e.kind)) for e in entries if e.kind != "opaque"]

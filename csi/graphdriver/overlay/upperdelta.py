@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from csi.graphdriver import layerdiff
-from csi.graphdriver.layout import OVERLAY_OPAQUE_XATTR, WhiteoutFormat, copy_leaf, copy_metadata, copy_tree
+from csi.graphdriver.overlay import upperdiff as layerdiff
+from csi.graphdriver.overlay.layout import OVERLAY_OPAQUE_XATTR, WhiteoutFormat, copy_leaf, copy_metadata, copy_tree
 
 INDEX_NAME = "upper-index"
 INDEX_VERSION = 1

@@ -13,7 +13,7 @@ So two small pieces route the call to the node that owns the volume::
   ``ControllerGetCapabilities`` (EXPAND_VOLUME) and ``ControllerExpandVolume``; every other
   Controller call is UNIMPLEMENTED. The owner node is the part of the volume ID after
   ``@`` (:func:`csi.services.volume_ids.owner_node`); its address is the Node's
-  InternalIP read through the Kubernetes API (:func:`csi.nodelabel.node_internal_ip`)
+  InternalIP read through the Kubernetes API (:func:`csi.kube.node_internal_ip`)
   with ``--forward-port``, or a static table given as ``--node-address NODE=HOST:PORT``
   (repeatable) where there is no API server (tests, static setups).
 * The node plugin (``strata serve --forward-listen ADDR --forward-token-file FILE``) runs
@@ -165,7 +165,7 @@ class KubernetesAddresses:
     port: int
 
     def __call__(self, node: str) -> str:
-        from csi.nodelabel import node_internal_ip
+        from csi.kube import node_internal_ip
 
         ip = node_internal_ip(node)
         return f"[{ip}]:{self.port}" if ":" in ip else f"{ip}:{self.port}"

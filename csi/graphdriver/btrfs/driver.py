@@ -1,10 +1,10 @@
 """The btrfs driver: one btrfs subvolume per layer, snapshots for children and freezes,
-qgroups for sizes. All btrfs work goes through :mod:`csi.graphdriver.btrfs_ioctl`
+qgroups for sizes. All btrfs work goes through :mod:`csi.graphdriver.btrfs.ioctl`
 (direct ioctls; nothing parses ``btrfs`` command output).
 
 On-disk layout (``<home>`` must be on btrfs)::
 
-    <home>/layers.db              layer records (csi.graphdriver.metadata)
+    <home>/layers.db              layer records (csi.graphdriver.metastore)
     <home>/subvolumes/<id>        the layer: a subvolume (frozen layers: read-only)
     <home>/subvolumes/.tmp-<id>   a subvolume being made; never a valid ID (IDs
                                   cannot start with '.'), removed by reconcile
@@ -67,13 +67,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from csi import mount as mnt
+from csi.host import mount as mnt
 from csi.errors import (
     AlreadyExists, Busy, IncompatibleFilesystem, InvalidArgument, NoSpace, NotFound, NotSupported,
     OutOfRange, ReadOnly, StrataError,
 )
-from csi.graphdriver import btrfs_ioctl as ioc
-from csi.graphdriver.base import Layer, LayerDriver, LayerState
+from csi.graphdriver.btrfs import ioctl as ioc
+from csi.graphdriver.driver import Layer, LayerState
+from csi.graphdriver.layered import LayerDriver
 from csi.ids import is_layer_id
 
 TEMP_PREFIX = ".tmp-"

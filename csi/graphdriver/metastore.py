@@ -15,7 +15,7 @@ frozen layer was frozen from (for a freeze in progress, it is what recovery need
 see :attr:`Layer.block`).
 Every write is its own transaction (or part of :meth:`LayerStore.transaction`): once a
 call returns, the record survives ``kill -9`` and a power cut, and so does everything a
-read returned. Concurrent callers share the fsyncs (group commit, :mod:`csi.walsync`).
+read returned. Concurrent callers share the fsyncs (group commit, :mod:`csi.host.walsync`).
 """
 
 from __future__ import annotations
@@ -23,55 +23,15 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from csi.errors import AlreadyExists, NotFound
-from csi.walsync import WalSync, open_wal_database
-
-
-class LayerKind(str, Enum):
-    WRITABLE = "writable"  # a volume: read-write, never a parent
-    FROZEN = "frozen"  # a snapshot: read-only, may be a parent
-
-
-class LayerState(str, Enum):
-    CREATING = "creating"
-    READY = "ready"
-    REMOVING = "removing"
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One layer's record."""
-
-    id: str
-    parent: str | None
-    kind: LayerKind
-    size_bytes: int | None = None
-    state: LayerState = LayerState.CREATING
-    hidden: bool = False
-    mounts: int = 0
-    origin: str | None = None
-    created: float = field(default_factory=time.time)
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-
-    @property
-    def frozen(self) -> bool:
-        return self.kind is LayerKind.FROZEN
-
-    @property
-    def block(self) -> bool:
-        """A raw block layer (``CreateOpts(block=True)``): a device, no filesystem."""
-        return bool(self.extra.get("block"))
-
-    def with_(self, **changes: Any) -> Layer:
-        return replace(self, **changes)
+from csi.graphdriver.driver import Layer, LayerKind, LayerState
+from csi.host.walsync import WalSync, open_wal_database
 
 
 _COLUMNS = ("id", "parent", "kind", "size_bytes", "state", "hidden", "mounts", "origin", "created", "extra")

@@ -19,7 +19,6 @@ import ctypes.util
 import errno
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from csi.errors import InvalidArgument, NotFound, StrataError
 

@@ -53,7 +53,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from csi import mount as mnt
+from csi.host import mount as mnt
 from csi.errors import (
     InvalidArgument,
     OutOfRange,
@@ -61,8 +61,9 @@ from csi.errors import (
     ResourceExhausted,
     StrataError,
 )
-from csi.graphdriver import dm_ioctl as dm
-from csi.graphdriver.base import Capacity, Layer, LayerDriver
+from csi.graphdriver.devicemapper import ioctl as dm
+from csi.graphdriver.driver import Capacity, Layer
+from csi.graphdriver.layered import LayerDriver
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ adds or copies up on top of its parent. ``companions`` are directories that must
 same project ID: overlay's work dir, because a copy-up is made there and renamed into the
 upper dir, and XFS refuses a rename into a tree of another project (EXDEV).
 
-Policy (IDs and limits are allocated by :class:`csi.graphdriver.xfs_quota.ProjectQuota`):
+Policy (IDs and limits are allocated by :class:`csi.graphdriver.quota.xfs.ProjectQuota`):
 
 * a writable layer with a size has its own project ID with a hard block limit = size;
   ``apply`` on resize only moves the limit; a writable layer without size has no ID;
@@ -43,8 +43,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from csi.graphdriver.metadata import Layer, LayerState
-from csi.graphdriver.xfs_quota import ProjectQuota, ProjectUsage, get_project, prjquota_mount, set_project_tree
+from csi.graphdriver.driver import Layer, LayerState
+from csi.graphdriver.quota.xfs import ProjectQuota, ProjectUsage, get_project, prjquota_mount, set_project_tree
 
 ENFORCEMENT = "xfs project quota"
 

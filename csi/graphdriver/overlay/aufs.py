@@ -3,11 +3,11 @@
 aufs is overlay's predecessor and is absent from mainline kernels (and from this one):
 :meth:`AufsDriver.check_support` raises NotSupported("aufs not in /proc/filesystems")
 there, so the registry moves on. Where a kernel carries aufs, everything but the mount
-comes from :class:`~csi.graphdriver.overlay.OverlayDriver` (layout, O(1) and copying
+comes from :class:`~csi.graphdriver.overlay.driver.OverlayDriver` (layout, O(1) and copying
 freezes with their crash recovery, native diffs, and size enforcement by XFS project
 quota on the rw branch, the ``diff`` dir, where the home is on XFS with ``prjquota``).
 
-Mounts (as data, performed by :mod:`csi.mount`):
+Mounts (as data, performed by :mod:`csi.host.mount`):
 
 * writable layer: ``aufs none`` with ``br:<diff>=rw:<short1>=ro+wh:<short2>=ro+wh...``,
   ``dio``, ``xino=/dev/shm/aufs.xino`` (Docker's choice: the xino file must live on a
@@ -32,11 +32,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
-from csi import mount as mnt
+from csi.host import mount as mnt
 from csi.errors import IncompatibleFilesystem, NotSupported
-from csi.graphdriver.base import Layer
-from csi.graphdriver.layout import AUFS_WHITEOUTS, WhiteoutFormat
-from csi.graphdriver.overlay import OverlayDriver, existing_ancestor, filesystem_of, kernel_has
+from csi.graphdriver.driver import Layer
+from csi.graphdriver.overlay.layout import AUFS_WHITEOUTS, WhiteoutFormat
+from csi.graphdriver.overlay.driver import OverlayDriver, existing_ancestor, filesystem_of, kernel_has
 
 MAX_BRANCHES = 127
 AUFS_OPTIONS: tuple[str, ...] = ("dio", "xino=/dev/shm/aufs.xino")

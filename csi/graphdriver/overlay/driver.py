@@ -1,7 +1,7 @@
 """The overlay driver: layers as directories, writable layers mounted as overlayfs.
 
-On-disk layout: :mod:`csi.graphdriver.layout` (``layers/<id>/{diff,work,merged,link,lower}``,
-``l/<short>`` links). The records (:mod:`csi.graphdriver.metadata`) are the truth about
+On-disk layout: :mod:`csi.graphdriver.overlay.layout` (``layers/<id>/{diff,work,merged,link,lower}``,
+``l/<short>`` links). The records (:mod:`csi.graphdriver.metastore`) are the truth about
 parents; the ``lower`` files are written for inspection only.
 
 Views (``get``):
@@ -18,10 +18,10 @@ which the index would reject), ``redirect_dir=off`` (renaming a directory that c
 a lower fails with EXDEV and tools fall back to copying, so an upper dir never holds
 redirects and the native diff is exact), ``metacopy=off`` (every copied-up file carries
 its data, so the upper dir is a complete diff), ``xino=off`` (plain inode numbers).
-Lowers are short names relative to ``<home>/l`` (the mount's ``cwd``; ``csi.mount``
+Lowers are short names relative to ``<home>/l`` (the mount's ``cwd``; ``csi.host.mount``
 changes the process's working directory for the call, so this driver's mounts are
 serialized by a lock); beyond one page
-``csi.mount`` uses ``fsconfig(lowerdir+)``, so chains reach the kernel's 500 lowers.
+``csi.host.mount`` uses ``fsconfig(lowerdir+)``, so chains reach the kernel's 500 lowers.
 A chain (a layer and its ancestors) is at most ``max_chain`` = 500 layers; ``create``
 beyond it raises OutOfRange.
 
@@ -30,7 +30,7 @@ Freeze (a snapshot of writable layer S into frozen layer F):
 * S not mounted — O(1): S's diff dir is renamed to become F's diff (F.parent = S.parent),
   S gets a fresh empty diff dir (same root mode, owner, times) and is rebased onto F.
 * S mounted (or already as deep as a chain may be, ``max_chain``) — cost of the bytes S
-  changed since its last mounted freeze (:mod:`csi.graphdriver.upperdelta`); S keeps
+  changed since its last mounted freeze (:mod:`csi.graphdriver.overlay.upperdelta`); S keeps
   its parent. The first such freeze copies S's upper dir into F (extents cloned where
   the filesystem can, e.g. btrfs), parent S.parent, and writes ``layers/<F>/upper-index``
   (a fingerprint of every upper inode). A later one, while that index still fits
@@ -55,7 +55,7 @@ mounted freeze, under that layer's lock) — the copy and the index are made at
 complete: ``diff`` exists means commit, otherwise roll back (a hidden layer F stacked on
 is then freed). S's content is never deleted by either path.
 
-Size: on a home on XFS mounted with ``prjquota`` (:mod:`csi.graphdriver.layer_limits`),
+Size: on a home on XFS mounted with ``prjquota`` (:mod:`csi.graphdriver.quota.limits`),
 a writable layer created with a size gets its own XFS project ID on its ``diff`` dir (and
 its ``work`` dir, where overlay prepares copy-ups) with a hard block limit of that size:
 the limit covers what the layer adds on top of its parent, copy-ups of lower files
@@ -67,7 +67,7 @@ volume may again write its size on top of it; a copying freeze leaves the copy u
 Elsewhere sizes are recorded but not enforced, and ``status`` says so.
 
 Native diff: ``diff``/``changes``/``apply_diff``/``diff_size`` of a layer against its own
-parent read or write the diff dir directly (:mod:`csi.graphdriver.layerdiff`); other
+parent read or write the diff dir directly (:mod:`csi.graphdriver.overlay.upperdiff`); other
 parents, and ``apply_diff`` onto a mounted layer, use the naive differ.
 """
 
@@ -84,12 +84,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, ClassVar
 
-from csi import mount as mnt
+from csi.host import mount as mnt
 from csi.errors import Busy, IncompatibleFilesystem, NotSupported, OutOfRange
-from csi.graphdriver import layerdiff, upperdelta
-from csi.graphdriver.base import Change, Layer, LayerDriver, LayerState
-from csi.graphdriver.layer_limits import LayerLimits, no_enforcement
-from csi.graphdriver.layout import OVERLAY_WHITEOUTS, Layout, WhiteoutFormat, remove_path
+from csi.graphdriver.overlay import upperdiff as layerdiff
+from csi.graphdriver.overlay import upperdelta
+from csi.graphdriver.driver import Change, Layer, LayerState
+from csi.graphdriver.layered import LayerDriver
+from csi.graphdriver.quota.limits import LayerLimits, no_enforcement
+from csi.graphdriver.overlay.layout import OVERLAY_WHITEOUTS, Layout, WhiteoutFormat, remove_path
 
 OVERLAY_OPTIONS: tuple[str, ...] = ("index=off", "redirect_dir=off", "metacopy=off", "xino=off")
 CRASH_ENV = "STRATA_TEST_CRASH_AT"  # tests only: kill -9 ourselves at the named step
@@ -174,7 +176,7 @@ class OverlayDriver(LayerDriver):
             remove_path(probe)
 
     def _setup(self) -> None:
-        # csi.mount resolves relative lower paths by changing the process's working
+        # csi.host.mount resolves relative lower paths by changing the process's working
         # directory for the mount call: mounts of this driver must not overlap.
         self._mount_guard = threading.Lock()
         self._short_names: dict[str, str] = {}
@@ -360,7 +362,7 @@ class OverlayDriver(LayerDriver):
 
     def _freeze_by_copy(self, source: Layer, frozen: Layer, parent_shorts: list[str]) -> str | None:
         """Copy the upper dir, or only what changed since the last mounted freeze
-        (:mod:`csi.graphdriver.upperdelta`); the index of the upper dir goes with it."""
+        (:mod:`csi.graphdriver.overlay.upperdelta`); the index of the upper dir goes with it."""
         upper = self.layout.diff(source.id)
         entries = upperdelta.scan(upper, self.whiteouts, margin_ns=self.trust_margin_ns)
         stacked_on: Layer | None = None

@@ -1,0 +1,1 @@
+"""The btrfs driver (driver) and the btrfs ioctls it calls (ioctl)."""

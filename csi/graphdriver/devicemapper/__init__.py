@@ -1,0 +1,1 @@
+"""The devicemapper thin-pool driver (driver) and the device-mapper ioctls (ioctl)."""

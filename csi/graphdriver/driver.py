@@ -1,0 +1,180 @@
+"""The layered-storage contract: its values and the :class:`Driver` interface (Docker's
+graphdriver, kept recognisable; containerd's ``snapshotter.go`` for the split of types and interface).
+
+Contract (:class:`Driver`)::
+
+    create(id, parent=None, opts) -> Layer   new *writable* layer; content = parent's
+    freeze(id, frozen_id) -> Layer            new *frozen* (read-only) layer holding id's
+                                              current content; id stays writable, unchanged
+    remove(id)                                idempotent; deferred while children exist
+    get(id, mount_label="") -> Path           refcounted; frozen layers give a read-only view
+    get_block(id) -> Path                     refcounted like get, for block layers: activates
+                                              the layer's device and returns its node
+    block_device(id) -> Path                  the device node of an active layer (no reference)
+    put(id)                                   idempotent; releases get and get_block alike
+    exists(id) -> bool
+    status() -> [(key, value)]
+    cleanup()                                 release mounts, finish deferred work, drop leftovers
+    resize(id, size_bytes)                    raise a writable layer's size limit
+    diff(id, parent) -> tar stream            OCI layer tar of id relative to parent
+    changes(id, parent) -> [Change]
+    apply_diff(id, parent, stream) -> int     apply an OCI layer tar onto writable id
+    diff_size(id, parent) -> int
+
+Rules: only frozen layers are parents; IDs pass :func:`csi.ids.check_layer_id` before
+anything else; every error is a :mod:`csi.errors` type.
+
+Block layers (CSI volumeMode Block): a driver whose layers are devices sets
+``supports_block``; ``create(..., CreateOpts(block=True))`` then makes a *raw* layer (no
+filesystem), which ``get_block`` activates and ``get`` refuses (there is nothing to mount),
+while ``get_block`` refuses filesystem layers. Frozen copies and children of a block layer
+are block layers (a child must ask for ``block=True``; a mismatch is InvalidArgument).
+Elsewhere ``block=True``, ``get_block`` and ``block_device`` raise Unsupported.
+
+This module holds types only: no storage, no I/O. The shared machinery is
+:mod:`csi.graphdriver.layered`; records are :mod:`csi.graphdriver.metastore`.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import IO, Any, ClassVar
+
+__all__ = ["Capacity", "Change", "ChangeKind", "CreateOpts", "Driver", "Layer", "LayerKind", "LayerState"]
+
+
+class LayerKind(str, Enum):
+    WRITABLE = "writable"  # a volume: read-write, never a parent
+    FROZEN = "frozen"  # a snapshot: read-only, may be a parent
+
+
+class LayerState(str, Enum):
+    CREATING = "creating"
+    READY = "ready"
+    REMOVING = "removing"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer's record."""
+
+    id: str
+    parent: str | None
+    kind: LayerKind
+    size_bytes: int | None = None
+    state: LayerState = LayerState.CREATING
+    hidden: bool = False
+    mounts: int = 0
+    origin: str | None = None
+    created: float = field(default_factory=time.time)
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def frozen(self) -> bool:
+        return self.kind is LayerKind.FROZEN
+
+    @property
+    def block(self) -> bool:
+        """A raw block layer (``CreateOpts(block=True)``): a device, no filesystem."""
+        return bool(self.extra.get("block"))
+
+    def with_(self, **changes: Any) -> Layer:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class CreateOpts:
+    """Options of :meth:`Driver.create`. ``size_bytes`` None means no limit; ``block`` asks
+    for a raw block layer (only where the driver ``supports_block``)."""
+
+    size_bytes: int | None = None
+    mount_label: str = ""
+    storage_opt: Mapping[str, str] | None = None
+    block: bool = False
+
+
+class ChangeKind(str, Enum):
+    ADDED = "added"
+    MODIFIED = "modified"
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True)
+class Change:
+    path: str  # absolute, within the layer ("/a/b")
+    kind: ChangeKind
+
+
+@dataclass(frozen=True)
+class Capacity:
+    total_bytes: int
+    available_bytes: int
+
+
+class Driver(ABC):
+    """The public contract. See the module docstring."""
+
+    name: ClassVar[str]
+    supports_block: ClassVar[bool] = False  # layers are devices: CreateOpts(block=True) works
+
+    @abstractmethod
+    def create(self, layer_id: str, parent: str | None = None, opts: CreateOpts | None = None) -> Layer: ...
+
+    @abstractmethod
+    def freeze(self, layer_id: str, frozen_id: str) -> Layer: ...
+
+    @abstractmethod
+    def remove(self, layer_id: str) -> None: ...
+
+    @abstractmethod
+    def get(self, layer_id: str, mount_label: str = "") -> Path: ...
+
+    @abstractmethod
+    def get_block(self, layer_id: str) -> Path: ...
+
+    @abstractmethod
+    def block_device(self, layer_id: str) -> Path: ...
+
+    @abstractmethod
+    def put(self, layer_id: str) -> None: ...
+
+    @abstractmethod
+    def exists(self, layer_id: str) -> bool: ...
+
+    @abstractmethod
+    def layer(self, layer_id: str) -> Layer: ...
+
+    @abstractmethod
+    def layers(self) -> list[Layer]: ...
+
+    @abstractmethod
+    def status(self) -> list[tuple[str, str]]: ...
+
+    @abstractmethod
+    def cleanup(self) -> None:
+        """Release every mount, finish deferred removals, drop on-disk leftovers. Like Docker's
+        ``Cleanup`` it is for shutdown (and tests): it must not run concurrently with other calls
+        on the same driver, since it rolls back layers that are still being created."""
+
+    @abstractmethod
+    def resize(self, layer_id: str, size_bytes: int) -> None: ...
+
+    @abstractmethod
+    def capacity(self) -> Capacity: ...
+
+    @abstractmethod
+    def diff(self, layer_id: str, parent: str | None = None) -> IO[bytes]: ...
+
+    @abstractmethod
+    def changes(self, layer_id: str, parent: str | None = None) -> list[Change]: ...
+
+    @abstractmethod
+    def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int: ...
+
+    @abstractmethod
+    def diff_size(self, layer_id: str, parent: str | None = None) -> int: ...

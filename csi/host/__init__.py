@@ -1,0 +1,1 @@
+"""Kernel primitives with no strata terms: mounts, tree copies, filesystem facts, pipe streams, sqlite group commit."""
