@@ -86,7 +86,7 @@ def _entry(host: str, entry: object) -> Credentials:
             raise InvalidArgument(f"docker config: 'auth' of {host!r} is not a string")
         try:
             decoded = base64.b64decode(auth, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError) as exc:
+        except (binascii.Error, UnicodeDecodeError):
             raise InvalidArgument(f"docker config: 'auth' of {host!r} is not base64 of 'user:password'") from None
         if ":" not in decoded:
             raise InvalidArgument(f"docker config: 'auth' of {host!r} does not decode to 'user:password'")
