@@ -7,7 +7,8 @@ Artifact format (one per snapshot)::
       layers  one per frozen layer of the snapshot's chain, oldest first; each is
               driver.diff(layer, parent) — an OCI layer tar, uncompressed
               (application/vnd.oci.image.layer.v1.tar) or zstd
-              (application/vnd.oci.image.layer.v1.tar+zstd)
+              (application/vnd.oci.image.layer.v1.tar+zstd); a restore also reads +gzip layers,
+              which is what ``skopeo copy`` to a registry makes of uncompressed ones
 
 Why an image config and not an artifactType with a custom config type: umoci (and every
 image unpacker) refuses a manifest whose config is not ``application/vnd.oci.image.config.v1+json``
@@ -37,7 +38,8 @@ INDEX = "application/vnd.oci.image.index.v1+json"
 CONFIG = "application/vnd.oci.image.config.v1+json"
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 LAYER_TAR_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
-LAYER_TYPES = (LAYER_TAR, LAYER_TAR_ZSTD)
+LAYER_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"  # read only: what other tools re-push
+LAYER_TYPES = (LAYER_TAR, LAYER_TAR_ZSTD, LAYER_TAR_GZIP)
 
 LABEL_PREFIX = "dev.strata."
 ANNOTATION_CREATED = "org.opencontainers.image.created"

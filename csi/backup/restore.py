@@ -21,12 +21,13 @@ Contract of :func:`restore`:
 
 from __future__ import annotations
 
+import gzip
 import logging
 from dataclasses import dataclass
 from typing import IO
 
 from csi.backup.index import ExportIndex, ExportRecord, imported_layer_id, temp_layer_id
-from csi.backup.media import (LAYER_TAR_ZSTD, Artifact, Descriptor, HashingReader, chain_id, check_digest,
+from csi.backup.media import (LAYER_TAR_GZIP, LAYER_TAR_ZSTD, Artifact, Descriptor, HashingReader, chain_id, check_digest,
                               parse_config, parse_manifest)
 from csi.backup.progress import Meter, ProgressCallback
 from csi.backup.target import DigestMismatch, Target, VerifyingReader
@@ -109,6 +110,8 @@ def _import(driver: Driver, target: Target, desc: Descriptor, diff_id: str, pare
                 import zstandard
 
                 stream = zstandard.ZstdDecompressor().stream_reader(counted, closefd=False)  # type: ignore[assignment]
+            elif desc.media_type == LAYER_TAR_GZIP:
+                stream = gzip.GzipFile(fileobj=counted, mode="rb")  # type: ignore[assignment]
             tar = HashingReader(stream)
             driver.apply_diff(tmp, parent, tar)  # type: ignore[arg-type]
             tar.drain()
