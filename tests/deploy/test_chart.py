@@ -143,7 +143,7 @@ def test_node_plugin_and_sidecars(case: str, rendered: dict[str, list[Obj]]) -> 
         assert mounts["dev"]["mountPath"] == "/dev"
 
         provisioner = container(ds, "csi-provisioner")
-        for name, want in {"node-deployment": "true", "feature-gates": "Topology=true", "strict-topology": "true",
+        for name, want in {"node-deployment": "true", "strict-topology": "true",
                            "immediate-topology": "false", "enable-capacity": "true",
                            "capacity-ownerref-level": "0", "extra-create-metadata": "true"}.items():
             assert flag(provisioner, name) == want, name
@@ -178,7 +178,7 @@ def test_node_plugin_and_sidecars(case: str, rendered: dict[str, list[Obj]]) -> 
 
         # livenessprobe serves the plugin container's probe.
         probe = container(ds, "liveness-probe")
-        assert flag(probe, "health-port") == str(values["node"]["healthPort"])
+        assert flag(probe, "http-endpoint") == f":{values['node']['healthPort']}"
         ports = {p["name"]: p["containerPort"] for p in plugin["ports"]}
         assert ports["healthz"] == values["node"]["healthPort"]
         assert plugin["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
@@ -187,6 +187,90 @@ def test_node_plugin_and_sidecars(case: str, rendered: dict[str, list[Obj]]) -> 
         # On the host network every port of the pod is a host port: none may be taken twice.
         host_ports = [p["containerPort"] for c in pod["containers"] for p in c.get("ports", [])]
         assert len(host_ports) == len(set(host_ports)), host_ports
+
+
+# Flags each sidecar deprecates (or has removed), keyed by the image's name, from the sidecars'
+# own READMEs and release notes (kubernetes-csi/*):
+#   external-provisioner README "Deprecated arguments": --connection-timeout, --provisioner;
+#     "--metrics-address: (deprecated)"; PR #1167 (v5.0.0): the Topology gate is GA, on by default
+#     and "will be removed in a future release" (strata reports VOLUME_ACCESSIBILITY_CONSTRAINTS).
+#   external-snapshotter: --metrics-address (deprecated), --connection-timeout (removed);
+#     v8.2.0 replaced --enable-volume-group-snapshots with --feature-gates=CSIVolumeGroupSnapshot.
+#   external-resizer README: "--metrics-address: (deprecated)"; --csiTimeout (old spelling of --timeout).
+#   node-driver-registrar README: "--health-port: (deprecated)", "--mode: DEPRECATED",
+#     --connection-timeout (deprecated, no effect).
+#   livenessprobe cmd/livenessprobe/main.go: --health-port and --metrics-address "(deprecated)"
+#     (PR #99, v2.2.0: use --http-endpoint); --connection-timeout removed in v2.0.0.
+#   All of them take klog's flags, of which KEP-2845 (Kubernetes 1.23) deprecated these.
+# A value of None deprecates the flag; a string deprecates that gate in --feature-gates.
+KLOG_DEPRECATED = ("log-dir", "log-file", "log-flush-frequency", "logtostderr", "alsologtostderr", "one-output",
+                   "stderrthreshold", "log-file-max-size", "skip-log-headers", "add-dir-header", "skip-headers")
+DEPRECATED_FLAGS: dict[str, dict[str, str | None]] = {
+    "csi-provisioner": {"connection-timeout": None, "provisioner": None, "metrics-address": None,
+                        "leader-election-type": None, "enable-leader-election": None, "feature-gates": "Topology"},
+    "csi-snapshotter": {"connection-timeout": None, "metrics-address": None, "leader-election-type": None,
+                        "enable-volume-group-snapshots": None},
+    "csi-resizer": {"connection-timeout": None, "metrics-address": None, "csiTimeout": None,
+                    "leader-election-type": None},
+    "csi-node-driver-registrar": {"connection-timeout": None, "health-port": None, "mode": None},
+    "livenessprobe": {"connection-timeout": None, "health-port": None, "metrics-address": None},
+}
+
+
+def sidecar_of(c: Obj) -> str:
+    """The kubernetes-csi project a container runs, from its image name (not the container name)."""
+    return c["image"].rpartition(":")[0].rpartition("/")[2]
+
+
+def deprecated_args(c: Obj) -> list[str]:
+    """The container's arguments that its sidecar deprecates (empty for strata's own containers)."""
+    table = DEPRECATED_FLAGS.get(sidecar_of(c))
+    if table is None:
+        return []
+    found = []
+    for arg in c.get("args", []):
+        name, _, value = arg.lstrip("-").partition("=")
+        if name in KLOG_DEPRECATED:
+            found.append(arg)
+        elif name in table:
+            gate = table[name]
+            if gate is None or any(g.split("=")[0].strip() == gate for g in value.split(",")):
+                found.append(arg)
+    return found
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_no_sidecar_runs_a_deprecated_flag(case: str, rendered: dict[str, list[Obj]]) -> None:
+    seen = set()
+    for obj in rendered[case]:
+        if obj["kind"] not in ("DaemonSet", "Deployment"):
+            continue
+        for c in obj["spec"]["template"]["spec"]["containers"]:
+            if c["name"].startswith("strata"):
+                continue
+            sidecar = sidecar_of(c)
+            assert sidecar in DEPRECATED_FLAGS, f"{c['name']} runs {sidecar}: add its deprecated flags to the table"
+            seen.add(sidecar)
+            assert deprecated_args(c) == [], (obj["metadata"]["name"], c["name"])
+    if values_of(case)["controller"]["enabled"]:
+        assert seen == set(DEPRECATED_FLAGS)
+
+
+def test_deprecated_flag_check_finds_them(rendered: dict[str, list[Obj]]) -> None:
+    """The check is not vacuous: each old spelling this chart once used, put back, is found."""
+    import copy
+
+    ds = one(rendered["default"], "DaemonSet")
+    for name, bad in (("liveness-probe", "--health-port=9808"), ("csi-provisioner", "--feature-gates=Topology=true"),
+                      ("csi-provisioner", "--feature-gates=HonorPVReclaimPolicy=true,Topology=true"),
+                      ("node-driver-registrar", "--mode=kubelet-registration-probe"),
+                      ("csi-snapshotter", "--logtostderr=false")):
+        c = copy.deepcopy(container(ds, name))
+        c["args"].append(bad)
+        assert deprecated_args(c) == [bad], (name, bad)
+    c = copy.deepcopy(container(ds, "csi-provisioner"))
+    c["args"].append("--feature-gates=HonorPVReclaimPolicy=true")
+    assert deprecated_args(c) == []
 
 
 def test_csidriver_object(rendered: dict[str, list[Obj]]) -> None:
@@ -423,6 +507,18 @@ def test_notes_render() -> None:
     notes = render(GROUPED)["strata/templates/NOTES.txt"]
     assert "strata.csi.dev" in notes and "strata-node-fast (driver: btrfs)" in notes
     assert "kubectl label node NODE strata.csi.dev/driver=btrfs" in notes
+
+
+def test_notes_say_how_to_get_an_image_while_the_default_is_in_place() -> None:
+    """The default strata image is not published: NOTES tell how to build, push and set one."""
+    notes = render({})["strata/templates/NOTES.txt"]
+    assert "ghcr.io/strata-csi/strata:0.1.0" in notes and "not published" in notes
+    for needed in ("buildah bud -t REGISTRY/strata:0.1.0 .", "podman build", "docker build", "buildah push",
+                   "skopeo copy oci-archive:.cache/image/strata.oci.tar docker://REGISTRY/strata:0.1.0",
+                   "--set images.strata.repository=REGISTRY/strata --set images.strata.tag=0.1.0"):
+        assert needed in notes, needed
+    own = render({"images": {"strata": {"repository": "registry.example/strata", "tag": "0.1.0"}}})
+    assert "not published" not in own["strata/templates/NOTES.txt"]
 
 
 def test_readme_documents_every_value() -> None:
