@@ -68,12 +68,16 @@ def is_temporary(layer_id: str) -> bool:
 
 
 def sweep_temporaries(driver: Driver) -> list[str]:
-    """Remove the writable layers half-done imports left (a kill -9 between create and remove).
-    Returns their IDs. Must not run while an import is in progress."""
+    """Remove the writable layers half-done imports left (a kill -9 between create and remove),
+    first dropping the mount references the killed import held (``apply_diff`` may ``get`` the
+    layer, and the driver persists reference counts). Returns their IDs. Must not run while an
+    import is in progress."""
     removed = []
     for layer in driver.layers():
         if is_temporary(layer.id):
             log.info("removing the leftover import layer %s", layer.id)
+            for _ in range(layer.mounts):
+                driver.put(layer.id)
             driver.remove(layer.id)
             removed.append(layer.id)
     return removed
