@@ -151,3 +151,16 @@ def test_layout_delete_untags_and_collects_garbage(driver, tmp_path: Path) -> No
     assert not target.has_blob(b.layers[1].blob.digest)
     assert target.has_blob(a.layers[0].blob.digest)  # still used by tag a
     target.get_manifest("a")
+
+
+def test_a_deleted_ancestor_is_folded_into_the_next_layer(driver, tmp_path: Path) -> None:
+    s0, s1 = make_chain(driver)
+    driver.remove(s0)  # hidden: s1 still needs it
+    result = _backup_to_layout(driver, s1, tmp_path / "layout")
+    assert [l.layer_id for l in result.layers] == [s1]
+    other = make_driver(tmp_path / "other-node", driver.name)
+    try:
+        got = restore(other, LayoutTarget(tmp_path / "layout"), result.manifest_digest)
+        assert snapshot_tree(other, got.layer_id) == snapshot_tree(driver, s1)
+    finally:
+        other.cleanup()
