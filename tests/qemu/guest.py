@@ -12,6 +12,12 @@ Protocol between host and guest (see :file:`init.sh`):
 * what the script leaves in the exchange directory (e.g. a JUnit XML) is the result.
 
 The guest never writes to the host tree: 9p is read-only; /tmp and /run are tmpfs.
+Host directories the lane needs that those guest mounts would hide (a checkout or a
+virtual environment under ``/tmp`` or ``/var/tmp``) are bind-mounted back on top of them
+(:func:`hidden_host_paths`, passed as ``strata.keep=`` on the kernel command line).
+
+:func:`qemu_command` builds the command line and :func:`start_guest` starts it without
+waiting, for callers that stop the guest themselves (the power-cut lane kills it).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,10 +34,18 @@ from pathlib import Path
 from .image import BootImage, prepare
 
 QEMU = "qemu-system-x86_64"
+REPO = Path(__file__).resolve().parents[2]
+#: host directories the guest mounts its own filesystems on (init.sh)
+GUEST_MOUNTED = (Path("/tmp"), Path("/var/tmp"), Path("/run"))
+GUEST_HIDDEN = (Path("/dev"), Path("/proc"), Path("/sys"))
 
 
 class GuestError(RuntimeError):
     """The guest did not boot or did not finish; the message carries the console tail."""
+
+
+class HostPathError(GuestError):
+    """A directory the guest needs cannot be shown to it (see :func:`hidden_host_paths`)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,61 @@ def _scratch_disk(path: Path, size_bytes: int) -> None:
                     str(path)], check=True, capture_output=True)
 
 
+def hidden_host_paths(paths: list[Path] | None = None) -> list[str]:
+    """Host directories the guest needs (the repository, the interpreter's environment)
+    that lie under a directory the guest mounts its own filesystem on (``/tmp``,
+    ``/var/tmp``, ``/run``): init.sh binds them back on top. Raises GuestError when one
+    cannot be passed (under /dev, /proc or /sys, or a path with whitespace or commas)."""
+    candidates = paths if paths is not None else [
+        REPO, Path(sys.prefix), Path(sys.executable).parent.parent,
+        Path(sys.prefix).resolve(), Path(sys.executable).resolve().parent.parent]
+    wanted: list[Path] = []
+    for path in candidates:
+        path = Path(os.path.abspath(path))
+        if any(path == h or h in path.parents for h in GUEST_HIDDEN):
+            raise HostPathError(f"{path} lies under a directory the guest replaces; move the checkout elsewhere")
+        if any(m in path.parents for m in GUEST_MOUNTED) and path not in wanted:
+            wanted.append(path)
+    kept = sorted(p for p in wanted if not any(q in p.parents for q in wanted))
+    for path in kept:
+        if any(c.isspace() or c == "," for c in str(path)):
+            raise HostPathError(f"the kernel lane cannot re-expose {str(path)!r} in the guest "
+                             "(whitespace or commas in the path); clone elsewhere")
+    return [str(p) for p in kept]
+
+
+def qemu_command(image: BootImage, exchange: Path, drives: list[str], *, memory_mib: int = 2048,
+                 cpus: int = 2) -> list[str]:
+    """The qemu command line: the host root and ``exchange`` over 9p, then ``drives``
+    (extra ``-drive``/``-blockdev``/``-device`` arguments, in guest disk order)."""
+    append = "console=ttyS0 quiet panic=-1 loglevel=4"
+    keep = hidden_host_paths()
+    if keep:
+        append += " strata.keep=" + ",".join(keep)
+    return [
+        QEMU, "-accel", "tcg", "-cpu", "max", "-m", str(memory_mib), "-smp", str(cpus),
+        "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
+        "-kernel", str(image.vmlinux), "-initrd", str(image.initrd),
+        "-append", append,
+        "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        "-virtfs", f"local,path={exchange},mount_tag=xchg,security_model=none,multidevs=remap",
+        *drives,
+    ]
+
+
+def prepare_exchange(exchange: Path, script: str) -> None:
+    exchange.mkdir(parents=True, exist_ok=True)
+    for stale in ("rc", "output.log"):
+        (exchange / stale).unlink(missing_ok=True)
+    (exchange / "run.sh").write_text(script)
+
+
+def start_guest(cmd: list[str], console: Path) -> subprocess.Popen[bytes]:
+    """Start qemu with its serial console written to ``console``; the caller waits or kills."""
+    with open(console, "wb") as out:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+
+
 def run_in_guest(script: str, *, exchange: Path | None = None, timeout_s: float = 900,
                  memory_mib: int = 2048, cpus: int = 2, disk_bytes: int = 16 << 30,
                  image: BootImage | None = None) -> GuestRun:
@@ -69,23 +139,13 @@ def run_in_guest(script: str, *, exchange: Path | None = None, timeout_s: float 
     """
     image = image or prepare()
     exchange = Path(exchange or tempfile.mkdtemp(prefix="strata-guest-"))
-    exchange.mkdir(parents=True, exist_ok=True)
-    for stale in ("rc", "output.log"):
-        (exchange / stale).unlink(missing_ok=True)
-    (exchange / "run.sh").write_text(script)
+    prepare_exchange(exchange, script)
     work = Path(tempfile.mkdtemp(prefix="strata-qemu-", dir=os.environ.get("STRATA_TEST_SCRATCH", "/var/tmp")))
     try:
         disk = work / "scratch.img"
         _scratch_disk(disk, disk_bytes)
-        cmd = [
-            QEMU, "-accel", "tcg", "-cpu", "max", "-m", str(memory_mib), "-smp", str(cpus),
-            "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
-            "-kernel", str(image.vmlinux), "-initrd", str(image.initrd),
-            "-append", "console=ttyS0 quiet panic=-1 loglevel=4",
-            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-            "-virtfs", f"local,path={exchange},mount_tag=xchg,security_model=none,multidevs=remap",
-            "-drive", f"file={disk},if=virtio,format=raw,cache=unsafe,discard=unmap",
-        ]
+        cmd = qemu_command(image, exchange, ["-drive", f"file={disk},if=virtio,format=raw,cache=unsafe,discard=unmap"],
+                           memory_mib=memory_mib, cpus=cpus)
         started = time.monotonic()
         try:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s)

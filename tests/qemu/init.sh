@@ -4,6 +4,8 @@
 # fresh proc/sys/dev/tmp on top, the scratch disk (/dev/vda, ext4) at /host/var/tmp and
 # the exchange directory (9p tag "xchg", writable) at /host/tmp/xchg, runs
 # /tmp/xchg/run.sh chrooted in /host (HOME=/tmp), writes its exit status to /tmp/xchg/rc, powers off.
+# Host directories named by strata.keep=DIR,DIR on the kernel command line (a checkout or a
+# venv under /tmp or /var/tmp, which the guest's own mounts would hide) are bound back on top.
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -13,6 +15,12 @@ while read -r m; do insmod "/$m" || echo "strata-guest: insmod $m failed"; done 
 R=/host
 O=trans=virtio,version=9p2000.L,msize=512000
 mount -t 9p -o "$O,ro,cache=loose" hostroot $R || { echo "strata-guest: no host root"; poweroff -f; }
+KEEP=$(sed -n 's/.*strata\.keep=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
+i=0
+for p in $KEEP; do
+    mkdir -p /keep/$i && mount --bind "$R$p" /keep/$i || echo "strata-guest: cannot keep $p"
+    i=$((i+1))
+done
 mount -t proc proc $R/proc
 mount -t sysfs sysfs $R/sys
 mount -t devtmpfs devtmpfs $R/dev
@@ -22,6 +30,11 @@ mount -t tmpfs tmpfs $R/dev/shm
 mount -t tmpfs tmpfs $R/tmp
 mount -t tmpfs tmpfs $R/run
 [ -b /dev/vda ] && mount -t ext4 /dev/vda $R/var/tmp
+i=0
+for p in $KEEP; do
+    mkdir -p "$R$p" && mount --move /keep/$i "$R$p" || echo "strata-guest: cannot re-expose $p"
+    i=$((i+1))
+done
 mkdir -p $R/tmp/xchg
 mount -t 9p -o "$O" xchg $R/tmp/xchg || { echo "strata-guest: no exchange dir"; poweroff -f; }
 echo "strata-guest: ready $(cut -d' ' -f1 /proc/uptime)s"

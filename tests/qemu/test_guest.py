@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from .guest import GuestRun, qemu_unavailable, run_in_guest
+from .guest import GuestRun, HostPathError, hidden_host_paths, qemu_unavailable, run_in_guest
 
 REPO = Path(__file__).resolve().parents[2]
 INGUEST = Path(__file__).with_name("inguest")
@@ -100,6 +100,10 @@ def lane(tmp_path_factory: pytest.TempPathFactory) -> LaneResult:
         pytest.skip(f"qemu cannot run here: {why}")
     if os.environ.get("STRATA_QEMU_LANE") == "0":
         pytest.skip("kernel lane switched off by STRATA_QEMU_LANE=0")
+    try:
+        hidden_host_paths()
+    except HostPathError as exc:
+        pytest.skip(f"the guest cannot see this checkout: {exc}")
     exchange = tmp_path_factory.mktemp("guest")
     # basetemp on the scratch disk (ext4): the guest's /tmp is a tmpfs without user xattrs
     args = " ".join(shlex.quote(a) for a in [*PYTEST_ARGS, "--timeout=300", "--junitxml=/tmp/xchg/junit.xml",
