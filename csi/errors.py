@@ -56,6 +56,37 @@ class ReadOnly(StrataError):
     """A write was attempted on a frozen (read-only) layer."""
 
 
+class Unavailable(StrataError):
+    """A service strata depends on cannot be reached or used right now (retry later)."""
+
+
+class NoDriverAvailable(Unavailable):
+    """No layered driver can run here; the message lists each driver and why not."""
+
+
+class DigestMismatch(StrataError):
+    """Bytes received do not match the digest they were announced with (corrupt or tampered)."""
+
+
+class PermissionDenied(StrataError):
+    """The caller is known but not allowed to do this."""
+
+
+class Unauthenticated(StrataError):
+    """The caller did not prove who it is (a missing or wrong token)."""
+
+
+class Relayed(StrataError):
+    """Another strata process answered a call with a failure, relayed as it is.
+
+    ``code`` is the name of the gRPC status code it answered (``"NOT_FOUND"``,
+    ``"UNAVAILABLE"``, ...), kept as a name so this module needs no gRPC."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class DriverUnavailable(StrataError):
     """A graph driver cannot run here; the registry skips it and tries the next one."""
 

@@ -20,7 +20,9 @@ import pytest
 
 from csi.host import mount as mnt
 from csi.bench.drivers import GOAL_GET_PUT_P50_S
-from csi.bench.fsenv import format_size, parse_size
+from csi.bench.fsenv import format_size
+from csi.errors import InvalidArgument
+from csi.host.fsinfo import parse_size
 from csi.bench.lifecycle import LIFECYCLE_RPCS, plugin_available
 from csi.bench.report import Latency, at_least, at_most, percentile, ratio
 
@@ -156,5 +158,5 @@ def test_sizes_parse_and_print() -> None:
     assert parse_size("1GiB") == 1 << 30
     assert format_size(256 << 20) == "256M"
     for bad in ("0", "-1M", "M", "lots"):
-        with pytest.raises(ValueError):
+        with pytest.raises(InvalidArgument):
             parse_size(bad)

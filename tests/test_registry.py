@@ -20,7 +20,8 @@ from csi.graphdriver import registry
 from csi.graphdriver.layered import LayerDriver
 from csi.graphdriver.btrfs.driver import BtrfsDriver
 from csi.graphdriver.overlay.driver import OverlayDriver
-from csi.graphdriver.registry import NoDriverAvailable, Selection, driver_class, holds_state, new_driver
+from csi.errors import NoDriverAvailable
+from csi.graphdriver.registry import Selection, driver_class, holds_state, new_driver
 from csi.graphdriver.vfs import VfsDriver
 
 

@@ -30,7 +30,9 @@ from typing import Any
 from csi import __version__
 from csi.bench import drivers as driver_bench
 from csi.bench import lifecycle as csi_bench
-from csi.bench.fsenv import BenchFilesystems, format_size, parse_size, terminate_as_interrupt
+from csi.bench.fsenv import BenchFilesystems, format_size, terminate_as_interrupt
+from csi.errors import InvalidArgument
+from csi.host.fsinfo import parse_size
 from csi.bench.report import Section
 
 DEFAULT_SIZES = "64M,256M,1G"
@@ -77,7 +79,7 @@ def parse_args(argv: list[str]) -> BenchOptions:
     args = parser.parse_args(argv)
     try:
         sizes = tuple(sorted(set(parse_size(s) for s in _csv(args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)))))
-    except ValueError as exc:
+    except InvalidArgument as exc:
         parser.error(f"--sizes: {exc}")
     if not sizes:
         parser.error("--sizes: give at least one size")
@@ -92,7 +94,7 @@ def parse_args(argv: list[str]) -> BenchOptions:
         parser.error(f"--scratch: {args.scratch} is not a directory")
     try:
         btrfs_bytes = parse_size(args.btrfs_bytes) if args.btrfs_bytes else max(4 << 30, 8 * max(sizes))
-    except ValueError as exc:
+    except InvalidArgument as exc:
         parser.error(f"--btrfs-bytes: {exc}")
     return BenchOptions(sizes, chosen, parts, args.quick, args.json_path, args.scratch, btrfs_bytes)
 

@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from csi.graphdriver.driver import CreateOpts
-from csi.graphdriver.devicemapper.driver import DevmapperDriver, parse_size
+from csi.graphdriver.devicemapper.driver import DevmapperDriver
+from csi.host.fsinfo import parse_size
 
 MIB = 1 << 20
 

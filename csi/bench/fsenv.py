@@ -31,6 +31,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 
 from csi.host import mount as mnt
+from csi.host.fsinfo import fstype_at, fsync_dir, kernel_has
 
 MIB = 1 << 20
 FILE_BYTES = 4 * MIB  # files of the data tree are this large (the last one may be smaller)
@@ -55,10 +56,6 @@ def terminate_as_interrupt() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, previous)
 
-
-def _kernel_has(fstype: str) -> bool:
-    with open("/proc/filesystems", encoding="ascii") as f:
-        return any(line.split()[-1] == fstype for line in f if line.strip())
 
 
 @dataclass(frozen=True)
@@ -91,7 +88,7 @@ class BenchFilesystems:
         try:
             ext4 = self.scratch / "ext4"
             ext4.mkdir()
-            self.backings["ext4"] = Backing(_fstype_of(ext4), ext4)
+            self.backings["ext4"] = Backing(fstype_at(ext4), ext4)
             if self.want_btrfs:
                 self._make_btrfs()
         except BaseException:
@@ -104,7 +101,7 @@ class BenchFilesystems:
         self.close()
 
     def _make_btrfs(self) -> None:
-        if not _kernel_has("btrfs"):
+        if not kernel_has("btrfs"):
             self.unavailable["btrfs"] = "kernel has no btrfs"
             return
         if shutil.which("mkfs.btrfs") is None or shutil.which("losetup") is None:
@@ -141,16 +138,6 @@ class BenchFilesystems:
             remove_tree(self.scratch)
         self.backings.clear()
 
-
-def _fstype_of(path: Path) -> str:
-    """The filesystem type holding ``path`` (from mountinfo: longest matching target)."""
-    real = os.path.realpath(path)
-    best, fstype = -1, "unknown"
-    for mp in mnt.mount_points():
-        prefix = mp.target.rstrip("/") + "/"
-        if (real + "/").startswith(prefix) and len(mp.target) > best:
-            best, fstype = len(mp.target), mp.fstype
-    return fstype
 
 
 class DataSource:
@@ -207,13 +194,6 @@ def fill_tree(root: Path, total_bytes: int, data: DataSource) -> int:
     return files
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def copy_tree(source: Path, target: Path) -> None:
     """The copy baseline: ``cp -a --reflink=never source target`` (no fsync)."""
@@ -228,18 +208,6 @@ def remove_tree(path: Path) -> None:
         subprocess.run(["chattr", "-R", "-f", "-i", str(path)], check=False, capture_output=True)
         shutil.rmtree(path, ignore_errors=True)
 
-
-def parse_size(text: str) -> int:
-    """``64M`` / ``1G`` / ``512K`` / ``4096`` -> bytes (binary units)."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("IB").removesuffix("B")
-    if text and text[-1] in units:
-        value = float(text[:-1]) * units[text[-1]]
-    else:
-        value = float(text)
-    if value <= 0:
-        raise ValueError(f"size must be positive: {text!r}")
-    return int(value)
 
 
 def format_size(size: int) -> str:

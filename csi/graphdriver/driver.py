@@ -156,6 +156,30 @@ class Driver(ABC):
     def status(self) -> list[tuple[str, str]]: ...
 
     @abstractmethod
+    def healthy(self) -> bool:
+        """Whether the driver's home is still there and usable (Identity's Probe)."""
+
+    @abstractmethod
+    def usage(self, layer_id: str) -> int | None:
+        """Bytes the layer itself occupies, or None where that is not cheaply known."""
+
+    @abstractmethod
+    def references(self, layer_id: str) -> int:
+        """The persisted ``get``/``get_block`` reference count of a layer, hidden or not
+        (0 for a layer that does not exist)."""
+
+    @abstractmethod
+    def set_references(self, layer_id: str, count: int) -> None:
+        """Bring a layer's reference count to ``count`` after a restart, activating it
+        (mount, device) when it becomes positive and releasing it when it reaches 0; the
+        owner of the references (the CSI records) knows how many are really held."""
+
+    @abstractmethod
+    def release(self, layer_id: str) -> None:
+        """Drop every reference of a layer and remove it (deferred while it has children);
+        nothing happens for a layer that does not exist. For roll-backs after a crash."""
+
+    @abstractmethod
     def cleanup(self) -> None:
         """Release every mount, finish deferred removals, drop on-disk leftovers. Like Docker's
         ``Cleanup`` it is for shutdown (and tests): it must not run concurrently with other calls
@@ -166,6 +190,12 @@ class Driver(ABC):
 
     @abstractmethod
     def capacity(self) -> Capacity: ...
+
+    @classmethod
+    @abstractmethod
+    def holds_state(cls, home: Path) -> bool:
+        """Whether ``home`` holds layers of this driver (the registry's "prior state" rule);
+        reads only, and works while another process runs the driver."""
 
     @abstractmethod
     def diff(self, layer_id: str, parent: str | None = None) -> IO[bytes]: ...

@@ -367,6 +367,46 @@ class LayerDriver(Driver):
     def usage(self, layer_id: str) -> int | None:
         return self._usage(self._visible(layer_id))
 
+    def healthy(self) -> bool:
+        return self.home.is_dir()
+
+    def references(self, layer_id: str) -> int:
+        check_layer_id(layer_id)
+        layer = self.store.get(layer_id)
+        return layer.mounts if layer is not None else 0
+
+    def set_references(self, layer_id: str, count: int) -> None:
+        check_layer_id(layer_id)
+        if count < 0:
+            raise InvalidArgument(f"a reference count cannot be negative, got {count}")
+        with self._locked(layer_id):
+            layer = self._visible(layer_id)
+            if count > 0 and (layer.mounts == 0 or not self._is_active(layer)):
+                self._activate(layer, self.chain(layer_id), "")
+            elif count == 0 and layer.mounts > 0:
+                self._deactivate(layer)
+            if count != layer.mounts:
+                self.store.update(layer_id, mounts=count)
+
+    def release(self, layer_id: str) -> None:
+        check_layer_id(layer_id)
+        with self._locked(layer_id):
+            layer = self.store.get(layer_id)
+            if layer is None:
+                return
+            if layer.mounts > 0:
+                self._deactivate(layer)
+                self.store.update(layer_id, mounts=0)
+        self.remove(layer_id)
+
+    @classmethod
+    def holds_state(cls, home: Path) -> bool:
+        home = Path(home)
+        if not home.is_dir():
+            return False
+        records = LayerStore.has_records(home)
+        return records if records is not None else any(home.iterdir())
+
     def status(self) -> list[tuple[str, str]]:
         all_layers = self.store.all()
         cap = self.capacity()

@@ -24,7 +24,7 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,19 @@ class LayerStore:
     """The records of one driver home. Thread-safe; every method is one transaction."""
 
     FILENAME = "layers.db"
+
+    @classmethod
+    def has_records(cls, home: Path) -> bool | None:
+        """Whether ``<home>/layers.db`` holds any record, read-only (None: no database;
+        an unreadable one counts as holding records)."""
+        db = Path(home) / cls.FILENAME
+        if not db.exists():
+            return None
+        try:
+            with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+                return conn.execute("SELECT COUNT(*) FROM layers").fetchone()[0] > 0
+        except sqlite3.Error:
+            return True
 
     def __init__(self, home: Path) -> None:
         self.path = Path(home) / self.FILENAME

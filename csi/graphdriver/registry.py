@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from csi.errors import DriverUnavailable, InvalidArgument, StrataError
+from csi.errors import DriverUnavailable, InvalidArgument, NoDriverAvailable, PrerequisitesMissing
 from csi.graphdriver.layered import LayerDriver
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,6 @@ DRIVER_CLASSES: Mapping[str, str] = {
 }
 
 
-class NoDriverAvailable(StrataError):
-    """Nothing in the priority list could initialise; the message lists each reason."""
-
-
 @dataclass(frozen=True)
 class Selection:
     driver: LayerDriver
@@ -62,8 +58,6 @@ def driver_class(name: str) -> type[LayerDriver]:
     try:
         return getattr(importlib.import_module(module), cls)
     except ImportError as exc:
-        from csi.errors import PrerequisitesMissing
-
         raise PrerequisitesMissing(f"{name}: driver module unavailable: {exc}") from exc
 
 
@@ -71,20 +65,12 @@ def home_of(root: Path, name: str) -> Path:
     return Path(root) / name
 
 
-def holds_state(root: Path, name: str) -> bool:
+def holds_state(root: Path, name: str, factory: Callable[[str], type[LayerDriver]] | None = None) -> bool:
+    """Whether ``<root>/<name>`` holds that driver's layers (asked of the driver class)."""
     home = home_of(root, name)
     if not home.is_dir():
         return False
-    db = home / "layers.db"
-    if db.exists():
-        import sqlite3
-
-        try:
-            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-                return conn.execute("SELECT COUNT(*) FROM layers").fetchone()[0] > 0
-        except sqlite3.Error:
-            return True
-    return any(home.iterdir())
+    return (factory or driver_class)(name).holds_state(home)
 
 
 def new_driver(root: str | os.PathLike[str], name: str | None = None,
@@ -100,7 +86,7 @@ def new_driver(root: str | os.PathLike[str], name: str | None = None,
         log.info("graphdriver %s chosen explicitly", name)
         return Selection(drv, "explicit")
 
-    with_state = [n for n in PRIORITY if holds_state(root, n)]
+    with_state = [n for n in PRIORITY if holds_state(root, n, factory)]
     if len(with_state) > 1:
         raise InvalidArgument(
             f"{root} contains state of several drivers ({', '.join(with_state)}); "

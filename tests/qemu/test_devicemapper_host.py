@@ -12,7 +12,8 @@ import pytest
 from csi.errors import DriverUnavailable, InvalidArgument, NotSupported, PrerequisitesMissing
 from csi.graphdriver.devicemapper import ioctl as dm
 from csi.graphdriver import registry
-from csi.graphdriver.devicemapper.driver import DevmapperDriver, DmConfig, parse_size
+from csi.graphdriver.devicemapper.driver import DevmapperDriver, DmConfig
+from csi.host.fsinfo import parse_size
 from csi.graphdriver.quota.xfs import ProjectQuota, prjquota_mount
 
 

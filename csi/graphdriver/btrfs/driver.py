@@ -67,7 +67,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from csi.host import mount as mnt
 from csi.errors import (
     AlreadyExists, Busy, IncompatibleFilesystem, InvalidArgument, NoSpace, NotFound, NotSupported,
     OutOfRange, ReadOnly, StrataError,
@@ -75,6 +74,7 @@ from csi.errors import (
 from csi.graphdriver.btrfs import ioctl as ioc
 from csi.graphdriver.driver import Layer, LayerState
 from csi.graphdriver.layered import LayerDriver
+from csi.host.fsinfo import mount_of
 from csi.ids import is_layer_id
 
 TEMP_PREFIX = ".tmp-"
@@ -128,13 +128,9 @@ def _nearest_existing(path: Path) -> Path:
 
 def _filesystem_name(path: Path, magic: int) -> str:
     """The mount table's name for the filesystem holding ``path`` (statfs magic if unknown)."""
-    real = os.path.realpath(path)
-    best = None
-    for mp in mnt.mount_points():
-        if (real + "/").startswith(mp.target.rstrip("/") + "/") and (best is None or len(mp.target) >= len(best.target)):
-            best = mp
-    if best is not None:
-        return best.fstype
+    mp = mount_of(path)
+    if mp is not None:
+        return mp.fstype
     return ioc.FILESYSTEM_NAMES.get(magic, f"a filesystem with magic {magic:#x}")
 
 

@@ -64,12 +64,12 @@ from csi.errors import (
 from csi.graphdriver.devicemapper import ioctl as dm
 from csi.graphdriver.driver import Capacity, Layer
 from csi.graphdriver.layered import LayerDriver
+from csi.host.fsinfo import parse_size
 
 log = logging.getLogger(__name__)
 
 LOOP_WARNING = ("devicemapper runs on sparse loop files (dm.loopback=true): for development only, "
                 "never production; give a real thin pool with dm.thinpooldev")
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 FILESYSTEMS = ("ext4", "xfs")
 XFS_MIN_BYTES = 300 << 20  # mkfs.xfs refuses smaller filesystems
 
@@ -83,18 +83,6 @@ def _fsync(path: Path, flags: int = 0) -> None:
     finally:
         os.close(fd)
 
-
-def parse_size(text: str, what: str) -> int:
-    """``"10G"`` -> bytes (binary units, optional trailing ``b``/``ib``)."""
-    value = text.strip().lower().removesuffix("ib").removesuffix("b")
-    unit = value[-1:] if value[-1:] in _UNITS else ""
-    try:
-        number = int(value[: len(value) - len(unit)])
-    except ValueError as exc:
-        raise InvalidArgument(f"{what}: {text!r} is not a size like 10G") from exc
-    if number <= 0:
-        raise InvalidArgument(f"{what}: {text!r} must be positive")
-    return number * _UNITS[unit]
 
 
 @dataclass(frozen=True)

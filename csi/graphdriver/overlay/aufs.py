@@ -36,7 +36,8 @@ from csi.host import mount as mnt
 from csi.errors import IncompatibleFilesystem, NotSupported
 from csi.graphdriver.driver import Layer
 from csi.graphdriver.overlay.layout import AUFS_WHITEOUTS, WhiteoutFormat
-from csi.graphdriver.overlay.driver import OverlayDriver, existing_ancestor, filesystem_of, kernel_has
+from csi.graphdriver.overlay.driver import OverlayDriver
+from csi.host.fsinfo import fstype_at, kernel_has
 
 MAX_BRANCHES = 127
 AUFS_OPTIONS: tuple[str, ...] = ("dio", "xino=/dev/shm/aufs.xino")
@@ -55,13 +56,13 @@ class AufsDriver(OverlayDriver):
     def check_support(cls, home: Path, options: Mapping[str, str]) -> None:
         if not kernel_has("aufs"):
             raise NotSupported("aufs not in /proc/filesystems")
-        fstype = filesystem_of(existing_ancestor(home))
+        fstype = fstype_at(home)
         if fstype in UNSUPPORTED_BACKING:
             raise IncompatibleFilesystem(f"aufs cannot use {fstype} at {home} as a branch filesystem")
 
     def _status_extra(self) -> list[tuple[str, str]]:
         return [
-            ("backing filesystem", filesystem_of(self.home)),
+            ("backing filesystem", fstype_at(self.home)),
             ("mount options", ",".join(AUFS_OPTIONS)),
             ("native diff", "yes (against the layer's own parent)"),
             ("max lower layers", str(MAX_BRANCHES - 1)),

@@ -51,6 +51,7 @@ from pathlib import Path
 
 from csi.host import mount as mnt
 from csi.errors import InvalidArgument, NoSpace, StrataError
+from csi.host.fsinfo import mount_of
 
 STATE_FILE = "quota-projects.json"
 LOCK_FILE = "quota-projects.lock"
@@ -201,12 +202,7 @@ def limit_of(size_bytes: int) -> int:
 
 def prjquota_mount(path: Path) -> mnt.MountPoint | None:
     """The XFS mount holding ``path`` if it enforces project quota, else None."""
-    real = os.path.realpath(path)
-    best: mnt.MountPoint | None = None
-    for mp in mnt.mount_points():
-        prefix = mp.target.rstrip("/") + "/"
-        if (real + "/").startswith(prefix) and (best is None or len(mp.target) >= len(best.target)):
-            best = mp
+    best = mount_of(path)
     if best is None or best.fstype != "xfs":
         return None
     opts = set(best.options) | set(best.super_options)
