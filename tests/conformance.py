@@ -51,6 +51,7 @@ from csi.graphdriver.driver import CreateOpts
 from csi.graphdriver.layered import LayerDriver
 from csi.graphdriver.driver import LayerState
 from conformance_diffs import DiffChecks
+from conformance_recovery import RecoveryChecks
 from layertree import T0, FileState, assert_same_tree, mutate, populate, set_mtimes, tree_state
 
 __all__ = [
@@ -128,7 +129,7 @@ for i in range(10_000):
 # --------------------------------------------------------------------------- the suite
 
 
-class DriverConformance(DiffChecks):
+class DriverConformance(DiffChecks, RecoveryChecks):
     """Shared checks. Subclasses provide the ``driver`` fixture (see module docstring)."""
 
     max_depth: ClassVar[int] = 128

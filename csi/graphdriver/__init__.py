@@ -16,6 +16,10 @@ Layout (each module's docstring states its contract or on-disk layout)::
 Nothing outside this package touches a driver's records: services call the contract only.
 """
 
-from csi.graphdriver.driver import Capacity, Change, ChangeKind, CreateOpts, Driver, Layer, LayerKind, LayerState
+from csi.graphdriver.driver import (
+    Capacity, Change, ChangeKind, CreateOpts, Driver, Layer, LayerKind, LayerState, Reconciliation,
+)
 
-__all__ = ["Capacity", "Change", "ChangeKind", "CreateOpts", "Driver", "Layer", "LayerKind", "LayerState"]
+__all__ = [
+    "Capacity", "Change", "ChangeKind", "CreateOpts", "Driver", "Layer", "LayerKind", "LayerState", "Reconciliation",
+]

@@ -45,7 +45,9 @@ from enum import Enum
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
-__all__ = ["Capacity", "Change", "ChangeKind", "CreateOpts", "Driver", "Layer", "LayerKind", "LayerState"]
+__all__ = [
+    "Capacity", "Change", "ChangeKind", "CreateOpts", "Driver", "Layer", "LayerKind", "LayerState", "Reconciliation",
+]
 
 
 class LayerKind(str, Enum):
@@ -114,6 +116,30 @@ class Change:
 class Capacity:
     total_bytes: int
     available_bytes: int
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    """What a start-up sweep (:meth:`Driver.reconcile`) did, or would do with ``dry_run``.
+
+    ``interrupted``: layers whose creation or freeze a crash cut short (finished or rolled
+    back); ``removals``: removals finished; ``orphans``: on-disk layers no record knows
+    (deleted); ``hidden_freed``: hidden layers whose last child is gone (freed, and their
+    hidden ancestors after them); ``remounted`` / ``released``: mounts brought back in line
+    with the persisted reference counts."""
+
+    interrupted: tuple[str, ...] = ()
+    removals: tuple[str, ...] = ()
+    orphans: tuple[str, ...] = ()
+    hidden_freed: tuple[str, ...] = ()
+    remounted: tuple[str, ...] = ()
+    released: tuple[str, ...] = ()
+    dry_run: bool = False
+
+    @property
+    def clean(self) -> bool:
+        return not (self.interrupted or self.removals or self.orphans or self.hidden_freed
+                    or self.remounted or self.released)
 
 
 class Driver(ABC):
@@ -190,6 +216,21 @@ class Driver(ABC):
 
     @abstractmethod
     def capacity(self) -> Capacity: ...
+
+    @abstractmethod
+    def chain(self, layer_id: str) -> list[Layer]:
+        """The layer and its ancestors, nearest first, hidden ancestors included."""
+
+    @abstractmethod
+    def reconcile(self, dry_run: bool = False) -> Reconciliation:
+        """Bring records and disk back in line after a crash (every start runs it); with
+        ``dry_run``, only report what it would do."""
+
+    @classmethod
+    @abstractmethod
+    def read_layers(cls, home: Path) -> list[Layer]:
+        """Every record under ``home`` (hidden and unfinished ones included), read-only: for
+        operator tools that look at a node whether or not the plugin runs."""
 
     @classmethod
     @abstractmethod

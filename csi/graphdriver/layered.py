@@ -28,8 +28,11 @@ from typing import IO, ClassVar
 
 from csi.errors import AlreadyExists, Busy, FailedPrecondition, InvalidArgument, NotFound, StrataError, Unsupported
 from csi.graphdriver.diff.naive import NaiveDiffer
-from csi.graphdriver.driver import Capacity, Change, CreateOpts, Driver, Layer, LayerKind, LayerState
+from csi.graphdriver.driver import (
+    Capacity, Change, CreateOpts, Driver, Layer, LayerKind, LayerState, Reconciliation,
+)
 from csi.graphdriver.metastore import LayerStore
+from csi.host import mount as mnt
 from csi.ids import check_layer_id
 
 __all__ = ["LayerDriver"]
@@ -53,7 +56,8 @@ class LayerDriver(Driver):
     # every trace of a half-made layer, ``_destroy`` removes it) and does not write the record
     record_after_make: ClassVar[bool] = False
 
-    def __init__(self, home: str | os.PathLike[str], options: Mapping[str, str] | None = None) -> None:
+    def __init__(self, home: str | os.PathLike[str], options: Mapping[str, str] | None = None, *,
+                 recover: bool = True) -> None:
         self.home = Path(home)
         self.options: Mapping[str, str] = dict(options or {})
         self.check_support(self.home, self.options)
@@ -63,7 +67,8 @@ class LayerDriver(Driver):
         self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()
         self._setup()
-        self.reconcile()
+        # the start-up sweep; ``recover=False`` is for inspection (``strata gc --dry-run``)
+        self.recovered = self.reconcile() if recover else None
 
     # ------------------------------------------------------------------ primitives
 
@@ -400,6 +405,10 @@ class LayerDriver(Driver):
         self.remove(layer_id)
 
     @classmethod
+    def read_layers(cls, home: Path) -> list[Layer]:
+        return LayerStore.read_only(Path(home))
+
+    @classmethod
     def holds_state(cls, home: Path) -> bool:
         home = Path(home)
         if not home.is_dir():
@@ -424,26 +433,41 @@ class LayerDriver(Driver):
 
     # ------------------------------------------------------------------ recovery
 
-    def reconcile(self) -> None:
-        """Bring disk and records back in line after a crash (see module docstring)."""
-        for layer in self.store.all():
-            if layer.state is LayerState.REMOVING:
-                self._destroy(layer.id)
-                self.store.delete(layer.id)
-            elif layer.state is LayerState.CREATING:
-                self._recover_creating(layer)
-        known = {l.id for l in self.store.all()}
-        for orphan in self._on_disk() - known:
-            self._destroy(orphan)
-        for layer in self.store.all():
-            if layer.hidden:
-                self._free_if_orphaned(layer.id)
-        for layer in self.store.all():
-            if layer.state is LayerState.READY and layer.mounts > 0 and not self._is_active(layer):
-                self._activate(layer, self.chain(layer.id), "")
-            elif layer.state is LayerState.READY and layer.mounts == 0:
-                # a crash between _activate and the refcount update leaves a mount nobody holds
-                self._deactivate(layer)
+    def reconcile(self, dry_run: bool = False) -> Reconciliation:
+        """Bring disk and records back in line after a crash (see module docstring) and say
+        what was done; with ``dry_run`` only say what would be done (nothing is written)."""
+        records = self.store.all()
+        interrupted = tuple(l.id for l in records if l.state is LayerState.CREATING)
+        removals = tuple(l.id for l in records if l.state is LayerState.REMOVING)
+        if not dry_run:
+            for layer in records:
+                if layer.state is LayerState.REMOVING:
+                    self._destroy(layer.id)
+                    self.store.delete(layer.id)
+                elif layer.state is LayerState.CREATING:
+                    self._recover_creating(layer)
+        known = {l.id for l in records} - (set() if dry_run else set(interrupted) | set(removals))
+        known |= {l.id for l in self.store.all()}
+        orphans = tuple(sorted(self._on_disk() - known))
+        freeable = tuple(l.id for l in self.store.all()
+                         if l.hidden and not l.mounts and not self._live_children(l.id))
+        ready = [l for l in self.store.all() if l.state is LayerState.READY]
+        remount = tuple(l.id for l in ready if l.mounts > 0 and not self._is_active(l))
+        release = tuple(l.id for l in ready if l.mounts == 0 and mnt.is_mount_point(self._path(l)))
+        if not dry_run:
+            for orphan in orphans:
+                self._destroy(orphan)
+            for layer in self.store.all():
+                if layer.hidden:
+                    self._free_if_orphaned(layer.id)
+            for layer in self.store.all():
+                if layer.state is LayerState.READY and layer.mounts > 0 and not self._is_active(layer):
+                    self._activate(layer, self.chain(layer.id), "")
+                elif layer.state is LayerState.READY and layer.mounts == 0:
+                    # a crash between _activate and the refcount update leaves a mount nobody holds
+                    self._deactivate(layer)
+        return Reconciliation(interrupted=interrupted, removals=removals, orphans=orphans,
+                              hidden_freed=freeable, remounted=remount, released=release, dry_run=dry_run)
 
     def _recover_creating(self, layer: Layer) -> None:
         source = self.store.get(layer.origin) if layer.origin else None

@@ -29,7 +29,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from csi.errors import AlreadyExists, NotFound
+from csi.errors import AlreadyExists, NotFound, StrataError
 from csi.graphdriver.driver import Layer, LayerKind, LayerState
 from csi.host.walsync import WalSync, open_wal_database
 
@@ -86,6 +86,20 @@ class LayerStore:
                 return conn.execute("SELECT COUNT(*) FROM layers").fetchone()[0] > 0
         except sqlite3.Error:
             return True
+
+    @classmethod
+    def read_only(cls, home: Path) -> list[Layer]:
+        """Every record of ``<home>/layers.db``, read without writing anything (no WAL set-up,
+        no schema): for tools that look while the plugin may be running. [] without a database."""
+        db = Path(home) / cls.FILENAME
+        if not db.exists():
+            return []
+        try:
+            with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as conn:
+                rows = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM layers ORDER BY created, id").fetchall()
+        except sqlite3.Error as exc:
+            raise StrataError(f"cannot read the layer records in {db}: {exc}") from exc
+        return [_row_to_layer(r) for r in rows]
 
     def __init__(self, home: Path) -> None:
         self.path = Path(home) / self.FILENAME

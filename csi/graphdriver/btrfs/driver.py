@@ -72,7 +72,7 @@ from csi.errors import (
     OutOfRange, ReadOnly, StrataError,
 )
 from csi.graphdriver.btrfs import ioctl as ioc
-from csi.graphdriver.driver import Layer, LayerState
+from csi.graphdriver.driver import Layer, LayerState, Reconciliation
 from csi.graphdriver.layered import LayerDriver
 from csi.host.fsinfo import mount_of
 from csi.ids import is_layer_id
@@ -342,9 +342,11 @@ class BtrfsDriver(LayerDriver):
 
     # ------------------------------------------------------------------ recovery
 
-    def reconcile(self) -> None:
+    def reconcile(self, dry_run: bool = False) -> Reconciliation:
         """Repair what a power cut may lose (renames, limits), run the shared
-        reconciliation, then remove stale ``.tmp-`` subvolumes."""
+        reconciliation, then remove stale ``.tmp-`` subvolumes (a dry run only reports)."""
+        if dry_run:
+            return super().reconcile(dry_run)
         ready = [l for l in self.store.all() if l.state is LayerState.READY]
         with _open_dir(self.subvolumes) as dir_fd:
             for layer in ready:
@@ -352,7 +354,7 @@ class BtrfsDriver(LayerDriver):
                 if not os.path.lexists(self._path(layer)) and ioc.is_subvolume_root(self.subvolumes / temp):
                     with _translated(f"restore layer {layer.id} from {temp}"):
                         self._publish(dir_fd, temp, layer.id)
-        super().reconcile()
+        report = super().reconcile()
         with self._in_flight_guard:
             busy = set(self._in_flight)
         with _open_dir(self.subvolumes) as dir_fd:
@@ -365,3 +367,4 @@ class BtrfsDriver(LayerDriver):
             if layer.state is LayerState.READY and not layer.frozen and ioc.is_subvolume_root(path):
                 with _translated(f"restore the size limit of layer {layer.id}"):
                     self._apply_limit(path, layer.size_bytes, only_if_different=True)
+        return report

@@ -62,7 +62,7 @@ from csi.errors import (
     StrataError,
 )
 from csi.graphdriver.devicemapper import ioctl as dm
-from csi.graphdriver.driver import Capacity, Layer
+from csi.graphdriver.driver import Capacity, Layer, Reconciliation
 from csi.graphdriver.layered import LayerDriver
 from csi.host.fsinfo import parse_size
 
@@ -174,9 +174,11 @@ class DevmapperDriver(LayerDriver):
         self.block_sectors = dm.pool_block_sectors(self.pool)
         self._reconcile_transaction()
 
-    def reconcile(self) -> None:
+    def reconcile(self, dry_run: bool = False) -> Reconciliation:
         """Base reconciliation, then deactivate thin devices nothing holds (crash leftovers)."""
-        super().reconcile()
+        report = super().reconcile(dry_run)
+        if dry_run:
+            return report
         held = {self._dev_name(l.id) for l in self.store.all() if l.mounts > 0}
         for name in dm.list_devices(self._prefix + "-"):
             if name != self.pool and name not in held:
@@ -186,6 +188,7 @@ class DevmapperDriver(LayerDriver):
                     if mp.source in sources:
                         mnt.unmount(mp.target, detach=True)
                 dm.remove(name)
+        return report
 
     def _loop_pool(self) -> str:
         loopdir = self.home / "loop"
