@@ -27,19 +27,19 @@ ABORTED); a repeat with compatible arguments returns the existing object.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi.errors import Aborted, AlreadyExists, Busy, InvalidArgument, NotFound, OutOfRange, Unsupported
-from csi.graphdriver.driver import CreateOpts
+from csi.graphdriver.driver import CreateOpts, Driver
 from csi.ids import is_layer_id, new_layer_id
 from csi.proto import csi_pb2, csi_pb2_grpc
-from csi.services.plugin import KUBERNETES_PREFIX, Plugin
-from csi.services.volume_ids import (CLONE_BASE_PREFIX, SNAPSHOT_PREFIX, VOLUME_PREFIX, make_id, parse_id,
-                                     parse_local)
+from csi.services.plugin import Plugin
+from csi.services.requests import check_snapshot_parameters, fits, requested_size, require
+from csi.services.volume_ids import CLONE_BASE_PREFIX, SNAPSHOT_PREFIX, VOLUME_PREFIX, make_id, parse_id, parse_local
 from csi.state.store import RecordState, SnapshotRecord, VolumeRecord
 
 Record = TypeVar("Record", VolumeRecord, SnapshotRecord)
@@ -47,28 +47,6 @@ _Cap = csi_pb2.ControllerServiceCapability.RPC
 CAPABILITIES = (_Cap.CREATE_DELETE_VOLUME, _Cap.CREATE_DELETE_SNAPSHOT, _Cap.CLONE_VOLUME, _Cap.LIST_VOLUMES,
                 _Cap.LIST_SNAPSHOTS, _Cap.GET_CAPACITY, _Cap.EXPAND_VOLUME, _Cap.GET_VOLUME,
                 _Cap.VOLUME_CONDITION, _Cap.SINGLE_NODE_MULTI_WRITER)
-
-
-def require(value: object, what: str) -> None:
-    if not value:
-        raise InvalidArgument(f"{what} is required")
-
-
-def requested_size(capacity: csi_pb2.CapacityRange, total_bytes: int) -> int:
-    """The size to give a volume for a capacity range (0: no range, no limit)."""
-    required, limit = capacity.required_bytes, capacity.limit_bytes
-    if required < 0 or limit < 0:
-        raise OutOfRange(f"capacity range must not be negative (required {required}, limit {limit})")
-    if limit and required > limit:
-        raise OutOfRange(f"required_bytes {required} exceeds limit_bytes {limit}")
-    size = required or limit
-    if size > total_bytes:
-        raise OutOfRange(f"{size} bytes requested but the backing store holds only {total_bytes} bytes")
-    return size
-
-
-def fits(capacity: int, range_: csi_pb2.CapacityRange) -> bool:
-    return capacity >= range_.required_bytes and (not range_.limit_bytes or capacity <= range_.limit_bytes)
 
 
 def _access(block: bool) -> str:
@@ -84,7 +62,7 @@ def timestamp(seconds: float) -> Timestamp:
 class ControllerService(csi_pb2_grpc.ControllerServicer):
     def __init__(self, plugin: Plugin) -> None:
         self.plugin = plugin
-        self.driver = plugin.driver
+        self.driver: Driver = plugin.driver
         self.store = plugin.store
 
     # ------------------------------------------------------------------ helpers
@@ -173,7 +151,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 self.driver.remove(base)  # hidden now, freed with the clone
             return self.store.add_volume(VolumeRecord(
                 layer=layer, name=name, capacity=size, parameters=parameters, source_kind=source_kind,
-                source_id=source_id, parent_layer=parent, base_layer=base, state=RecordState.READY, block=block))
+                source_id=source_id, base_layer=base, state=RecordState.READY, block=block))
         except BaseException:
             for made in (layer, base):
                 if made is not None:
@@ -313,7 +291,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                        context: grpc.ServicerContext) -> csi_pb2.CreateSnapshotResponse:
         require(request.source_volume_id, "source_volume_id")
         require(request.name, "name")
-        self._check_snapshot_parameters(request.parameters)
+        check_snapshot_parameters(request.parameters)
         with self.plugin.locks.hold(f"snapshot-name:{request.name}", f"source:{request.source_volume_id}"):
             existing = self.store.snapshot_by_name(request.name)
             if existing is not None:
@@ -332,13 +310,6 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 self.driver.remove(layer)
                 raise
             return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot_message(record))
-
-    @staticmethod
-    def _check_snapshot_parameters(parameters: Mapping[str, str]) -> None:
-        unknown = sorted(k for k in parameters if not k.startswith(KUBERNETES_PREFIX))
-        if unknown:
-            raise InvalidArgument(f"unknown snapshot parameter(s) {', '.join(unknown)}; only "
-                                  f"{KUBERNETES_PREFIX}* keys are accepted")
 
     def DeleteSnapshot(self, request: csi_pb2.DeleteSnapshotRequest,
                        context: grpc.ServicerContext) -> csi_pb2.DeleteSnapshotResponse:

@@ -28,9 +28,11 @@ the request reaches the plugin, when it is missing or wrong. The channel itself 
 TCP on the node network: the token authenticates the caller but is not encrypted, so the
 cluster network must be trusted (or restricted with a NetworkPolicy to the controller).
 
-Errors: a malformed volume ID or an owner node that cannot be resolved is NOT_FOUND; a
-node that cannot be reached is UNAVAILABLE (external-resizer retries); any status the node
-answers is relayed as it is.
+Errors: both servers are built by :func:`csi.services.listen.new_server`, so every
+handler — the token check's refusal included — answers through the one error seam
+(:mod:`csi.services.status`): a malformed volume ID or an owner node that cannot be
+resolved is NOT_FOUND; a node that cannot be reached is UNAVAILABLE (external-resizer
+retries); any status the node answers is relayed as it is (:class:`csi.errors.Relayed`).
 """
 
 from __future__ import annotations
@@ -38,13 +40,8 @@ from __future__ import annotations
 import argparse
 import hmac
 import logging
-import os
-import signal
-import stat
-import sys
 import threading
 from collections.abc import Callable
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -52,18 +49,19 @@ from typing import Any, Protocol
 import grpc
 
 from csi import __version__
-from csi.errors import InvalidArgument, NotFound, StrataError
+from csi.errors import InvalidArgument, NotFound, Relayed, StrataError, Unauthenticated
+from csi.kube import node_internal_ip
 from csi.proto import csi_pb2, csi_pb2_grpc
-from csi.services.rpclog import RpcInterceptor
-from csi.services.status import status_of
+from csi.services.listen import (DEFAULT_DRIVER_NAME, Running, add_common_flags, configure_logging, listen_unix,
+                                 new_server, run_until_signalled, socket_path)
 from csi.services.volume_ids import owner_node
 
 log = logging.getLogger("strata.forwarder")
 
 TOKEN_HEADER = "x-strata-forward-token"
 EXPAND_METHOD = "/csi.v1.Controller/ControllerExpandVolume"
-DEFAULT_DRIVER_NAME = "strata.csi.dev"
 DEFAULT_FORWARD_PORT = 9839
+CONTROLLER_GRACE_SECONDS = 10.0
 
 
 def read_token(path: Path) -> str:
@@ -81,13 +79,14 @@ def read_token(path: Path) -> str:
 
 
 class _TokenCheck(grpc.ServerInterceptor):
-    """Lets a call through only with the right token; answers UNAUTHENTICATED otherwise."""
+    """Lets a call through only with the right token; answers UNAUTHENTICATED otherwise
+    (through the error seam, which runs around this interceptor)."""
 
     def __init__(self, token: str) -> None:
         self._token = token.encode("utf-8")
 
         def refuse(request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong forward token")
+            raise Unauthenticated("missing or wrong forward token")
 
         self._refusal = grpc.unary_unary_rpc_method_handler(refuse)
 
@@ -125,8 +124,7 @@ def start_forward_listener(address: str, token_file: Path,
     token = read_token(token_file)
     if "://" in address or ":" not in address:
         raise InvalidArgument(f"forward listen address {address!r} must be HOST:PORT")
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="forward"),
-                         interceptors=[_TokenCheck(token), RpcInterceptor()])
+    server = new_server(4, "forward", [_TokenCheck(token)])
     csi_pb2_grpc.add_ControllerServicer_to_server(_ExpandOnly(controller), server)
     port = server.add_insecure_port(address)
     if port == 0:
@@ -165,8 +163,6 @@ class KubernetesAddresses:
     port: int
 
     def __call__(self, node: str) -> str:
-        from csi.kube import node_internal_ip
-
         ip = node_internal_ip(node)
         return f"[{ip}]:{self.port}" if ":" in ip else f"{ip}:{self.port}"
 
@@ -202,21 +198,14 @@ class ForwardingController(csi_pb2_grpc.ControllerServicer):
 
     def ControllerExpandVolume(self, request: csi_pb2.ControllerExpandVolumeRequest,
                                context: grpc.ServicerContext) -> csi_pb2.ControllerExpandVolumeResponse:
-        try:
-            node = owner_node(request.volume_id)
-            address = self._addresses(node)
-        except StrataError as exc:
-            code, message, _ = status_of(exc)
-            log.info("expand %s: %s", request.volume_id[:128], message)
-            context.abort(code, message)
+        node = owner_node(request.volume_id)
+        address = self._addresses(node)
         try:
             response: csi_pb2.ControllerExpandVolumeResponse = self._stub(address).ControllerExpandVolume(
                 request, timeout=self._timeout, metadata=((TOKEN_HEADER, self._token),))
         except grpc.RpcError as exc:
             # Relay the owner's answer (or UNAVAILABLE / DEADLINE_EXCEEDED from the channel).
-            log.info("expand %s on %s (%s): %s %s", request.volume_id, node, address,
-                     exc.code().name, exc.details())
-            context.abort(exc.code(), f"node {node}: {exc.details()}")
+            raise Relayed(exc.code().name, f"node {node} ({address}): {exc.details()}") from exc
         log.info("expand %s on %s (%s): %d bytes", request.volume_id, node, address, response.capacity_bytes)
         return response
 
@@ -260,30 +249,14 @@ class ControllerConfig:
         return KubernetesAddresses(self.forward_port)
 
 
-def _socket_path(endpoint: str) -> Path:
-    if not endpoint.startswith("unix://") or len(endpoint) <= len("unix://"):
-        raise InvalidArgument(f"endpoint {endpoint!r} must be unix:///PATH/csi.sock")
-    return Path(endpoint[len("unix://"):]).resolve()
-
-
 def start_controller(config: ControllerConfig) -> tuple[grpc.Server, ForwardingController]:
     """Serve Identity + the forwarding Controller on ``config.endpoint`` (owner-only socket)."""
-    path = _socket_path(config.endpoint)
+    path = socket_path(config.endpoint)
     controller = ForwardingController(config.addresses(), read_token(config.token_file), config.timeout)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="controller"))
+    server = new_server(8, "controller")
     csi_pb2_grpc.add_IdentityServicer_to_server(ForwardingIdentity(config.driver_name), server)
     csi_pb2_grpc.add_ControllerServicer_to_server(controller, server)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() or path.is_symlink():
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise InvalidArgument(f"{path} exists and is not a socket; refusing to replace it")
-        path.unlink()
-    old = os.umask(0o177)
-    try:
-        if server.add_insecure_port(f"unix://{path}") == 0:
-            raise StrataError(f"cannot listen on unix://{path}")
-    finally:
-        os.umask(old)
+    listen_unix(server, path)
     server.start()
     return server, controller
 
@@ -294,13 +267,12 @@ def parse_args(argv: list[str]) -> tuple[ControllerConfig, str]:
         description="Serve ControllerExpandVolume for external-resizer and forward it to the owner node.")
     parser.add_argument("--endpoint", required=True, help="unix:///PATH/csi.sock to serve")
     parser.add_argument("--forward-token-file", required=True, help="file holding the shared token")
-    parser.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME, help="CSI driver name")
     parser.add_argument("--forward-port", type=int, default=DEFAULT_FORWARD_PORT,
                         help="port of the node plugins' forward listener (with the Node's InternalIP)")
     parser.add_argument("--node-address", action="append", default=[], metavar="NODE=HOST:PORT",
                         help="a node's listener address, instead of the Kubernetes API (repeatable)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the node")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_common_flags(parser)
     args = parser.parse_args(argv)
     table = []
     for entry in args.node_address:
@@ -318,19 +290,15 @@ def parse_args(argv: list[str]) -> tuple[ControllerConfig, str]:
 
 def main(argv: list[str]) -> int:
     config, level = parse_args(argv)
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        server, controller = start_controller(config)
-    except StrataError as exc:
-        log.error("cannot start: %s", exc)
-        return 1
-    print(f"strata {__version__} controller serving {config.endpoint}", flush=True)
-    stop.wait()
-    server.stop(10).wait()
-    controller.close()
-    return 0
+    configure_logging(level)
 
+    def start() -> Running:
+        server, controller = start_controller(config)
+
+        def stop() -> None:
+            server.stop(CONTROLLER_GRACE_SECONDS).wait()
+            controller.close()
+
+        return Running(f"strata {__version__} controller serving {config.endpoint}", stop, CONTROLLER_GRACE_SECONDS)
+
+    return run_until_signalled(start, log)

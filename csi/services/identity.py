@@ -1,4 +1,9 @@
-"""CSI Identity service: plugin name and version, capabilities, readiness."""
+"""CSI Identity service: plugin name and version, capabilities, readiness.
+
+Contract: ``Probe`` is ready once start-up recovery has run (:attr:`Plugin.ready`), the
+state store answers and the driver reports itself ``healthy()`` (the contract's own
+check; nothing here looks at the driver's files).
+"""
 
 from __future__ import annotations
 
@@ -33,5 +38,5 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         ready = self.plugin.ready.is_set()
         if ready:
             self.plugin.store.ping()
-            ready = self.plugin.driver.home.is_dir()
+            ready = self.plugin.driver.healthy()
         return csi_pb2.ProbeResponse(ready={"value": ready})

@@ -20,12 +20,19 @@
   NodeExpandVolume has no filesystem to grow (ControllerExpandVolume grew the device).
   A volume staged or published with the other access type than it was created for is
   INVALID_ARGUMENT.
-* Paths must be absolute and normalised; a volume ID strata did not issue is NOT_FOUND
-  before any path is looked at. Every mount goes through :mod:`csi.host.mount`.
+* Paths must be absolute and normalised (:mod:`csi.services.requests`); a volume ID strata
+  did not issue is NOT_FOUND before any path is looked at. Targets are made, bound and
+  removed by :mod:`csi.services.targets`; every mount goes through :mod:`csi.host.mount`.
+* NodeGetVolumeStats reports what the layer itself occupies where the driver knows it
+  (``driver.usage``), else what the filesystem reports; the driver is reached only through
+  its contract (:class:`csi.graphdriver.driver.Driver`).
 
 Crash protocol: a publication row is written ``pending`` before the mount and marked
-``ready`` after it; teardown marks it ``removing`` first. Recovery
-(:mod:`csi.services.recovery`) re-establishes ``ready`` mounts and undoes the rest.
+``ready`` after it; teardown marks it ``removing`` first. An inline volume's record is
+written ``pending`` before its layer is created, and both turn ``ready`` in one
+transaction. The ``undo_*`` methods here undo a call that failed while it ran; after a
+crash, start-up recovery (:mod:`csi.services.recovery`) does its own undo from the
+records alone — it re-establishes ``ready`` mounts and undoes the rest.
 """
 
 from __future__ import annotations
@@ -35,13 +42,14 @@ from pathlib import Path
 
 import grpc
 
-from csi.host import mount as mnt
 from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from csi.graphdriver.driver import CreateOpts
+from csi.graphdriver.driver import CreateOpts, Driver
+from csi.host import mount as mnt
 from csi.ids import new_layer_id
 from csi.proto import csi_pb2, csi_pb2_grpc
-from csi.services.controller import require
-from csi.services.plugin import EPHEMERAL_KEY, KUBERNETES_PREFIX, MountRequest, Plugin
+from csi.services.plugin import Plugin
+from csi.services.requests import EPHEMERAL_KEY, KUBERNETES_PREFIX, MountRequest, check_path, require
+from csi.services.targets import apply_mount_group, bind, prepare_dir, prepare_file, remove_target
 from csi.services.volume_ids import VOLUME_PREFIX, parse_local
 from csi.state.store import PUBLISH, STAGE, Publication, RecordState, VolumeRecord
 
@@ -50,56 +58,6 @@ CAPABILITIES = (_Cap.STAGE_UNSTAGE_VOLUME, _Cap.GET_VOLUME_STATS, _Cap.EXPAND_VO
                 _Cap.SINGLE_NODE_MULTI_WRITER, _Cap.VOLUME_MOUNT_GROUP)
 EPHEMERAL_NAME = "ephemeral:"
 EPHEMERAL_PARAMETERS = ("size",)
-_FLAG_BITS = {"nosuid": mnt.MS_NOSUID, "nodev": mnt.MS_NODEV, "noexec": mnt.MS_NOEXEC, "noatime": mnt.MS_NOATIME}
-
-
-def check_path(value: str, what: str) -> str:
-    """An absolute, normalised path without NUL; InvalidArgument otherwise."""
-    require(value, what)
-    if "\0" in value or not value.startswith("/") or os.path.normpath(value) != value.rstrip("/") or value == "/":
-        raise InvalidArgument(f"{what} {value[:200]!r} must be an absolute, normalised path (no '..', no '//')")
-    return value.rstrip("/")
-
-
-def flag_bits(flags: tuple[str, ...]) -> int:
-    bits = 0
-    for flag in flags:
-        bits |= _FLAG_BITS.get(flag, 0)
-    return bits
-
-
-def bind(source: str | Path, target: str, readonly: bool, flags: tuple[str, ...]) -> None:
-    mnt.bind(source, target, readonly=readonly, extra_flags=flag_bits(flags))
-
-
-def prepare_dir(path: str, what: str) -> None:
-    """Create ``path`` (parents must exist); refuse a non-directory."""
-    if os.path.lexists(path) and not os.path.isdir(path):
-        raise InvalidArgument(f"{what} {path} exists and is not a directory")
-    if not os.path.isdir(os.path.dirname(path)):
-        raise InvalidArgument(f"the parent directory of {what} {path} does not exist")
-    os.makedirs(path, mode=0o750, exist_ok=True)
-
-
-def prepare_file(path: str, what: str) -> None:
-    """Create ``path`` as an empty file (a block volume's target; parents must exist)."""
-    if os.path.lexists(path) and not os.path.isfile(path):
-        raise InvalidArgument(f"{what} {path} exists and is not a regular file (block volumes are published "
-                              "at a file)")
-    if not os.path.isdir(os.path.dirname(path)):
-        raise InvalidArgument(f"the parent directory of {what} {path} does not exist")
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640))
-
-
-def remove_target(path: str) -> None:
-    """Remove an unmounted target: the directory of a mount, the file of a block volume."""
-    try:
-        if os.path.isdir(path):
-            os.rmdir(path)
-        else:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def device_bytes(device: str | Path) -> int:
@@ -119,17 +77,10 @@ def check_access(record: VolumeRecord, want: MountRequest, volume_id: str) -> No
                               f"{asked} access")
 
 
-def apply_mount_group(path: Path, group: str) -> None:
-    """Give the volume root to ``group`` with group rwx and setgid (volume_mount_group)."""
-    if group:
-        os.chown(path, -1, int(group))
-        os.chmod(path, (os.stat(path).st_mode & 0o7777) | 0o2070)
-
-
 class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(self, plugin: Plugin) -> None:
         self.plugin = plugin
-        self.driver = plugin.driver
+        self.driver: Driver = plugin.driver
         self.store = plugin.store
 
     def _layer(self, volume_id: str) -> VolumeRecord:
@@ -177,7 +128,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         bind(path, pub.path, pub.readonly, pub.flags)
 
     def undo_stage(self, pub: Publication) -> None:
-        """Unmount, put, forget (also used by recovery). Tolerates a half-made stage."""
+        """Unmount, put, forget. Tolerates a half-made stage."""
         self.store.set_publication(pub, RecordState.REMOVING)
         mnt.unmount_all(pub.path)
         self.driver.put(pub.layer)
@@ -287,7 +238,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 self.store.set_volume(record.layer, state=RecordState.READY)
 
     def undo_ephemeral(self, record: VolumeRecord, pub: Publication) -> None:
-        """Unmount, put and remove an inline volume's layer; forget it (also recovery)."""
+        """Unmount, put and remove an inline volume's layer; forget it."""
         with self.store.transaction():
             self.store.set_volume(record.layer, state=RecordState.REMOVING)
             self.store.set_publication(pub, RecordState.REMOVING)

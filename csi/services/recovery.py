@@ -1,7 +1,12 @@
 """Start-up recovery: bring the state store, the layered driver and the mounts in line.
 
-Runs once when the plugin starts, before the socket is served, after the driver's own
-reconciliation (which finishes or rolls back half-done layer work). Steps:
+Contract: :func:`recover` runs once per start, from the server's start-up code
+(:func:`csi.services.server.start_server`) before the socket is served and before the
+plugin reports ready, after the driver's own reconciliation (which finishes or rolls back
+half-done layer work). It works from the records alone, with its own undo — not the Node
+service's, which undoes a call that failed while it ran — and reaches the driver only
+through its contract (:class:`csi.graphdriver.driver.Driver`: ``references`` /
+``set_references`` / ``release``, never the driver's metastore). Steps:
 
 1. Publications that are not ``ready`` (a stage/publish interrupted, or a teardown
    interrupted) are undone: unmount, remove the target directory, forget the row.
@@ -20,33 +25,18 @@ reconciliation (which finishes or rolls back half-done layer work). Steps:
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
+from csi.graphdriver.driver import Driver
 from csi.host import mount as mnt
+from csi.services.targets import bind, prepare_file, remove_target
 from csi.services.volume_ids import CLONE_BASE_PREFIX, SNAPSHOT_PREFIX, VOLUME_PREFIX
-from csi.state.store import PUBLISH, STAGE, RecordState
-
-if TYPE_CHECKING:
-    from csi.services.plugin import Plugin
+from csi.state.store import PUBLISH, STAGE, RecordState, StateStore
 
 log = logging.getLogger("strata.recovery")
 PREFIXES = (VOLUME_PREFIX, SNAPSHOT_PREFIX, CLONE_BASE_PREFIX)
 
 
-def _release(plugin: Plugin, layer_id: str) -> None:
-    """Drop every mount reference of ``layer_id`` and remove it (deferred if it has children)."""
-    driver = plugin.driver
-    if driver.store.get(layer_id) is None:
-        return
-    while (rec := driver.store.get(layer_id)) is not None and rec.mounts > 0:
-        driver.put(layer_id)
-    driver.remove(layer_id)
-
-
-def recover(plugin: Plugin) -> None:
-    from csi.services.node import bind, prepare_file, remove_target
-
-    store, driver = plugin.store, plugin.driver
+def recover(store: StateStore, driver: Driver) -> None:
     ephemeral = {v.layer: v for v in store.volumes() if v.ephemeral}
 
     # 1. interrupted publications
@@ -69,12 +59,12 @@ def recover(plugin: Plugin) -> None:
                  else "finishing removal of", volume.layer, volume.name)
         for layer in (volume.layer, volume.base_layer):
             if layer is not None:
-                _release(plugin, layer)
+                driver.release(layer)
         store.delete_volume(volume.layer)
     for snapshot in store.snapshots():
         if snapshot.state is not RecordState.READY:
             log.info("recovery: removing unfinished snapshot %s (%s)", snapshot.layer, snapshot.name)
-            _release(plugin, snapshot.layer)
+            driver.release(snapshot.layer)
             store.delete_snapshot(snapshot.layer)
 
     # 3. layers no record knows of
@@ -82,19 +72,13 @@ def recover(plugin: Plugin) -> None:
     for layer in driver.layers():
         if layer.id.startswith(PREFIXES) and layer.id not in known:
             log.info("recovery: removing orphan layer %s", layer.id)
-            _release(plugin, layer.id)
+            driver.release(layer.id)
 
     # 4. reference counts and mounts
     pubs = store.publications()
     for layer in driver.layers():
         wanted = sum(1 for p in pubs if p.layer == layer.id and (p.kind == STAGE or p.layer in ephemeral))
-        while (current := driver.store.require(layer.id).mounts) > wanted:
-            driver.put(layer.id)
-        for _ in range(wanted - current):
-            if layer.block:
-                driver.get_block(layer.id)
-            else:
-                driver.get(layer.id)
+        driver.set_references(layer.id, wanted)
     block_layers = {layer.id for layer in driver.layers() if layer.block}
     for pub in sorted(pubs, key=lambda p: p.kind != STAGE):  # stagings first: publications bind from them
         if mnt.is_mount_point(pub.path) or (pub.layer in block_layers and pub.kind == STAGE):

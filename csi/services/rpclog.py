@@ -11,6 +11,13 @@ descriptors (:func:`is_secret`), so new secret fields are redacted without code 
 At debug level the whole request is logged too, through :func:`redacted`.
 Escaped exceptions are turned into status codes by :func:`csi.services.status.status_of`;
 unexpected ones are logged with their traceback and answered ``INTERNAL``.
+
+Contract: :class:`RpcInterceptor` wraps every handler kind alike — unary-unary,
+unary-stream, stream-unary, stream-stream — so every strata gRPC server (``strata serve``,
+its forward listener, ``strata controller``; :func:`csi.services.listen.new_server`) has one
+error seam. A streaming response that fails part-way ends with the error's code after the
+messages already sent; its log line is written when the stream ends. A streamed request has
+no ``ids`` (it is not read ahead of the handler).
 """
 
 from __future__ import annotations
@@ -18,8 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
@@ -63,37 +70,84 @@ def redacted(message: Message) -> dict[str, Any]:
     return out
 
 
+class _Call:
+    """One RPC as the seam sees it: its start, its outcome, its one log line."""
+
+    def __init__(self, method: str, request: object) -> None:
+        self.method = method
+        self.start = time.perf_counter()
+        self.code, self.message = grpc.StatusCode.OK, ""
+        # a streamed request is an iterator of messages: nothing to name it by up front
+        self.ids = logged_ids(request) if isinstance(request, Message) else {}
+        if isinstance(request, Message) and log.isEnabledFor(logging.DEBUG):
+            log.debug(json.dumps({"method": method, "request": redacted(request)}, sort_keys=True, default=str))
+
+    def abort(self, exc: Exception, context: grpc.ServicerContext) -> NoReturn:
+        """Answer ``exc`` with its status code (:func:`status_of`); log a bug's traceback."""
+        self.code, self.message, expected = status_of(exc)
+        if not expected:
+            log.error("unexpected error in %s", self.method, exc_info=exc)
+        context.abort(self.code, self.message)
+        raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+    def close(self) -> None:
+        line: dict[str, Any] = {"method": self.method, "ids": self.ids, "code": self.code.name,
+                                "duration_ms": round((time.perf_counter() - self.start) * 1000, 3)}
+        if self.message:
+            line["message"] = self.message
+        log.info(json.dumps(line, sort_keys=True))
+
+
+def _single_response(method: str, behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+    """Wrap a handler that returns one response (unary-unary, stream-unary)."""
+
+    def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+        call = _Call(method, request)
+        try:
+            return behavior(request, context)
+        except Exception as exc:  # noqa: BLE001 - this is the seam
+            call.abort(exc, context)
+        finally:
+            call.close()
+
+    return wrapped
+
+
+def _streamed_response(method: str,
+                       behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+    """Wrap a handler that yields responses (unary-stream, stream-stream): an error raised
+    while the stream is produced ends it with its code; the log line is written at its end."""
+
+    def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        call = _Call(method, request)
+        try:
+            yield from behavior(request, context)
+        except Exception as exc:  # noqa: BLE001 - this is the seam
+            call.abort(exc, context)
+        finally:
+            call.close()
+
+    return wrapped
+
+
 class RpcInterceptor(grpc.ServerInterceptor):
-    """Wraps every unary-unary handler: timing, one log line, exception -> status."""
+    """Wraps every handler, unary or streaming: timing, one log line, exception -> status."""
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                           details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        behavior = handler.unary_unary
+        if handler is None:
+            return None
         method = details.method
-
-        def wrapped(request: Message, context: grpc.ServicerContext) -> Any:
-            start = time.perf_counter()
-            code, message, expected = grpc.StatusCode.OK, "", True
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug(json.dumps({"method": method, "request": redacted(request)}, sort_keys=True, default=str))
-            try:
-                return behavior(request, context)
-            except Exception as exc:  # noqa: BLE001 - this is the seam
-                code, message, expected = status_of(exc)
-                raise_code = code
-                if not expected:
-                    log.error("unexpected error in %s", method, exc_info=exc)
-                context.abort(raise_code, message)
-            finally:
-                line = {"method": method, "ids": logged_ids(request),
-                        "duration_ms": round((time.perf_counter() - start) * 1000, 3), "code": code.name}
-                if message:
-                    line["message"] = message
-                log.info(json.dumps(line, sort_keys=True))
-
-        return grpc.unary_unary_rpc_method_handler(
-            wrapped, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+        serializers = {"request_deserializer": handler.request_deserializer,
+                       "response_serializer": handler.response_serializer}
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(_single_response(method, handler.unary_unary), **serializers)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(_single_response(method, handler.stream_unary),
+                                                        **serializers)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(_streamed_response(method, handler.unary_stream),
+                                                        **serializers)
+        return grpc.stream_stream_rpc_method_handler(_streamed_response(method, handler.stream_stream),
+                                                     **serializers)

@@ -21,9 +21,13 @@ For programs (tests, benchmarks, the demo)::
     ... grpc.insecure_channel(handle.endpoint) ...
     handle.stop()
 
+:func:`start_server` is the start-up order: build the :class:`Plugin` (driver selection,
+state store), run start-up recovery (:func:`csi.services.recovery.recover`), start the
+forward listener if asked, bind the socket, serve, and only then report ready (Probe).
 :func:`build_server` turns a :class:`ServeConfig` and a :class:`Plugin` into a
-``grpc.Server`` with the services and the RPC interceptor; :func:`add_listeners`
-binds the endpoint. Extend :class:`ServeConfig` and :func:`add_listeners` for more listeners.
+``grpc.Server`` with the services behind the one error seam (:func:`csi.services.listen.new_server`);
+:func:`add_listeners` binds the endpoint. Extend :class:`ServeConfig` and
+:func:`add_listeners` for more listeners.
 """
 
 from __future__ import annotations
@@ -31,26 +35,24 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import socket
-import stat
-import sys
-import threading
-from concurrent import futures
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
 
 from csi import __version__
-from csi.errors import InvalidArgument, StrataError
 from csi.graphdriver.registry import DRIVER_CLASSES
+from csi.kube import resolve_driver
 from csi.proto import csi_pb2_grpc
 from csi.services.controller import ControllerService
+from csi.services.forwarder import start_forward_listener
 from csi.services.identity import IdentityService
+from csi.services.listen import (DEFAULT_DRIVER_NAME, Running, add_common_flags, configure_logging, listen_unix,
+                                 new_server, run_until_signalled, socket_path)
 from csi.services.node import NodeService
-from csi.services.plugin import DEFAULT_DRIVER_NAME, Plugin, PluginConfig
-from csi.services.rpclog import RpcInterceptor
+from csi.services.plugin import Plugin, PluginConfig
+from csi.services.recovery import recover
 
 log = logging.getLogger("strata.serve")
 DEFAULT_ROOT = Path("strata-data")
@@ -79,22 +81,8 @@ class ServeConfig:
                             driver_options=dict(self.storage_opts))
 
 
-def socket_path(endpoint: str) -> Path:
-    """``unix:///abs/path`` or ``unix:path`` -> the socket path; anything else is refused."""
-    if endpoint.startswith("unix://"):
-        path = endpoint[len("unix://"):]
-    elif endpoint.startswith("unix:"):
-        path = endpoint[len("unix:"):]
-    else:
-        raise InvalidArgument(f"endpoint {endpoint!r} must be unix:///PATH/csi.sock")
-    if not path:
-        raise InvalidArgument(f"endpoint {endpoint!r} names no socket path")
-    return Path(path).resolve()
-
-
 def build_server(config: ServeConfig, plugin: Plugin) -> grpc.Server:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="csi"),
-                         interceptors=[RpcInterceptor()])
+    server = new_server(config.workers, "csi")
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(plugin), server)
     csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(plugin), server)
     csi_pb2_grpc.add_NodeServicer_to_server(NodeService(plugin), server)
@@ -103,19 +91,7 @@ def build_server(config: ServeConfig, plugin: Plugin) -> grpc.Server:
 
 def add_listeners(server: grpc.Server, config: ServeConfig) -> str:
     """Bind the unix socket owner-only; return the endpoint clients use."""
-    path = config.socket_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() or path.is_symlink():
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise InvalidArgument(f"{path} exists and is not a socket; refusing to replace it")
-        path.unlink()  # a stale socket of an earlier run
-    old = os.umask(0o177)
-    try:
-        if server.add_insecure_port(f"unix://{path}") == 0:
-            raise StrataError(f"cannot listen on unix://{path}")
-    finally:
-        os.umask(old)
-    return f"unix://{path}"
+    return listen_unix(server, config.socket_path())
 
 
 @dataclass
@@ -141,14 +117,13 @@ class ServerHandle:
 
 
 def start_server(config: ServeConfig) -> ServerHandle:
-    """Build the plugin (driver selection + recovery), then serve ``config.endpoint``."""
+    """Build the plugin (driver selection), recover, then serve ``config.endpoint``."""
     plugin = Plugin(config.plugin_config())
     forward_server = None
     try:
+        recover(plugin.store, plugin.driver)
         server = build_server(config, plugin)
         if config.forward_listen:  # before the socket exists, so a bad listener fails start-up cleanly
-            from csi.services.forwarder import start_forward_listener
-
             forward_server = start_forward_listener(config.forward_listen, Path(config.forward_token_file),
                                                     ControllerService(plugin))
         endpoint = add_listeners(server, config)
@@ -159,8 +134,9 @@ def start_server(config: ServeConfig) -> ServerHandle:
             forward_server.stop(0)
         plugin.close()
         raise
-    log.info("serving CSI %s %s on %s (node %s, driver %s)", config.driver_name, __version__, endpoint,
-             config.node_id, plugin.driver.name)
+    plugin.ready.set()
+    log.info("serving CSI %s %s on %s (node %s, driver %s chosen by %s)", config.driver_name, __version__, endpoint,
+             config.node_id, plugin.driver.name, plugin.selection.reason)
     return ServerHandle(config, plugin, server, endpoint, forward_server)
 
 
@@ -171,12 +147,11 @@ def parse_args(argv: list[str]) -> tuple[ServeConfig, str]:
     parser.add_argument("--root", default=str(DEFAULT_ROOT), help="state and layer directory (default: ./strata-data)")
     parser.add_argument("--driver", default="auto", choices=["auto", *sorted(DRIVER_CLASSES)],
                         help="layered driver (default: auto)")
-    parser.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME, help="CSI driver name")
     parser.add_argument("--max-volumes", type=int, default=0, help="max volumes per node (0: no limit)")
     parser.add_argument("--storage-opt", action="append", default=[], metavar="KEY=VALUE",
                         help="layered driver option, repeatable (e.g. dm.thinpooldev=/dev/mapper/POOL)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds to drain calls on SIGTERM")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_common_flags(parser)
     parser.add_argument("--forward-listen", default="",
                         help="HOST:PORT to accept ControllerExpandVolume forwarded by `strata controller`")
     parser.add_argument("--forward-token-file", default="", help="shared token file for --forward-listen")
@@ -199,23 +174,12 @@ def parse_args(argv: list[str]) -> tuple[ServeConfig, str]:
 
 def main(argv: list[str]) -> int:
     config, level = parse_args(argv)
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        from csi.kube import resolve_driver
+    configure_logging(level)
 
-        config = replace(config, driver=resolve_driver(config.driver, config.node_id))
-        handle = start_server(config)
-    except StrataError as exc:
-        log.error("cannot start: %s", exc)
-        return 1
-    print(f"strata {__version__} serving {handle.endpoint} (node {config.node_id}, driver "
-          f"{handle.plugin.driver.name})", flush=True)
-    stop.wait()
-    log.info("signal received: draining in-flight calls (up to %.0fs)", config.grace_seconds)
-    handle.stop()
-    log.info("stopped")
-    return 0
+    def start() -> Running:
+        resolved = replace(config, driver=resolve_driver(config.driver, config.node_id))
+        handle = start_server(resolved)
+        return Running(f"strata {__version__} serving {handle.endpoint} (node {resolved.node_id}, driver "
+                       f"{handle.plugin.driver.name})", handle.stop, resolved.grace_seconds)
+
+    return run_until_signalled(start, log)

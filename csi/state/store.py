@@ -3,23 +3,32 @@
 On-disk layout: ``<root>/state.db`` (WAL journal; durability: :mod:`csi.host.walsync`)::
 
     volumes(layer TEXT PRIMARY KEY, name TEXT UNIQUE, capacity INTEGER, parameters TEXT,
-            source_kind TEXT, source_id TEXT, parent_layer TEXT, base_layer TEXT,
-            created REAL, state TEXT, ephemeral INTEGER, block INTEGER)
+            source_kind TEXT, source_id TEXT, base_layer TEXT, created REAL, state TEXT,
+            ephemeral INTEGER, block INTEGER)
     snapshots(layer TEXT PRIMARY KEY, name TEXT UNIQUE, source_layer TEXT, size INTEGER,
               created REAL, state TEXT)
     publications(layer TEXT, kind TEXT, path TEXT, readonly INTEGER, flags TEXT,
                  mount_group TEXT, source TEXT, state TEXT, PRIMARY KEY (layer, kind, path))
 
-``state`` follows the crash protocol of the services: a row is written ``pending``
-(intent) before any disk work, becomes ``ready`` when the work is done (commit), and
-``removing`` before an undo starts (forget first). Start-up recovery
-(:mod:`csi.services.recovery`) rolls ``pending`` rows back and finishes ``removing``
-ones. A publication's ``kind`` is ``stage`` (staging path) or ``publish`` (target path);
-``source`` is the staging path a ``publish`` binds from (empty for inline volumes).
-``base_layer`` is the hidden frozen layer a clone was made from; ``parent_layer`` the
-frozen layer a volume was created on (snapshot restore or clone base). ``block`` is the
-access type the volume was created for (1: volumeMode Block, a raw device; 0: a
-filesystem); a database from before the column gets it (0) when opened.
+``state`` follows the crash protocol of the services, which is not the same for every row:
+
+* Volumes and snapshots made by the Controller are written once, ``ready``, *after* the
+  layer work (the layer is made under a fresh random ID first): a kill before the commit
+  leaves only a layer no record knows of, which start-up recovery removes.
+* Publications (stage, publish) and inline ephemeral volumes are written ``pending``
+  (intent) *before* the mount or layer work and become ``ready`` when it is done.
+* Any row is marked ``removing`` before its undo starts (forget first), then deleted.
+
+Start-up recovery (:mod:`csi.services.recovery`) rolls ``pending`` rows back and finishes
+``removing`` ones. A publication's ``kind`` is ``stage`` (staging path) or ``publish``
+(target path); ``source`` is the staging path a ``publish`` binds from (empty for inline
+volumes). ``base_layer`` is the hidden frozen layer a clone was made from (recovery
+removes it with a rolled-back clone). ``block`` is the access type the volume was created
+for (1: volumeMode Block, a raw device; 0: a filesystem).
+
+Older databases: a ``volumes`` table from before ``block`` gets the column (0) when
+opened; one from before ``parent_layer`` was dropped keeps that nullable column, which
+nothing reads or writes any more (new rows leave it NULL).
 
 This module is the only writer of the database; every method is one transaction, so
 what a call returned survives ``kill -9`` and a power cut (a method returns once what it
@@ -47,7 +56,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS volumes(
     layer TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, capacity INTEGER NOT NULL,
     parameters TEXT NOT NULL, source_kind TEXT NOT NULL, source_id TEXT NOT NULL,
-    parent_layer TEXT, base_layer TEXT, created REAL NOT NULL, state TEXT NOT NULL,
+    base_layer TEXT, created REAL NOT NULL, state TEXT NOT NULL,
     ephemeral INTEGER NOT NULL, block INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS snapshots(
     layer TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, source_layer TEXT NOT NULL,
@@ -73,7 +82,6 @@ class VolumeRecord:
     parameters: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
     source_kind: str = ""  # "", "snapshot" or "volume"
     source_id: str = ""  # the CSI ID of the content source
-    parent_layer: str | None = None
     base_layer: str | None = None
     created: float = field(default_factory=time.time)
     state: RecordState = RecordState.PENDING
@@ -117,7 +125,8 @@ class StateStore:
         try:
             self._db = open_wal_database(self.path, _SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(volumes)")}
-            if "block" not in columns:  # a store written before block volumes existed
+            # a store written before block volumes existed; a parent_layer column (dropped) stays, unused
+            if "block" not in columns:
                 self._db.execute("ALTER TABLE volumes ADD COLUMN block INTEGER NOT NULL DEFAULT 0")
             self._sync = WalSync(self._db, self.path)
         except (sqlite3.Error, OSError) as exc:
@@ -178,15 +187,15 @@ class StateStore:
     @staticmethod
     def _volume(row: tuple[Any, ...]) -> VolumeRecord:
         return VolumeRecord(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], row[7],
-                            row[8], RecordState(row[9]), bool(row[10]), bool(row[11]))
+                            RecordState(row[8]), bool(row[9]), bool(row[10]))
 
-    _VOLUME_COLUMNS = ("layer, name, capacity, parameters, source_kind, source_id, parent_layer, base_layer, "
+    _VOLUME_COLUMNS = ("layer, name, capacity, parameters, source_kind, source_id, base_layer, "
                        "created, state, ephemeral, block")
 
     def add_volume(self, v: VolumeRecord) -> VolumeRecord:
-        self._run(f"INSERT INTO volumes({self._VOLUME_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+        self._run(f"INSERT INTO volumes({self._VOLUME_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                   (v.layer, v.name, v.capacity, json.dumps(dict(v.parameters), sort_keys=True), v.source_kind,
-                   v.source_id, v.parent_layer, v.base_layer, v.created, v.state.value, int(v.ephemeral),
+                   v.source_id, v.base_layer, v.created, v.state.value, int(v.ephemeral),
                    int(v.block)))
         return v
 
@@ -204,7 +213,7 @@ class StateStore:
         return [v for v in map(self._volume, rows) if state is None or v.state is state]
 
     def set_volume(self, layer: str, **changes: Any) -> None:
-        allowed = {"capacity", "state", "parent_layer", "base_layer"}
+        allowed = {"capacity", "state", "base_layer"}
         if not changes or set(changes) - allowed:
             raise ValueError(f"cannot change volume fields {sorted(set(changes) - allowed)}")
         values = [c.value if isinstance(c, Enum) else c for c in changes.values()]

@@ -10,11 +10,11 @@ from collections.abc import Callable
 import pytest
 from csi_harness import Harness, files_of
 
-from csi.host import mount as mnt
 from csi.graphdriver.driver import CreateOpts
+from csi.host import mount as mnt
 from csi.ids import new_layer_id
 from csi.proto import csi_pb2 as pb
-from csi.services.node import bind
+from csi.services.targets import bind
 from csi.state.store import PUBLISH, STAGE, Publication, RecordState, SnapshotRecord, VolumeRecord
 
 
@@ -36,8 +36,7 @@ def test_half_done_work_is_rolled_back_or_finished(plugin_on: Callable[[str], Ha
     # clone killed after the freeze of its base, before the clone layer
     base = new_layer_id("base-")
     clone = store.add_volume(VolumeRecord(layer=new_layer_id("vol-"), name="pvc-clone", capacity=0,
-                                          source_kind="volume", source_id=kept.volume_id, base_layer=base,
-                                          parent_layer=base))
+                                          source_kind="volume", source_id=kept.volume_id, base_layer=base))
     driver.freeze(kept_layer, base)
     # DeleteVolume killed after forgetting, before the layer went
     doomed = h.create_volume("pvc-doomed")

@@ -56,6 +56,18 @@ def test_error_seam_maps_each_type() -> None:
         errors.ResourceExhausted("x"): grpc.StatusCode.RESOURCE_EXHAUSTED,
         errors.StrataError("x"): grpc.StatusCode.INTERNAL,
         KeyError("x"): grpc.StatusCode.INTERNAL,
+        errors.Unavailable("x"): grpc.StatusCode.UNAVAILABLE,
+        errors.NoDriverAvailable("x"): grpc.StatusCode.UNAVAILABLE,  # a start-up without a driver
+        errors.NotSupported("x"): grpc.StatusCode.UNAVAILABLE,
+        errors.Unauthenticated("x"): grpc.StatusCode.UNAUTHENTICATED,
+        errors.PermissionDenied("x"): grpc.StatusCode.PERMISSION_DENIED,
+        errors.DigestMismatch("x"): grpc.StatusCode.DATA_LOSS,
+        errors.Unsupported("x"): grpc.StatusCode.INVALID_ARGUMENT,
+        errors.ReadOnly("x"): grpc.StatusCode.FAILED_PRECONDITION,
+        errors.Relayed("DEADLINE_EXCEEDED", "x"): grpc.StatusCode.DEADLINE_EXCEEDED,
+        errors.Relayed("OK", "x"): grpc.StatusCode.UNKNOWN,  # a failure is never relayed as success
+        errors.Relayed("NO_SUCH_CODE", "x"): grpc.StatusCode.UNKNOWN,
+        NotImplementedError(): grpc.StatusCode.UNIMPLEMENTED,
     }
     for exc, code in expected.items():
         assert status_of(exc)[0] == code, type(exc).__name__
