@@ -23,6 +23,10 @@ before the commit leaves only layers no record knows of, which start-up recovery
 remove the layer, then drop the record; recovery finishes ``removing`` records.
 Idempotency: a name (or ID) is locked for the call (:class:`KeyLocks`, racing calls get
 ABORTED); a repeat with compatible arguments returns the existing object.
+
+Contract: requests are validated by :mod:`csi.services.requests` before anything changes;
+the driver is reached only through :class:`csi.graphdriver.driver.Driver`; errors leave
+as :mod:`csi.errors` types for the seam (:mod:`csi.services.status`) to answer.
 """
 
 from __future__ import annotations

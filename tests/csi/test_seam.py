@@ -232,5 +232,10 @@ def test_services_and_state_have_no_import_circles_and_no_late_imports() -> None
     circles = [(m, n) for m in ours for n in graph[m] if reaches(n, m)]
     assert circles == []
     assert "csi.services.recovery" not in graph["csi.services.plugin"], "recovery runs from start-up, not the plugin"
+    defined = [f"{name}:{node.lineno}" for name, path in modules.items()
+               for node in ast.walk(ast.parse(path.read_text(), str(path)))
+               if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "DEFAULT_DRIVER_NAME"
+                                                       for t in node.targets)]
+    assert len(defined) == 1, f"DEFAULT_DRIVER_NAME is defined once, not at {defined}"
     assert not any(m.startswith("csi.graphdriver") and m not in ("csi.graphdriver.driver", "csi.graphdriver.registry")
                    for m in set().union(*(graph[m] for m in ours))), "services see drivers only through the contract"
