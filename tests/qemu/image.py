@@ -44,6 +44,7 @@ META_PACKAGE = "linux-image-amd64"
 GUEST_MODULES: tuple[str, ...] = (
     "virtio_pci", "virtio_blk", "9pnet_virtio", "9p",  # host tree and scratch disk
     "dm-thin-pool", "loop", "ext4", "xfs", "overlay", "quota_v2",
+    "btrfs",  # the power-cut lane's btrfs root (tests/qemu/powercut.py)
 )
 
 
