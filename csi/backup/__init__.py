@@ -34,12 +34,12 @@ from csi.backup.media import Artifact, Descriptor, LayerFacts, VolumeFacts
 from csi.backup.progress import JsonLines, Progress, ProgressCallback, TerminalBar, renderer_for
 from csi.backup.reference import Reference, parse_reference
 from csi.backup.restore import RestoreResult, read_artifact, restore
-from csi.backup.target import AuthenticationFailed, DigestMismatch, Target, TargetUnavailable, open_target
+from csi.backup.target import Target
+from csi.backup.targets import open_target
 
 __all__ = [
-    "Artifact", "AuthenticationFailed", "BackupResult", "Credentials", "Descriptor", "DigestMismatch",
-    "DockerConfig", "ExportIndex", "JsonLines", "LayerFacts", "Progress", "ProgressCallback", "Reference",
-    "RestoreResult", "Target", "TargetUnavailable", "TerminalBar", "VolumeFacts", "backup", "export_chain",
+    "Artifact", "BackupResult", "Credentials", "Descriptor", "DockerConfig", "ExportIndex", "JsonLines", "LayerFacts", "Progress", "ProgressCallback", "Reference",
+    "RestoreResult", "Target", "TerminalBar", "VolumeFacts", "backup", "export_chain",
     "imported_layer_id", "is_temporary", "load_docker_config", "open_target", "parse_docker_config",
     "parse_reference", "read_artifact", "renderer_for", "restore", "sweep_temporaries",
 ]

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from csi.backup.media import CONFIG, INDEX, MANIFEST, check_digest, digest_bytes
-from csi.backup.target import DigestMismatch, VerifyingReader
-from csi.errors import InvalidArgument, NotFound
+from csi.backup.target import VerifyingReader
+from csi.errors import DigestMismatch, InvalidArgument, NotFound
 
 REF_NAME = "org.opencontainers.image.ref.name"
 _TMP_PREFIX = ".strata-tmp-"

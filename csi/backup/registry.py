@@ -41,8 +41,8 @@ import requests
 
 from csi.backup.auth import ANONYMOUS, Credentials
 from csi.backup.media import MANIFEST, check_digest, digest_bytes
-from csi.backup.target import AuthenticationFailed, DigestMismatch, TargetUnavailable, VerifyingReader
-from csi.errors import InvalidArgument, NotFound
+from csi.backup.target import VerifyingReader
+from csi.errors import DigestMismatch, InvalidArgument, NotFound, Unauthenticated, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class _ResponseReader:
         try:
             return self._raw.read(None if n is None or n < 0 else n, decode_content=True)
         except (requests.RequestException, OSError) as exc:
-            raise TargetUnavailable(f"reading a blob failed: {type(exc).__name__}") from exc
+            raise Unavailable(f"reading a blob failed: {type(exc).__name__}") from exc
 
     def readable(self) -> bool:
         return True
@@ -138,7 +138,7 @@ class RegistryTarget:
                                          timeout=self.timeout, allow_redirects=method in ("GET", "HEAD"),
                                          params=params)
         except requests.RequestException as exc:
-            raise TargetUnavailable(f"{method} {self.host}: {type(exc).__name__}") from exc
+            raise Unavailable(f"{method} {self.host}: {type(exc).__name__}") from exc
 
     def _request(self, method: str, url: str, *, headers: dict[str, str] | None = None,
                  data: bytes | None = None, stream: bool = False, ok: tuple[int, ...] = (200,)) -> requests.Response:
@@ -158,11 +158,11 @@ class RegistryTarget:
     def _raise(self, method: str, resp: requests.Response) -> None:
         what = f"{method} {self.host}/{self.repository}: HTTP {resp.status_code} ({_errors_of(resp)})"
         if resp.status_code in (401, 403):
-            raise AuthenticationFailed(f"{what}: the registry refused the credentials for this repository")
+            raise Unauthenticated(f"{what}: the registry refused the credentials for this repository")
         if resp.status_code == 404:
             raise NotFound(what)
         if resp.status_code >= 500 or resp.status_code == 429:
-            raise TargetUnavailable(what)
+            raise Unavailable(what)
         raise InvalidArgument(what)
 
     def _authenticate(self, header: str) -> None:
@@ -170,11 +170,11 @@ class RegistryTarget:
         creds = self._credentials
         if scheme == "basic":
             if creds.basic is None:
-                raise AuthenticationFailed(f"registry {self.host} asks for credentials and none are configured for it")
+                raise Unauthenticated(f"registry {self.host} asks for credentials and none are configured for it")
             self._authorization = requests.auth._basic_auth_str(*creds.basic)  # type: ignore[attr-defined]
             return
         if scheme != "bearer" or "realm" not in params:
-            raise AuthenticationFailed(f"registry {self.host} sent an authentication challenge strata cannot answer")
+            raise Unauthenticated(f"registry {self.host} sent an authentication challenge strata cannot answer")
         scope = params.get("scope", "")
         token = self._tokens.get(scope)
         if token is None:
@@ -193,20 +193,20 @@ class RegistryTarget:
             else:
                 resp = self._session.get(realm, params=query, auth=creds.basic, timeout=self.timeout)
         except requests.RequestException as exc:
-            raise TargetUnavailable(f"token endpoint of {self.host}: {type(exc).__name__}") from exc
+            raise Unavailable(f"token endpoint of {self.host}: {type(exc).__name__}") from exc
         with resp:
             if resp.status_code in (401, 403):
-                raise AuthenticationFailed(f"the token endpoint of {self.host} refused the credentials "
+                raise Unauthenticated(f"the token endpoint of {self.host} refused the credentials "
                                            f"(HTTP {resp.status_code})")
             if resp.status_code != 200:
-                raise TargetUnavailable(f"token endpoint of {self.host}: HTTP {resp.status_code}")
+                raise Unavailable(f"token endpoint of {self.host}: HTTP {resp.status_code}")
             try:
                 body: Any = resp.json()
             except ValueError:
                 body = None
         token = (body or {}).get("token") or (body or {}).get("access_token") if isinstance(body, dict) else None
         if not isinstance(token, str) or not token:
-            raise AuthenticationFailed(f"the token endpoint of {self.host} returned no token")
+            raise Unauthenticated(f"the token endpoint of {self.host} returned no token")
         return token
 
     # ------------------------------------------------------------------ blobs
@@ -235,7 +235,7 @@ class RegistryTarget:
     def _location(self, resp: requests.Response) -> str:
         loc = resp.headers.get("Location")
         if not loc:
-            raise TargetUnavailable(f"registry {self.host} answered an upload step without a Location")
+            raise Unavailable(f"registry {self.host} answered an upload step without a Location")
         return urljoin(self.root, loc)
 
     def _cancel(self, resp: requests.Response) -> None:
@@ -279,7 +279,7 @@ class RegistryTarget:
                 resp = self._request("PATCH", location, headers=headers, data=chunk, ok=(202,))
                 resp.close()
                 return self._location(resp)
-            except TargetUnavailable:
+            except Unavailable:
                 if attempt == _RESUME_TRIES - 1:
                     raise
                 received, location = self._upload_status(location)

@@ -30,8 +30,8 @@ from csi.backup.index import ExportIndex, ExportRecord, imported_layer_id, temp_
 from csi.backup.media import (LAYER_TAR_GZIP, LAYER_TAR_ZSTD, Artifact, Descriptor, HashingReader, chain_id, check_digest,
                               parse_config, parse_manifest)
 from csi.backup.progress import Meter, ProgressCallback
-from csi.backup.target import DigestMismatch, Target, VerifyingReader
-from csi.errors import AlreadyExists, InvalidArgument, NotFound
+from csi.backup.target import Target, VerifyingReader
+from csi.errors import AlreadyExists, DigestMismatch, InvalidArgument, NotFound
 from csi.graphdriver import Driver
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from csi.backup import (ExportIndex, VolumeFacts, backup, imported_layer_id, is_
                         parse_reference, restore, sweep_temporaries)
 from csi.backup.layout import LayoutTarget
 from csi.backup.media import LAYER_TAR, LAYER_TAR_ZSTD, chain_id
-from csi.errors import InvalidArgument
+from csi.errors import DigestMismatch
 
 
 def _backup_to_layout(drv, snap: str, layout: Path, tag: str = "v1", **kw):
@@ -122,7 +122,7 @@ def test_corrupt_blob_is_refused_and_leaves_nothing(driver, tmp_path: Path) -> N
     other = make_driver(tmp_path / "other-node", driver.name)
     try:
         before = {l.id for l in other.layers()}
-        with pytest.raises(InvalidArgument, match="hashes to"):
+        with pytest.raises(DigestMismatch, match="hashes to"):
             restore(other, LayoutTarget(layout), result.manifest_digest)
         after = {l.id for l in other.layers()}
         # the bottom layer was fine and stays (a verified, reusable layer); nothing else exists

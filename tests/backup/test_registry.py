@@ -13,11 +13,11 @@ import pytest
 import requests
 
 from backup_helpers import make_chain, make_driver, need, run, snapshot_tree, tree
-from csi.backup import (AuthenticationFailed, ExportIndex, JsonLines, VolumeFacts, backup, parse_docker_config,
+from csi.backup import (ExportIndex, JsonLines, VolumeFacts, backup, parse_docker_config,
                         parse_reference, restore)
 from csi.backup.media import LAYER_TAR_GZIP
 from csi.backup.registry import RegistryTarget
-from csi.errors import InvalidArgument, NotFound
+from csi.errors import DigestMismatch, NotFound, Unauthenticated
 from conftest import PASSWORD, USER
 
 SMALL_CHUNK = 64 << 10  # several PATCH requests per layer
@@ -112,7 +112,7 @@ def test_corrupt_blob_in_registry_is_refused(driver, registry, tmp_path: Path) -
     data_file.write_bytes(bytes(data))
     other = make_driver(tmp_path / "node-b", driver.name)
     try:
-        with pytest.raises(InvalidArgument, match="hashes to"):
+        with pytest.raises(DigestMismatch, match="hashes to"):
             restore(other, _target(registry, "corrupt"), result.manifest_digest)
         assert {l.id for l in other.layers()} == {l.id for l in other.layers() if l.id.startswith("oci-")}
         assert len(other.layers()) == 1  # only the verified bottom layer
@@ -123,10 +123,10 @@ def test_corrupt_blob_in_registry_is_refused(driver, registry, tmp_path: Path) -
 def test_basic_auth_with_docker_config(driver, registry_basic, tmp_path: Path, caplog) -> None:
     caplog.set_level(logging.DEBUG)
     _, s1 = make_chain(driver)
-    with pytest.raises(AuthenticationFailed, match="none are configured"):
+    with pytest.raises(Unauthenticated, match="none are configured"):
         backup(driver, s1, RegistryTarget(registry_basic.host, "secure", scheme="http"), tag="t")
     wrong = parse_docker_config(json.dumps({"auths": {registry_basic.host: {"username": USER, "password": "nope"}}}))
-    with pytest.raises(AuthenticationFailed):
+    with pytest.raises(Unauthenticated):
         backup(driver, s1, RegistryTarget(registry_basic.host, "secure", scheme="http",
                                           credentials=wrong.for_host(registry_basic.host)), tag="t")
     result = backup(driver, s1, _target(registry_basic, "secure"), tag="t", facts=_facts(driver))
@@ -146,7 +146,7 @@ def test_token_auth_challenge_flow(driver, registry_token, token_server, tmp_pat
     caplog.set_level(logging.DEBUG)
     assert requests.get(f"http://{registry_token.host}/v2/", timeout=5).status_code == 401
     _, s1 = make_chain(driver)
-    with pytest.raises(AuthenticationFailed):
+    with pytest.raises(Unauthenticated):
         backup(driver, s1, RegistryTarget(registry_token.host, "tok", scheme="http"), tag="t")
     result = backup(driver, s1, _target(registry_token, "tok"), tag="t", facts=_facts(driver))
     assert any("repository:tok:" in s and "push" in s for s in token_server.requests)
