@@ -16,6 +16,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "controller": ("csi.services.forwarder", "forward controller calls (expansion) to the node that owns a volume"),
     "demo": ("csi.demo", "end-to-end demo: create, write, snapshot, clone on a local socket"),
     "bench": ("csi.bench", "benchmarks: layered drivers and CSI lifecycle, with baselines"),
+    "doctor": ("csi.ops.doctor", "what this kernel and root offer; which driver would start here"),
+    "ls": ("csi.ops.ls", "volumes and snapshots on this node (from the records, read-only)"),
+    "tree": ("csi.ops.tree", "layer chains drawn as a tree, hidden layers marked (read-only)"),
+    "gc": ("csi.ops.gc", "layers and mounts no record knows: --dry-run reports, without it removes"),
 }
 
 

@@ -1,0 +1,110 @@
+"""``strata gc``: layers, mounts and half-done work no record accounts for, found by the
+same reconcile code every start of the plugin runs (:meth:`Driver.reconcile`).
+
+Usage::
+
+    strata gc --dry-run [--root DIR] [--driver NAME] [--storage-opt K=V ...] [--json]
+    strata gc           [--root DIR] [--driver NAME] [--storage-opt K=V ...] [--json]
+
+* ``--dry-run`` opens the driver with ``recover=False`` (no start-up sweep) and asks
+  ``reconcile(dry_run=True)``: the answer lists what a start would do — interrupted creates
+  and freezes, unfinished removals, orphan layers on disk, hidden layers whose children are
+  gone, mounts to restore or release — and no layer, record or mount changes. Safe while
+  the plugin serves (work in flight at that moment may show up as orphans).
+* Without ``--dry-run`` it refuses while a plugin answers on ``<root>/csi.sock`` (two
+  sweeps over one store would fight); otherwise it opens the driver normally, which runs
+  the sweep, and prints what it did (the driver's ``recovered`` Reconciliation).
+
+Quota project IDs (XFS prjquota) are reconciled by the sweep of vfs/overlay too; the
+Reconciliation does not list them. CSI-level recovery (publications, pending records) is
+``strata serve``'s start-up, not gc's. Exit status: 0 when the store was (or would be)
+clean or was cleaned, 3 when a dry run found work, 1 on an error, 2 when refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+from typing import Any
+
+from csi.errors import StrataError
+from csi.graphdriver.driver import Reconciliation
+from csi.graphdriver.registry import DRIVER_CLASSES, driver_class, home_of
+from csi.ops.console import Progress, add_common_flags, emit_json, setup_logging
+from csi.ops.records import drivers_with_state, plugin_serving, socket_of
+
+FOUND = 3
+_TITLES = {  # field -> (what it is, what the sweep does with it)
+    "interrupted": ("creates/freezes a crash cut short", "rolled back or finished"),
+    "removals": ("removals a crash cut short", "finished"),
+    "orphans": ("layers on disk no record knows", "deleted"),
+    "hidden_freed": ("hidden layers whose last child is gone", "freed"),
+    "remounted": ("layers with references but no mount", "mounted again"),
+    "released": ("mounts nobody holds", "released"),
+}
+
+
+def render(rec: Reconciliation, driver: str) -> str:
+    verb = "would be" if rec.dry_run else "were"
+    if rec.clean:
+        return f"{driver}: nothing to collect" + (" (dry run)" if rec.dry_run else "")
+    lines = [f"{driver}: {'dry run, nothing changed' if rec.dry_run else 'swept'}"]
+    for key, (what, done) in _TITLES.items():
+        ids = getattr(rec, key)
+        if ids:
+            lines.append(f"  {len(ids)} {what} — {verb} {done}:")
+            lines += [f"    {i}" for i in ids]
+    return "\n".join(lines)
+
+
+def run(root: Any, name: str, options: dict[str, str], dry_run: bool) -> Reconciliation:
+    cls = driver_class(name)
+    with Progress(f"{'checking' if dry_run else 'sweeping'} {name} layers"):
+        if dry_run:
+            driver = cls(home_of(root, name), options, recover=False)
+            return driver.reconcile(dry_run=True)
+        driver = cls(home_of(root, name), options)
+        assert driver.recovered is not None
+        return driver.recovered
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="strata gc", description=__doc__.split("\n\n")[0])
+    add_common_flags(parser)
+    parser.add_argument("--dry-run", action="store_true", help="only report what would be collected")
+    parser.add_argument("--driver", choices=sorted(DRIVER_CLASSES),
+                        help="the driver to sweep (default: the one holding state under the root)")
+    parser.add_argument("--storage-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="driver option, as strata serve's (devicemapper needs its pool's)")
+    parser.add_argument("--json", action="store_true", help="the Reconciliation as JSON on stdout")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_format, args.log_level)
+    root = args.root.absolute()
+    options = dict(o.partition("=")[::2] for o in args.storage_opt)
+    serving = plugin_serving(socket_of(root))
+    if serving and not args.dry_run:
+        print(f"strata gc: a plugin is serving on {socket_of(root)}; its start-up already sweeps. "
+              "Stop it first, or use --dry-run", file=sys.stderr)
+        return 2
+    name = args.driver
+    if name is None:
+        held = drivers_with_state(root)
+        if not held:
+            print(f"strata gc: no driver holds state under {root}: nothing to collect")
+            return 0
+        if len(held) > 1:
+            print(f"strata gc: {root} holds state of several drivers ({', '.join(held)}); choose one with --driver",
+                  file=sys.stderr)
+            return 1
+        name = held[0]
+    try:
+        rec = run(root, name, options, args.dry_run)
+    except StrataError as exc:
+        print(f"strata gc: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        emit_json({"root": str(root), "driver": name, "plugin_serving": serving, "clean": rec.clean, **asdict(rec)})
+    else:
+        print(render(rec, name))
+    return FOUND if args.dry_run and not rec.clean else 0
