@@ -160,3 +160,25 @@ def test_sizes_parse_and_print() -> None:
     for bad in ("0", "-1M", "M", "lots"):
         with pytest.raises(InvalidArgument):
             parse_size(bad)
+
+
+def test_quick_scale_part_reports_curves_and_goals(bench_scratch: Path, tmp_path: Path) -> None:
+    """``--parts scale`` on vfs: a real plugin filled to 200 volumes and 50 snapshots; every
+    checkpoint has figures, the goals are computed from them, nothing is left behind."""
+    report = tmp_path / "scale.json"
+    run = _bench("--quick", "--parts", "scale", "--drivers", "vfs", "--scratch", str(bench_scratch),
+                 "--json", str(report))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Scale: a node filling up to 200 volumes and 50 snapshots" in run.stdout
+    scale = next(s for s in json.loads(report.read_text())["sections"] if s["name"] == "Scale")
+    for case in scale["figures"]["cases"]:
+        assert case["error"] is None
+        points = case["checkpoints"]
+        assert [p["volumes"] for p in points] == [0, 50, 100, 150, 200]
+        assert points[-1]["snapshots"] == 50
+        assert all(p["rss_bytes"] > 0 and p["page_max_s"] > 0 for p in points)
+        assert case["restart_s"] > 0 and len(case["cycle_rss"]) >= 2
+    subjects = {g["subject"]: g["verdict"] for g in scale["goals"]}
+    assert any("restart to ready Probe" in s for s in subjects)
+    assert all(v in ("PASS", "MISS") for v in subjects.values())
+    _assert_nothing_left(bench_scratch)

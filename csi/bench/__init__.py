@@ -30,6 +30,7 @@ from typing import Any
 from csi import __version__
 from csi.bench import drivers as driver_bench
 from csi.bench import lifecycle as csi_bench
+from csi.bench import scale as scale_bench
 from csi.bench.fsenv import BenchFilesystems, format_size, terminate_as_interrupt
 from csi.errors import InvalidArgument
 from csi.host.fsinfo import parse_size
@@ -38,7 +39,8 @@ from csi.bench.report import Section
 DEFAULT_SIZES = "64M,256M,1G"
 QUICK_SIZES = "1M,2M"
 ALL_DRIVERS = ("vfs", "overlay", "btrfs")
-PARTS = ("drivers", "csi")
+PARTS = ("drivers", "csi", "scale")
+DEFAULT_PARTS = ("drivers", "csi")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,11 @@ class BenchOptions:
                                                   deep_default=6, mount_rounds=3, diff_rounds=1)
         return driver_bench.DriverBenchConfig(self.sizes)
 
+    def scale_config(self) -> scale_bench.ScaleConfig:
+        if self.quick:
+            return scale_bench.ScaleConfig(volumes=200, snapshots=50, probe=10, checkpoints=4, cycles=200)
+        return scale_bench.ScaleConfig()
+
     def csi_config(self) -> csi_bench.LifecycleConfig:
         if self.quick:
             return csi_bench.LifecycleConfig(self.sizes, rounds=5, concurrent_creates=16)
@@ -71,7 +78,8 @@ def parse_args(argv: list[str]) -> BenchOptions:
     parser = argparse.ArgumentParser(prog="strata bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", help=f"data sizes, comma separated (default {DEFAULT_SIZES}; {QUICK_SIZES} with --quick)")
     parser.add_argument("--drivers", default=",".join(ALL_DRIVERS), help="drivers to measure (default: all)")
-    parser.add_argument("--parts", default=",".join(PARTS), help="drivers, csi or both (default)")
+    parser.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                        help="drivers, csi, scale, comma separated (default drivers,csi; scale takes minutes per driver)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few rounds (smoke test)")
     parser.add_argument("--json", dest="json_path", type=Path, metavar="FILE", help="also write the figures as JSON to FILE")
     parser.add_argument("--scratch", type=Path, default=Path("/var/tmp"), metavar="DIR", help="where the scratch directory goes")
@@ -138,6 +146,12 @@ def run(options: BenchOptions) -> tuple[list[Section], str]:
             config_csi = options.csi_config()
             results_csi, skipped_csi = csi_bench.run(fs.backings, fs.unavailable, config_csi, options.drivers, _progress)
             sections.append(csi_bench.section(results_csi, skipped_csi, config_csi))
+            print("\n" + sections[-1].render(), flush=True)
+        if "scale" in options.parts:
+            config_scale = options.scale_config()
+            results_scale, skipped_scale = scale_bench.run(fs.backings, fs.unavailable, config_scale, options.drivers,
+                                                           _progress)
+            sections.append(scale_bench.section(results_scale, skipped_scale, config_scale))
             print("\n" + sections[-1].render(), flush=True)
     return sections, header
 

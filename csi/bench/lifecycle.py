@@ -174,16 +174,16 @@ def _wait_ready(proc: subprocess.Popen[bytes], socket: Path, log_path: Path, lim
     raise PluginError(f"strata serve not ready after {limit_s:.0f} s: {_tail(log_path)}")
 
 
-def _capability() -> pb.VolumeCapability:
+def capability() -> pb.VolumeCapability:
     return pb.VolumeCapability(
         mount=pb.VolumeCapability.MountVolume(),
         access_mode=pb.VolumeCapability.AccessMode(mode=pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER),
     )
 
 
-def _create_request(name: str, size: int, source: pb.VolumeContentSource | None = None) -> pb.CreateVolumeRequest:
+def create_request(name: str, size: int, source: pb.VolumeContentSource | None = None) -> pb.CreateVolumeRequest:
     request = pb.CreateVolumeRequest(name=name, capacity_range=pb.CapacityRange(required_bytes=size),
-                                     volume_capabilities=[_capability()])
+                                     volume_capabilities=[capability()])
     if source is not None:
         request.volume_content_source.CopyFrom(source)
     return request
@@ -198,7 +198,7 @@ class Session:
         self.kubelet.mkdir(exist_ok=True)
 
     def create(self, name: str, size: int, source: pb.VolumeContentSource | None = None) -> str:
-        response = self.stubs.controller.CreateVolume(_create_request(name, size, source), timeout=CALL_TIMEOUT_S)
+        response = self.stubs.controller.CreateVolume(create_request(name, size, source), timeout=CALL_TIMEOUT_S)
         return response.volume.volume_id
 
     def paths(self, name: str) -> tuple[Path, Path]:
@@ -210,13 +210,13 @@ class Session:
 
     def stage(self, volume_id: str, staging: Path) -> None:
         self.stubs.node.NodeStageVolume(pb.NodeStageVolumeRequest(
-            volume_id=volume_id, staging_target_path=str(staging), volume_capability=_capability()),
+            volume_id=volume_id, staging_target_path=str(staging), volume_capability=capability()),
             timeout=CALL_TIMEOUT_S)
 
     def publish(self, volume_id: str, staging: Path, target: Path) -> None:
         self.stubs.node.NodePublishVolume(pb.NodePublishVolumeRequest(
             volume_id=volume_id, staging_target_path=str(staging), target_path=str(target),
-            volume_capability=_capability()), timeout=CALL_TIMEOUT_S)
+            volume_capability=capability()), timeout=CALL_TIMEOUT_S)
 
     def unpublish(self, volume_id: str, target: Path) -> None:
         self.stubs.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(
@@ -276,7 +276,7 @@ def measure_concurrent_creates(socket: Path, case_dir: Path, config: LifecycleCo
             barrier.wait()
             for n in range(per_client):
                 seconds, response = timed(lambda: stubs.controller.CreateVolume(
-                    _create_request(f"par-{index}-{n}", config.small_volume_bytes), timeout=CALL_TIMEOUT_S))
+                    create_request(f"par-{index}-{n}", config.small_volume_bytes), timeout=CALL_TIMEOUT_S))
                 latencies[index].append(seconds)
                 made[index].append(response.volume.volume_id)
             ends.append(time.perf_counter())
