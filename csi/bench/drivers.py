@@ -246,49 +246,40 @@ def measure_size(driver: LayerDriver, backing: Backing, size: int, data: DataSou
                  config: DriverBenchConfig, with_change: bool) -> SizeFigures:
     """Freeze / clone of layers holding ``size`` bytes, mounted and not, next to a copy."""
     with ledger(driver) as book:
-        mounted = book.new_id("wm")
-        driver.create(mounted)
-        tree = book.get(mounted)
-        fill_tree(tree, size, data)
-        _settle()
-        copy_dir = backing.fresh_dir("copy")
-        copy_s, _ = timed(lambda: copy_tree(tree, copy_dir / "tree"))
-        remove_tree(copy_dir)
-        _settle()
 
-        frozen_m = book.new_id("fm")
-        freeze_m, _ = timed(lambda: driver.freeze(mounted, frozen_m))
-        _settle()
-        child_m, _ = timed(lambda: driver.create(book.new_id("cm"), frozen_m))
-        _settle()
+        def freeze_and_clone(prefix: str, keep_mounted: bool) -> tuple[float | None, float, float, float | None]:
+            """Fill a layer (and, mounted, time a copy of its tree: the baseline), freeze it
+            (left mounted or not), clone the frozen layer, and with ``with_change`` freeze again
+            after a small write. Returns (copy, freeze, clone, freeze after change) seconds."""
+            source = book.new_id(f"w{prefix}")
+            driver.create(source)
+            tree = book.get(source)
+            fill_tree(tree, size, data)
+            copy_s = None
+            if keep_mounted:
+                _settle()
+                copy_dir = backing.fresh_dir("copy")
+                copy_s, _ = timed(lambda: copy_tree(tree, copy_dir / "tree"))
+                remove_tree(copy_dir)
+            else:
+                book.put(source)
+            _settle()
+            frozen = book.new_id(f"f{prefix}")
+            freeze_s, _ = timed(lambda: driver.freeze(source, frozen))
+            _settle()
+            child_s, _ = timed(lambda: driver.create(book.new_id(f"c{prefix}"), frozen))
+            _settle()
+            change_s = None
+            if with_change:
+                write_file(book.get(source) / "small-change", config.change_bytes, data)
+                _settle()
+                change_s, _ = timed(lambda: driver.freeze(source, book.new_id("fc")))
+                _settle()
+            return copy_s, freeze_s, child_s, change_s
 
-        change_m = None
-        if with_change:
-            tree = book.get(mounted)
-            write_file(tree / "small-change", config.change_bytes, data)
-            _settle()
-            change_m, _ = timed(lambda: driver.freeze(mounted, book.new_id("fc")))
-            _settle()
-
-        unmounted = book.new_id("wu")
-        driver.create(unmounted)
-        tree = book.get(unmounted)
-        fill_tree(tree, size, data)
-        book.put(unmounted)
-        _settle()
-        frozen_u = book.new_id("fu")
-        freeze_u, _ = timed(lambda: driver.freeze(unmounted, frozen_u))
-        _settle()
-        child_u, _ = timed(lambda: driver.create(book.new_id("cu"), frozen_u))
-        _settle()
-
-        change_u = None
-        if with_change:
-            tree = book.get(unmounted)
-            write_file(tree / "small-change", config.change_bytes, data)
-            _settle()
-            change_u, _ = timed(lambda: driver.freeze(unmounted, book.new_id("fc")))
-            _settle()
+        copy_s, freeze_m, child_m, change_m = freeze_and_clone("m", keep_mounted=True)
+        _, freeze_u, child_u, change_u = freeze_and_clone("u", keep_mounted=False)
+        assert copy_s is not None
     return SizeFigures(size, copy_s, freeze_m, freeze_u, child_m, child_u, change_u, change_m)
 
 
