@@ -1,8 +1,9 @@
-"""Regenerate the Python code for ``csi/proto/csi.proto`` (reproducibly).
+"""Regenerate the Python code for the protos in ``csi/proto/`` (reproducibly): ``csi.proto``
+(the CSI spec) and ``export.proto`` (strata's Diff export service).
 
 Usage::
 
-    python -m csi.proto.generate            # rewrite csi_pb2.py, csi_pb2.pyi, csi_pb2_grpc.py
+    python -m csi.proto.generate            # rewrite <name>_pb2.py, <name>_pb2.pyi, <name>_pb2_grpc.py
     python -m csi.proto.generate --check    # exit 1 and name the files that are stale
 
 The code is generated with ``grpc_tools.protoc`` (the version pinned in pyproject's test
@@ -21,26 +22,36 @@ from pathlib import Path
 PROTO_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PROTO_DIR.parent.parent
 PROTO = PROTO_DIR / "csi.proto"
+PROTOS = (PROTO, PROTO_DIR / "export.proto")
 GENERATED = ("csi_pb2.py", "csi_pb2.pyi", "csi_pb2_grpc.py")
 
 
+def generated_names(proto: Path) -> tuple[str, str, str]:
+    stem = proto.stem
+    return (f"{stem}_pb2.py", f"{stem}_pb2.pyi", f"{stem}_pb2_grpc.py")
+
+
 def generate(out_dir: Path) -> list[Path]:
-    """Run protoc on csi.proto, writing the generated files under ``out_dir``; return them."""
+    """Run protoc on every proto (one at a time), writing the generated files under ``out_dir``;
+    return them."""
     import grpc_tools
     from grpc_tools import protoc
 
     std = Path(grpc_tools.__file__).parent / "_proto"
-    rel = PROTO.relative_to(REPO_ROOT)
-    args = ["protoc", f"-I{std}", f"-I{REPO_ROOT}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
-            f"--grpc_python_out={out_dir}", str(rel)]
+    out: list[Path] = []
     saved = os.getcwd()
     os.chdir(REPO_ROOT)
     try:
-        if protoc.main(args) != 0:
-            raise RuntimeError(f"protoc failed on {PROTO}")
+        for proto in PROTOS:
+            rel = proto.relative_to(REPO_ROOT)
+            args = ["protoc", f"-I{std}", f"-I{REPO_ROOT}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
+                    f"--grpc_python_out={out_dir}", str(rel)]
+            if protoc.main(args) != 0:
+                raise RuntimeError(f"protoc failed on {proto}")
+            out += [out_dir / rel.parent / name for name in generated_names(proto)]
     finally:
         os.chdir(saved)
-    return [out_dir / rel.parent / name for name in GENERATED]
+    return out
 
 
 def stale_files() -> list[str]:

@@ -1,0 +1,573 @@
+"""The Diff export service (``strata.export.v1.DiffExport``, ``csi/proto/export.proto``):
+snapshots as chains of OCI layer diffs, for backup sidecars, backup tools and other nodes.
+
+RPCs (all through the one error seam, :mod:`csi.services.status`)::
+
+    GetChain(snapshot)            the visible frozen ancestors and the snapshot, oldest first:
+                                  id, parent, diff_size, digest (diff_id), tar size, ChainID
+    Changes(snapshot, base)       stream of (path, added|modified|deleted), batched
+    DiffSize(snapshot, base)      driver.diff_size
+    ExportDiff(snapshot, base,    stream of ~1 MiB chunks of the OCI layer tar of what snapshot
+      starting_offset, compr.)    adds to base (or to nothing), zstd on request; the last
+                                  message has the diff_id, the blob digest and both sizes
+    ImportDiff(header, chunks…)   a new frozen layer oci-<ChainID>, verified before it exists
+
+Contract:
+
+* **Naming.** ``snapshot`` is a CSI snapshot handle (``snap-<hex>@<node>``, resolved with
+  :mod:`csi.services.volume_ids`; another node's handle is NOT_FOUND here, a volume's handle
+  INVALID_ARGUMENT) or a VolumeSnapshot ``namespace/name`` (resolved through the API by
+  :class:`csi.peers.snapshots.SnapshotResolver`); on the unix socket a raw frozen layer ID
+  (as GetChain lists) is accepted too. ``base`` is "" (everything), a snapshot handle or a
+  GetChain ID of an ancestor. A base that exists but is not a *visible ancestor* of the
+  snapshot (another volume's snapshot, a descendant, the snapshot itself) is
+  **FAILED_PRECONDITION** — the request is well formed and both objects exist, but the pair
+  cannot be compared: what CSI's SnapshotMetadata and backup tools treat as "fall back to a
+  full export"; a base that does not exist (or was deleted: a hidden layer) is NOT_FOUND.
+* **Digests are cached.** A diff_id costs a walk of the data, so it is remembered in the
+  export cache (:class:`csi.backup.ExportIndex`, shared with ``strata backup``, keyed by layer,
+  base and the layer's creation time): GetChain computes each missing one once, every complete
+  ExportDiff records what it streamed, ImportDiff records what it verified.
+* **Determinism and resume.** For a given pair the tar is the driver's diff, and the blob is
+  made by feeding it to zstd (level 3, one thread) in fixed 1 MiB pieces, so the bytes are the
+  same on every call; ``starting_offset`` regenerates the stream and skips that many blob bytes
+  (OUT_OF_RANGE, after the stream, when it is past the end). Digests and sizes in the summary
+  are always of the whole blob, so a resumed client verifies what it assembled.
+* **Import.** Header first (parent, expected diff_id, media type tar / +zstd / +gzip, optional
+  blob digest), data after. The layer is named by its ChainID (parent's ChainID + diff_id, as
+  :mod:`csi.backup.index` names restored layers), so a layer this node already has is answered
+  at once (``existed``) and nothing is applied. Otherwise, as :mod:`csi.backup.restore` does:
+  ``create(ocitmp-…, parent)``, ``apply_diff`` of the (decompressed) stream while hashing, drain,
+  compare both digests, ``freeze(tmp, oci-<ChainID>)``, ``remove(tmp)``; any failure removes
+  the temporary layer (DATA_LOSS on a digest mismatch), a kill -9 leaves an ``ocitmp-`` layer
+  that :func:`csi.backup.sweep_temporaries` removes at start-up. The final ID never exists
+  unverified.
+* **Who may call** is an :class:`Access` policy per listener: :class:`LocalAccess` on the
+  owner-only unix socket (everything; the socket's mode is the check), :class:`KubernetesAccess`
+  on TCP (behind :class:`csi.peers.auth.TokenAuthInterceptor`): the snapshot must be named as a
+  VolumeSnapshot and the caller needs ``get`` on it (SubjectAccessReview); ImportDiff only for
+  the ServiceAccounts listed as importers (strata's own).
+
+Wiring (``strata serve``): :func:`add_export_service` on the CSI server's unix socket sibling
+and, optionally, :func:`start_tcp_export` (see their docstrings).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import grpc
+
+from csi.backup.export import export_chain
+from csi.backup.index import ExportIndex, ExportRecord, IMPORTED_PREFIX, imported_layer_id, temp_layer_id
+from csi.backup.media import LAYER_TAR, LAYER_TAR_GZIP, LAYER_TAR_ZSTD, LAYER_TYPES, chain_id, check_digest
+from csi.errors import (AlreadyExists, DigestMismatch, FailedPrecondition, InvalidArgument, NotFound, OutOfRange,
+                        PermissionDenied, Unauthenticated)
+from csi.graphdriver.driver import ChangeKind, Driver, Layer
+from csi.ids import is_layer_id
+from csi.peers.auth import AccessReviewer, TokenAuthInterceptor, TokenReviewer, caller_of
+from csi.peers.snapshots import GROUP as SNAPSHOT_GROUP, SNAPSHOTS, SnapshotResolver
+from csi.peers.tls import TlsFiles, listen_tls
+from csi.proto import export_pb2, export_pb2_grpc
+from csi.services.listen import listen_unix, new_server
+from csi.services.volume_ids import SNAPSHOT_PREFIX, VOLUME_PREFIX, make_id, parse_id
+
+log = logging.getLogger("strata.export")
+
+CHUNK = 1 << 20
+CHANGES_PER_MESSAGE = 1000
+ZSTD_LEVEL = 3
+MEDIA = {export_pb2.NONE: LAYER_TAR, export_pb2.ZSTD: LAYER_TAR_ZSTD}
+KINDS = {ChangeKind.ADDED: export_pb2.Change.ADDED, ChangeKind.MODIFIED: export_pb2.Change.MODIFIED,
+         ChangeKind.DELETED: export_pb2.Change.DELETED}
+
+
+@dataclass(frozen=True)
+class ChainEntry:
+    layer: Layer
+    id: str  # as the API shows it: the snapshot handle of a snap- layer, else the layer ID
+    base: Layer | None
+    base_id: str
+    size: int
+    diff_id: str
+    tar_size: int
+    chain_id: str
+
+
+def _read_full(stream: IO[bytes], n: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        data = stream.read(n - got)
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
+
+
+class _Requests:
+    """The data of an ImportDiff request stream as a file object."""
+
+    def __init__(self, messages: Iterator[Any]) -> None:
+        self._messages = messages
+        self._buffer = b""
+        self._hash = hashlib.sha256()
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        while not self._buffer:
+            message = next(self._messages, None)
+            if message is None:
+                return b""
+            if message.HasField("header"):
+                raise InvalidArgument("ImportDiff: only the first message may carry a header")
+            self._buffer = message.data
+        if n is None or n < 0:
+            n = len(self._buffer)
+        data, self._buffer = self._buffer[:n], self._buffer[n:]
+        self._hash.update(data)
+        self.count += len(data)
+        return data
+
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+    def digest(self) -> str:
+        return "sha256:" + self._hash.hexdigest()
+
+
+class ExportBackend:
+    """The service's work on one node's driver (no gRPC in here)."""
+
+    def __init__(self, driver: Driver, node_id: str, index: ExportIndex | None = None) -> None:
+        self.driver = driver
+        self.node_id = node_id
+        self.index = index
+
+    # ------------------------------------------------------------------ naming
+
+    def public_id(self, layer_id: str) -> str:
+        return make_id(layer_id, self.node_id) if layer_id.startswith(SNAPSHOT_PREFIX) else layer_id
+
+    def _layer_of(self, value: str, what: str, allow_layer_ids: bool) -> str:
+        try:
+            layer_id, node = parse_id(value)
+        except NotFound:
+            if allow_layer_ids and is_layer_id(value):
+                return value
+            raise
+        if node != self.node_id:
+            raise NotFound(f"{what} {value} is owned by node {node}, not by this node ({self.node_id})")
+        if layer_id.startswith(VOLUME_PREFIX):
+            raise InvalidArgument(f"{what} {value} is a volume: export a snapshot of it")
+        return layer_id
+
+    def snapshot(self, value: str, allow_layer_ids: bool = False) -> Layer:
+        """The frozen, visible layer a request names."""
+        if not value:
+            raise InvalidArgument("snapshot is required (snapshot_id, or namespace and name)")
+        layer_id = self._layer_of(value, "snapshot", allow_layer_ids)
+        if not self.driver.exists(layer_id):
+            raise NotFound(f"snapshot {value} does not exist on node {self.node_id}")
+        layer = self.driver.layer(layer_id)
+        if not layer.frozen:
+            raise InvalidArgument(f"{value} is a writable layer: export a snapshot (a frozen layer)")
+        return layer
+
+    def base(self, snapshot: Layer, value: str) -> Layer | None:
+        """The visible ancestor ``value`` names (see the module docstring for the codes)."""
+        if not value:
+            return None
+        layer_id = self._layer_of(value, "base", True)
+        if not self.driver.exists(layer_id):
+            raise NotFound(f"base {value} does not exist on node {self.node_id} (deleted snapshots cannot be bases)")
+        ancestors = [l.id for l in self.driver.chain(snapshot.id)[1:]]
+        if layer_id not in ancestors:
+            raise FailedPrecondition(f"base {value} is not an ancestor of snapshot {self.public_id(snapshot.id)}: "
+                                     "the pair cannot be compared; export without a base")
+        return self.driver.layer(layer_id)
+
+    # ------------------------------------------------------------------ digests
+
+    def cached(self, layer: Layer, base: Layer | None) -> ExportRecord | None:
+        if self.index is None:
+            return None
+        base_id = base.id if base else None
+        rec = self.index.lookup(layer.id, base_id, LAYER_TAR, layer.created)
+        if rec is not None:
+            return rec
+        for media in (LAYER_TAR_ZSTD, LAYER_TAR_GZIP):  # a diff_id without the tar's size
+            other = self.index.lookup(layer.id, base_id, media, layer.created)
+            if other is not None:
+                return ExportRecord(layer.id, base_id, layer.created, LAYER_TAR, other.diff_id, other.diff_id, -1)
+        return None
+
+    def _remember(self, layer: Layer, base: Layer | None, media_type: str, digest: str, diff_id: str,
+                  size: int, tar_size: int) -> None:
+        if self.index is None:
+            return
+        base_id = base.id if base else None
+        self.index.record(ExportRecord(layer.id, base_id, layer.created, LAYER_TAR, diff_id, diff_id, tar_size))
+        if media_type != LAYER_TAR:
+            self.index.record(ExportRecord(layer.id, base_id, layer.created, media_type, digest, diff_id, size))
+
+    def diff_id(self, layer: Layer, base: Layer | None) -> tuple[str, int]:
+        """``(diff_id, tar size)`` of the pair, from the cache or by hashing its diff once."""
+        rec = self.cached(layer, base)
+        if rec is not None and rec.size >= 0:
+            return rec.diff_id, rec.size
+        h, size = hashlib.sha256(), 0
+        raw = self.driver.diff(layer.id, base.id if base else None)
+        try:
+            while data := raw.read(CHUNK):
+                h.update(data)
+                size += len(data)
+        finally:
+            raw.close()
+        digest = "sha256:" + h.hexdigest()
+        if rec is not None and rec.diff_id != digest:
+            log.warning("layer %s: diff hashes to %s, the cache said %s", layer.id, digest, rec.diff_id)
+        self._remember(layer, base, LAYER_TAR, digest, digest, size, size)
+        return digest, size
+
+    # ------------------------------------------------------------------ the RPCs' work
+
+    def chain(self, snapshot: Layer) -> list[ChainEntry]:
+        out: list[ChainEntry] = []
+        ids: list[str] = []
+        for layer, base_id in export_chain(self.driver, snapshot.id):
+            base = self.driver.layer(base_id) if base_id else None
+            diff_id, tar_size = self.diff_id(layer, base)
+            ids.append(diff_id)
+            out.append(ChainEntry(layer, self.public_id(layer.id), base, self.public_id(base_id) if base_id else "",
+                                  self.driver.diff_size(layer.id, base_id), diff_id, tar_size, chain_id(ids)))
+        return out
+
+    def chain_id_of(self, layer: Layer) -> str:
+        if layer.id.startswith(IMPORTED_PREFIX) and len(layer.id) == len(IMPORTED_PREFIX) + 64:
+            return "sha256:" + layer.id[len(IMPORTED_PREFIX):]
+        return self.chain(layer)[-1].chain_id
+
+    def changes(self, snapshot: Layer, base: Layer | None) -> Iterator[export_pb2.ChangesResponse]:
+        batch: list[export_pb2.Change] = []
+        for change in self.driver.changes(snapshot.id, base.id if base else None):
+            batch.append(export_pb2.Change(path=change.path, kind=KINDS[ChangeKind(change.kind)]))
+            if len(batch) >= CHANGES_PER_MESSAGE:
+                yield export_pb2.ChangesResponse(changes=batch)
+                batch = []
+        if batch:
+            yield export_pb2.ChangesResponse(changes=batch)
+
+    def export(self, snapshot: Layer, base: Layer | None, compression: int,
+               offset: int) -> Iterator[export_pb2.ExportDiffResponse]:
+        if compression not in MEDIA:
+            raise InvalidArgument(f"compression {compression} is not NONE or ZSTD")
+        media_type = MEDIA[compression]
+        rec = self.cached(snapshot, base)
+        total = rec.size if rec is not None and rec.size >= 0 else 0
+        compressor = None
+        if media_type == LAYER_TAR_ZSTD:
+            import zstandard
+
+            compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0).compressobj()
+        tar_hash, blob_hash = hashlib.sha256(), hashlib.sha256()
+        done = position = sent = 0
+        pending: list[bytes] = []
+        pending_len = 0
+        pending_at = offset
+
+        def message(data: bytes, at: int) -> export_pb2.ExportDiffResponse:
+            return export_pb2.ExportDiffResponse(data=data, offset=at, bytes_done=done, bytes_total=total)
+
+        raw = self.driver.diff(snapshot.id, base.id if base else None)
+        try:
+            last = False
+            while not last:
+                piece = _read_full(raw, CHUNK)
+                last = len(piece) < CHUNK
+                tar_hash.update(piece)
+                done += len(piece)
+                out = piece if compressor is None else compressor.compress(piece)
+                if last and compressor is not None:
+                    out += compressor.flush()
+                blob_hash.update(out)
+                start, position = position, position + len(out)
+                if position <= offset:
+                    continue
+                view = out[max(0, offset - start):]
+                pending.append(view)
+                pending_len += len(view)
+                while pending_len >= CHUNK or (last and pending_len):
+                    data = b"".join(pending)
+                    chunk, rest = data[:CHUNK], data[CHUNK:]
+                    yield message(chunk, pending_at)
+                    sent += len(chunk)
+                    pending_at += len(chunk)
+                    pending, pending_len = ([rest], len(rest)) if rest else ([], 0)
+        finally:
+            raw.close()
+        diff_id, digest = "sha256:" + tar_hash.hexdigest(), "sha256:" + blob_hash.hexdigest()
+        if offset > position:
+            raise OutOfRange(f"starting_offset {offset} is past the end of the stream ({position} bytes)")
+        self._remember(snapshot, base, media_type, digest, diff_id, position, done)
+        summary = export_pb2.ExportSummary(media_type=media_type, diff_id=diff_id, uncompressed_size=done,
+                                           digest=digest, size=position, bytes_sent=sent)
+        yield export_pb2.ExportDiffResponse(offset=position, bytes_done=done, bytes_total=done, summary=summary)
+
+    def parent_for_import(self, value: str) -> Layer | None:
+        if not value:
+            return None
+        return self.snapshot(value, allow_layer_ids=True)
+
+    def import_diff(self, header: export_pb2.ImportHeader, data: _Requests) -> export_pb2.ImportDiffResponse:
+        diff_id = check_digest(header.diff_id, "header.diff_id")
+        expected_blob = check_digest(header.digest, "header.digest") if header.digest else None
+        media_type = header.media_type or LAYER_TAR
+        if media_type not in LAYER_TYPES:
+            raise InvalidArgument(f"media type {media_type!r} is not one of {', '.join(LAYER_TYPES)}")
+        parent = self.parent_for_import(header.parent)
+        if parent is not None and parent.block:
+            raise InvalidArgument(f"parent {header.parent} is a raw block layer: layer tars cannot be applied to it")
+        new_chain = chain_id([self.chain_id_of(parent), diff_id]) if parent is not None else diff_id
+        final = imported_layer_id(new_chain)
+        if self.driver.exists(final):
+            return export_pb2.ImportDiffResponse(layer_id=final, chain_id=new_chain, diff_id=diff_id, existed=True)
+        tmp = temp_layer_id()
+        parent_id = parent.id if parent else None
+        self.driver.create(tmp, parent_id)
+        try:
+            stream: IO[bytes] = data  # type: ignore[assignment]
+            if media_type == LAYER_TAR_ZSTD:
+                import zstandard
+
+                stream = zstandard.ZstdDecompressor().stream_reader(data, closefd=False)  # type: ignore[assignment]
+            elif media_type == LAYER_TAR_GZIP:
+                stream = gzip.GzipFile(fileobj=data, mode="rb")  # type: ignore[assignment]
+            tar = _Hashing(stream)
+            self.driver.apply_diff(tmp, parent_id, tar)  # type: ignore[arg-type]
+            tar.drain()
+            data.drain()
+            if tar.digest() != diff_id:
+                raise DigestMismatch(f"ImportDiff: the layer hashes to {tar.digest()}, the header says {diff_id}")
+            if expected_blob is not None and data.digest() != expected_blob:
+                raise DigestMismatch(f"ImportDiff: the bytes received hash to {data.digest()}, "
+                                     f"the header says {expected_blob}")
+            try:
+                self.driver.freeze(tmp, final)
+            except AlreadyExists:
+                if not self.driver.exists(final):
+                    raise
+        finally:
+            try:
+                self.driver.remove(tmp)
+            except Exception:  # noqa: BLE001 - the start-up sweep removes it
+                log.warning("could not remove the import layer %s", tmp, exc_info=True)
+        layer = self.driver.layer(final)
+        self._remember(layer, parent, media_type, data.digest(), diff_id, data.count, tar.count)
+        log.info("imported layer %s (diff_id %s, %d bytes) on %s", final, diff_id, tar.count, parent_id or "nothing")
+        return export_pb2.ImportDiffResponse(layer_id=final, chain_id=new_chain, diff_id=diff_id, size=tar.count)
+
+
+class _Hashing:
+    """Counts and hashes what is read through it (readinto too: tarfile and zstd use it)."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw, self._hash, self.count = raw, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)
+        if data:
+            self._hash.update(data)
+            self.count += len(data)
+        return data
+
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+    def digest(self) -> str:
+        return "sha256:" + self._hash.hexdigest()
+
+
+# ---------------------------------------------------------------------- access policies
+
+
+class Access(Protocol):
+    """Who may do what on one listener."""
+
+    allow_layer_ids: bool
+
+    def snapshot_id(self, context: grpc.ServicerContext, ref: export_pb2.SnapshotRef) -> str: ...
+
+    def check_import(self, context: grpc.ServicerContext) -> None: ...
+
+
+class LocalAccess:
+    """The owner-only unix socket: every call is allowed (the socket's mode is the check)."""
+
+    allow_layer_ids = True
+
+    def __init__(self, resolver: SnapshotResolver | None = None) -> None:
+        self.resolver = resolver
+
+    def snapshot_id(self, context: grpc.ServicerContext, ref: export_pb2.SnapshotRef) -> str:
+        if ref.snapshot_id:
+            if ref.namespace or ref.name:
+                raise InvalidArgument("name the snapshot by snapshot_id or by namespace/name, not both")
+            return ref.snapshot_id
+        if not (ref.namespace or ref.name):
+            raise InvalidArgument("snapshot is required (snapshot_id, or namespace and name)")
+        if self.resolver is None:
+            raise FailedPrecondition("this plugin has no Kubernetes API access: name the snapshot by snapshot_id")
+        return self.resolver.handle(ref.namespace, ref.name)
+
+    def check_import(self, context: grpc.ServicerContext) -> None:
+        return None
+
+
+class KubernetesAccess:
+    """The TCP listener: callers authenticated by :class:`~csi.peers.auth.TokenAuthInterceptor`;
+    ``get`` on the named VolumeSnapshot required; ImportDiff for ``importers`` only."""
+
+    allow_layer_ids = False
+
+    def __init__(self, resolver: SnapshotResolver, reviewer: AccessReviewer, importers: Iterable[str] = ()) -> None:
+        self.resolver = resolver
+        self.reviewer = reviewer
+        self.importers = {tuple(a.split("/", 1)) for a in importers}
+
+    def snapshot_id(self, context: grpc.ServicerContext, ref: export_pb2.SnapshotRef) -> str:
+        caller = caller_of(context)
+        if caller is None:
+            raise Unauthenticated("no authenticated caller on this listener")
+        if ref.snapshot_id or not (ref.namespace and ref.name):
+            raise InvalidArgument("over TCP, name the snapshot as a VolumeSnapshot: namespace and name "
+                                  "(a bare snapshot_id cannot be authorized)")
+        self.reviewer.require(caller, verb="get", group=SNAPSHOT_GROUP, resource=SNAPSHOTS,
+                              namespace=ref.namespace, name=ref.name)
+        return self.resolver.handle(ref.namespace, ref.name)
+
+    def check_import(self, context: grpc.ServicerContext) -> None:
+        caller = caller_of(context)
+        if caller is None:
+            raise Unauthenticated("no authenticated caller on this listener")
+        if caller.service_account not in self.importers:
+            raise PermissionDenied(f"{caller.username} may not import layers")
+
+
+# ---------------------------------------------------------------------- the servicer
+
+
+class DiffExportService(export_pb2_grpc.DiffExportServicer):
+    def __init__(self, backend: ExportBackend, access: Access) -> None:
+        self.backend = backend
+        self.access = access
+
+    def _snapshot(self, context: grpc.ServicerContext, ref: export_pb2.SnapshotRef) -> Layer:
+        return self.backend.snapshot(self.access.snapshot_id(context, ref), self.access.allow_layer_ids)
+
+    def GetChain(self, request: export_pb2.GetChainRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        snapshot = self._snapshot(context, request.snapshot)
+        layers = [export_pb2.ChainLayer(id=e.id, parent=e.base_id, size=e.size, digest=e.diff_id,
+                                        tar_size=e.tar_size, chain_id=e.chain_id, created=e.layer.created)
+                  for e in self.backend.chain(snapshot)]
+        return export_pb2.GetChainResponse(layers=layers, driver=self.backend.driver.name,
+                                           node_id=self.backend.node_id)
+
+    def Changes(self, request: export_pb2.ChangesRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        snapshot = self._snapshot(context, request.snapshot)
+        yield from self.backend.changes(snapshot, self.backend.base(snapshot, request.base))
+
+    def DiffSize(self, request: export_pb2.DiffSizeRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        snapshot = self._snapshot(context, request.snapshot)
+        base = self.backend.base(snapshot, request.base)
+        return export_pb2.DiffSizeResponse(size=self.backend.driver.diff_size(snapshot.id, base.id if base else None))
+
+    def ExportDiff(self, request: export_pb2.ExportDiffRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        snapshot = self._snapshot(context, request.snapshot)
+        base = self.backend.base(snapshot, request.base)
+        yield from self.backend.export(snapshot, base, request.compression, request.starting_offset)
+
+    def ImportDiff(self, request_iterator: Iterator[export_pb2.ImportDiffRequest],  # noqa: N802
+                   context: grpc.ServicerContext) -> Any:
+        self.access.check_import(context)
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise InvalidArgument("ImportDiff: the first message must carry the header")
+        if first.data:
+            raise InvalidArgument("ImportDiff: the header message carries no data")
+        return self.backend.import_diff(first.header, _Requests(request_iterator))
+
+
+# ---------------------------------------------------------------------- wiring
+
+
+def export_socket_path(csi_socket: Path) -> Path:
+    """The export socket next to the CSI socket: ``<dir>/export.sock``."""
+    return Path(csi_socket).with_name("export.sock")
+
+
+def start_unix_export(backend: ExportBackend, path: Path, *, workers: int = 8,
+                      resolver: SnapshotResolver | None = None) -> tuple[grpc.Server, str]:
+    """A started server with the service on the owner-only unix socket ``path``."""
+    server = new_server(workers, "export")
+    export_pb2_grpc.add_DiffExportServicer_to_server(DiffExportService(backend, LocalAccess(resolver)), server)
+    endpoint = listen_unix(server, path)
+    server.start()
+    return server, endpoint
+
+
+@dataclass(frozen=True)
+class TcpExportConfig:
+    address: str  # HOST:PORT (port 0: any)
+    tls: TlsFiles
+    audiences: tuple[str, ...] = ()  # token audiences asked of TokenReview ("" none)
+    importers: tuple[str, ...] = ()  # ServiceAccounts namespace/name allowed to ImportDiff
+    driver_name: str = ""  # VolumeSnapshotContents must belong to this CSI driver
+
+
+def start_tcp_export(backend: ExportBackend, config: TcpExportConfig, api_client: Any, *,
+                     workers: int = 8) -> tuple[grpc.Server, int]:
+    """A started TLS server with the service behind token authentication; returns it and its port.
+    ``api_client`` is a ``kubernetes.client.ApiClient`` (or a callable returning one)."""
+    reviewer = TokenReviewer(api_client, config.audiences)
+    server = new_server(workers, "export-tcp", interceptors=[TokenAuthInterceptor(reviewer)])
+    access = KubernetesAccess(SnapshotResolver(api_client, config.driver_name), AccessReviewer(api_client),
+                              config.importers)
+    export_pb2_grpc.add_DiffExportServicer_to_server(DiffExportService(backend, access), server)
+    port = listen_tls(server, config.address, config.tls)
+    server.start()
+    return server, port
+
+
+__all__ = ["Access", "ChainEntry", "DiffExportService", "ExportBackend", "KubernetesAccess", "LocalAccess",
+           "TcpExportConfig", "export_socket_path", "start_tcp_export", "start_unix_export"]
