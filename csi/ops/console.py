@@ -1,6 +1,6 @@
 """What the operator commands share: common flags, logging, progress, output.
 
-* :func:`add_common_flags` — ``--root`` (default: ``strata serve``'s), ``--log-format
+* :func:`add_common_flags` — ``--root`` and ``--endpoint`` (defaults: ``strata serve``'s), ``--log-format
   text|json`` (json: one object per line, for pods and log collectors), ``--log-level``.
 * :func:`setup_logging` — the root logger to stderr in the chosen format.
 * :class:`Progress` — a one-line counter redrawn in place on a terminal (stderr is a tty);
@@ -26,6 +26,7 @@ DEFAULT_ROOT = Path("strata-data")  # `strata serve --root`'s default (csi.servi
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=str(DEFAULT_ROOT), type=Path,
                         help=f"the plugin's root directory (default: ./{DEFAULT_ROOT}, as strata serve)")
+    parser.add_argument("--endpoint", default="", help="the plugin's socket, unix:///PATH (default: <root>/csi.sock)")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="log lines as text (terminals) or one JSON object per line (pods)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning")

@@ -82,9 +82,10 @@ def main(argv: list[str]) -> int:
     setup_logging(args.log_format, args.log_level)
     root = args.root.absolute()
     options = dict(o.partition("=")[::2] for o in args.storage_opt)
-    serving = plugin_serving(socket_of(root))
+    sock = socket_of(root, args.endpoint)
+    serving = plugin_serving(sock)
     if serving and not args.dry_run:
-        print(f"strata gc: a plugin is serving on {socket_of(root)}; its start-up already sweeps. "
+        print(f"strata gc: a plugin is serving on {sock}; its start-up already sweeps. "
               "Stop it first, or use --dry-run", file=sys.stderr)
         return 2
     name = args.driver

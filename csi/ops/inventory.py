@@ -36,6 +36,7 @@ class Inventory:
     layers: tuple[Layer, ...]
     records: Records
     serving: bool
+    socket: Path
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class Node:
     children: list[Node] = field(default_factory=list)
 
 
-def gather(root: str | Path, driver: str | None = None) -> Inventory:
+def gather(root: str | Path, driver: str | None = None, endpoint: str = "") -> Inventory:
     root = Path(root).absolute()
     if driver is None:
         held = drivers_with_state(root)
@@ -69,7 +70,8 @@ def gather(root: str | Path, driver: str | None = None) -> Inventory:
             raise InvalidArgument(f"{root} holds state of several drivers ({', '.join(held)}); name one with --driver")
         driver = held[0] if held else None
     layers = tuple(driver_layers(root, driver)) if driver else ()
-    return Inventory(root, driver, layers, read_records(root), plugin_serving(socket_of(root)))
+    sock = socket_of(root, endpoint)
+    return Inventory(root, driver, layers, read_records(root), plugin_serving(sock), sock)
 
 
 def _names(inv: Inventory) -> dict[str, str]:
@@ -84,7 +86,7 @@ def _usage_from_plugin(inv: Inventory, layer: str, path: str) -> int | None:
         import grpc
 
         from csi.proto import csi_pb2, csi_pb2_grpc
-        with grpc.insecure_channel(f"unix://{socket_of(inv.root)}") as channel:
+        with grpc.insecure_channel(f"unix://{inv.socket}") as channel:
             node = csi_pb2_grpc.NodeStub(channel)
             node_id = node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=5).node_id
             stats = node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(

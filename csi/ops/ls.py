@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.log_format, args.log_level)
     try:
-        inv = gather(args.root, args.driver)
+        inv = gather(args.root, args.driver, args.endpoint)
         with Progress("reading volume usage", len(inv.records.volumes)) as progress:
             rows = entries(inv)
             progress.step(len(inv.records.volumes))

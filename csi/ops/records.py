@@ -2,7 +2,7 @@
 
 * :func:`read_records` — the CSI records of ``<root>/state.db`` (volumes, snapshots,
   publications) as the store's own record types, read through a ``mode=ro`` sqlite
-  connection: nothing is written (no schema, no WAL set-up), and it is safe while
+  connection: nothing is written (no schema, no WAL set-up, no side files), and it is safe while
   ``strata serve`` runs (WAL readers never block the writer). ``csi.state.store`` has no
   read-only API (its :class:`StateStore` opens for writing and migrates the schema), so the
   columns are read here by name, whatever their order, and a column an older database lacks
@@ -45,13 +45,22 @@ def _rows(conn: sqlite3.Connection, table: str) -> list[dict[str, Any]]:
     return [dict(zip(names, row)) for row in cur.fetchall()]
 
 
+def _read_only_uri(db: Path) -> str:
+    """A read-only sqlite URI for ``db`` that creates nothing: with no ``-wal`` beside it no
+    writer is open (a writer in WAL mode keeps one) and everything is in the main file, which
+    is read as immutable (a plain ``mode=ro`` open would create the ``-wal``/``-shm`` files);
+    with a ``-wal``, an ``mode=ro`` reader joins the writer's shared index, which exists."""
+    wal = db.with_name(db.name + "-wal")
+    return f"file:{db}?mode=ro" + ("" if wal.exists() else "&immutable=1")
+
+
 def read_records(root: str | Path) -> Records:
     """The CSI records under ``root``, read-only; empty when there is no ``state.db``."""
     db = Path(root) / "state.db"
     if not db.exists():
         return Records()
     try:
-        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as conn:
+        with closing(sqlite3.connect(_read_only_uri(db), uri=True, timeout=30)) as conn:
             vols, snaps, pubs = (_rows(conn, t) for t in ("volumes", "snapshots", "publications"))
     except sqlite3.Error as exc:
         raise StrataError(f"cannot read the CSI records in {db}: {exc}") from exc
@@ -91,8 +100,12 @@ def driver_layers(root: str | Path, name: str) -> list[Layer]:
     return driver_class(name).read_layers(home_of(Path(root), name))
 
 
-def socket_of(root: str | Path) -> Path:
-    return Path(root) / "csi.sock"
+def socket_of(root: str | Path, endpoint: str = "") -> Path:
+    """The plugin's socket: ``endpoint`` (``unix:///PATH``) if given, else ``<root>/csi.sock``
+    (``strata serve``'s default)."""
+    if endpoint:
+        return Path(endpoint.removeprefix("unix://").removeprefix("unix:")).absolute()
+    return Path(root).absolute() / "csi.sock"
 
 
 def plugin_serving(sock: str | Path, timeout: float = 2.0) -> bool:

@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.log_format, args.log_level)
     try:
-        inv = gather(args.root, args.driver)
+        inv = gather(args.root, args.driver, args.endpoint)
     except StrataError as exc:
         print(f"strata tree: {exc}", file=sys.stderr)
         return 1
