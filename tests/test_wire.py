@@ -34,3 +34,17 @@ def test_proto_is_written_from_the_wire_facts() -> None:
 
 def test_generated_code_is_current() -> None:
     assert generate.stale_files() == [], "run: python -m csi.proto.generate"
+
+
+def test_export_proto_is_generated_and_checked_too(tmp_path: Path) -> None:
+    """strata's own export.proto goes through the same generation and staleness check."""
+    fresh = {p.name for p in generate.generate(tmp_path)}
+    assert {"csi_pb2.py", "export_pb2.py", "export_pb2.pyi", "export_pb2_grpc.py"} <= fresh
+    from csi.proto import export_pb2
+
+    assert export_pb2.DESCRIPTOR.name == "csi/proto/export.proto"
+    service = export_pb2.DESCRIPTOR.services_by_name["DiffExport"]
+    assert service.full_name == "strata.export.v1.DiffExport"
+    streams = {m.name: (m.client_streaming, m.server_streaming) for m in service.methods}
+    assert streams == {"GetChain": (False, False), "Changes": (False, True), "DiffSize": (False, False),
+                       "ExportDiff": (False, True), "ImportDiff": (True, False)}
