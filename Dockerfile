@@ -14,7 +14,10 @@
 # privileges and the chart drops them there.)
 #
 # Versions are pinned: the base by its full tag, the Debian packages by the versions in
-# bookworm (tests/deploy/test_dockerfile.py checks the list against what the drivers need).
+# bookworm (tests/deploy/test_dockerfile.py checks the list against what the drivers need;
+# the image lane, tests/image/, builds this file with buildah against today's bookworm
+# mirrors, so a pin bookworm no longer carries fails there). Without Docker Hub, pass a
+# mirror of the base: --build-arg PYTHON_IMAGE=registry.example/python:3.11.14-slim-bookworm.
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
