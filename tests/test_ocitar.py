@@ -13,8 +13,8 @@ import pytest
 from csi.errors import InvalidArgument
 from csi.graphdriver.driver import ChangeKind
 from csi.graphdriver.diff.naive import NaiveDiffer
-from csi.graphdriver.diff.ocitar import (LayerTarApplier, LayerTarWriter, MemberKind, apply_tar, classify, format_ns,
-                                    opaque_name, parse_ns, whiteout_name)
+from csi.graphdriver.diff.ocitar import LayerTarApplier, LayerTarWriter, apply_tar, format_ns, parse_ns
+from csi.graphdriver.diff.whiteouts import MemberKind, classify, opaque_name, whiteout_name
 from csi.graphdriver.vfs import VfsDriver
 from conformance import assert_same_tree, open_driver
 

@@ -45,14 +45,14 @@ import array
 import errno
 import fcntl
 import os
-import stat
 from pathlib import Path
 
 from csi.host import mount as mnt
 from csi.errors import OutOfRange
-from csi.graphdriver.driver import Layer
+from csi.graphdriver.driver import Layer, Reconciliation
 from csi.graphdriver.layered import LayerDriver
 from csi.graphdriver.quota.limits import LayerLimits, no_enforcement
+from csi.host.fsinfo import fstype_at
 from csi.host.treecopy import CopyStats, copy_tree, remove_tree, tree_bytes
 from csi.ids import is_layer_id
 
@@ -142,10 +142,11 @@ class VfsDriver(LayerDriver):
             return super()._set_size(layer, size_bytes)
         self.limits.apply(layer.id, size_bytes)
 
-    def reconcile(self) -> None:
-        super().reconcile()
-        if self.limits is not None:
+    def reconcile(self, dry_run: bool = False) -> Reconciliation:
+        report = super().reconcile(dry_run)
+        if self.limits is not None and not dry_run:
             self.limits.reconcile(self.store.all())
+        return report
 
     def _on_disk(self) -> set[str]:
         found: set[str] = set()
@@ -181,7 +182,7 @@ class VfsDriver(LayerDriver):
     def size_enforcement(self) -> str:
         if self.limits is not None:
             return self.limits.describe("each writable layer's directory, its parent's copy included")
-        fs = _fs_name(self.home)
+        fs = fstype_at(self.home)
         if fs == "btrfs":
             return "none (vfs layers are plain directories, not btrfs subvolumes: qgroups need the btrfs driver)"
         return no_enforcement(fs, self.home)
@@ -194,19 +195,10 @@ class VfsDriver(LayerDriver):
         return tree_bytes(self._dirs / layer.id)
 
     def _status_extra(self) -> list[tuple[str, str]]:
-        fs = _fs_name(self.home)
+        fs = fstype_at(self.home)
         shares = "reflink (FICLONE)" if fs in ("btrfs", "xfs") else "full copy (copy_file_range)"
         return [("backing filesystem", fs), ("copy method", shares), *(self.limits.status() if self.limits else [])]
 
-
-def _fs_name(path: Path) -> str:
-    """The filesystem type holding ``path``, from the mount table."""
-    real = os.path.realpath(path)
-    best = None
-    for mp in mnt.mount_points():
-        if (real + "/").startswith(mp.target.rstrip("/") + "/") and (best is None or len(mp.target) >= len(best.target)):
-            best = mp
-    return best.fstype if best is not None else "unknown"
 
 
 def _set_immutable(path: Path, on: bool) -> None:
@@ -230,15 +222,10 @@ def _set_immutable(path: Path, on: bool) -> None:
 
 
 def _remove_tree(path: Path) -> None:
-    """Delete ``path`` (a tree or a leftover file); immutable top dirs are unlocked first."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(path)
-        return
-    _set_immutable(path, False)
-    if mnt.is_mount_point(path):
-        mnt.unmount_all(path)
+    """Delete ``path`` (a tree or a leftover file); immutable top dirs are unlocked and
+    mounts on them undone first."""
+    if path.is_dir() and not path.is_symlink():
+        _set_immutable(path, False)
+        if mnt.is_mount_point(path):
+            mnt.unmount_all(path)
     remove_tree(path)

@@ -17,6 +17,13 @@ Metadata is applied in the order that keeps it intact: owner first (``chown`` cl
 setuid bits and ``security.capability``), then mode, then xattrs, then timestamps;
 directories get theirs after their content is in place. Nothing here follows a
 symlink. The caller builds into a temporary name and renames it into place.
+
+A :class:`TreeCopier` is one copy job, for callers that copy several trees or single
+entries as one (an overlay freeze copying the changed parts of an upper dir): options
+``reflink`` and ``durable`` (fsync only what the job created), one hard-link map for
+everything it copies, and its :class:`CopyStats`. :func:`copy_tree` / :func:`copy_entry`
+are the one-call forms. :func:`remove_tree` deletes a tree (or a single file, or
+nothing) iteratively; :func:`tree_bytes` sums what a tree occupies.
 """
 
 from __future__ import annotations
@@ -25,8 +32,11 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from csi.host.fsinfo import fsync_dir
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 _CHUNK = 8 << 20
@@ -45,88 +55,119 @@ class CopyStats:
     hard_links: int
 
 
-class _Counter:
-    def __init__(self) -> None:
-        self.entries = self.bytes = self.reflinked = self.copied = self.links = 0
+class TreeCopier:
+    """One copy job: its options, the hard links it has copied and what it did.
+
+    ``reflink``: try ``FICLONE`` first (see module docstring). ``durable``: fsync every
+    file and directory this job creates (and only those), so the copy survives a power
+    cut once the caller has synced the directory it renames the copy into. Hard links
+    are kept between everything one copier copies (several trees or single entries):
+    the first name of an inode is copied, the others are linked to that copy.
+    """
+
+    def __init__(self, *, reflink: bool = True, durable: bool = False,
+                 skip_xattr: Callable[[str], bool] | None = None) -> None:
+        self.reflink, self.durable, self.skip_xattr = reflink, durable, skip_xattr
+        self.links: dict[tuple[int, int], Path] = {}
+        self.entries = self.bytes = self.reflinked = self.copied = self.hard_links = 0
 
     def stats(self) -> CopyStats:
-        return CopyStats(self.entries, self.bytes, self.reflinked, self.copied, self.links)
+        return CopyStats(self.entries, self.bytes, self.reflinked, self.copied, self.hard_links)
 
+    def tree(self, src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        """Copy the directory ``src`` to ``dst`` (which must not exist).
 
-def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, reflink: bool = True) -> CopyStats:
-    """Copy the directory ``src`` to ``dst`` (which must not exist). See module docstring.
+        Iterative (no recursion limit on nesting depth): directories are created top-down
+        and get their metadata bottom-up, after everything inside them is in place."""
+        src, dst = Path(src), Path(dst)
+        st = os.lstat(src)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "copy_tree needs a directory", str(src))
+        os.mkdir(dst, 0o700)
+        directories: list[tuple[Path, Path, os.stat_result]] = [(src, dst, st)]
+        pending = [(src, dst)]
+        while pending:
+            sdir, ddir = pending.pop()
+            with os.scandir(sdir) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            for entry in entries:
+                s, d = Path(entry.path), ddir / entry.name
+                est = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(est.st_mode):
+                    self.entries += 1
+                    os.mkdir(d, 0o700)
+                    directories.append((s, d, est))
+                    pending.append((s, d))
+                else:
+                    self.entry(s, d, est)
+        for s, d, dst_st in reversed(directories):  # children before their parents
+            copy_metadata(s, d, dst_st, skip_xattr=self.skip_xattr)
+            if self.durable:
+                fsync_dir(d)
+        self.entries += 1
 
-    Iterative (no recursion limit on nesting depth): directories are created top-down
-    and get their metadata bottom-up, after everything inside them is in place."""
-    src, dst = Path(src), Path(dst)
-    counter = _Counter()
-    seen: dict[tuple[int, int], Path] = {}
-    st = os.lstat(src)
-    if not stat.S_ISDIR(st.st_mode):
-        raise NotADirectoryError(errno.ENOTDIR, "copy_tree needs a directory", str(src))
-    os.mkdir(dst, 0o700)
-    directories: list[tuple[Path, Path, os.stat_result]] = [(src, dst, st)]
-    pending = [(src, dst)]
-    while pending:
-        sdir, ddir = pending.pop()
-        with os.scandir(sdir) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for entry in entries:
-            s, d = Path(entry.path), ddir / entry.name
-            est = entry.stat(follow_symlinks=False)
-            counter.entries += 1
-            if stat.S_ISDIR(est.st_mode):
-                os.mkdir(d, 0o700)
-                directories.append((s, d, est))
-                pending.append((s, d))
-                continue
-            if est.st_nlink > 1:
-                key = (est.st_dev, est.st_ino)
-                first = seen.get(key)
-                if first is not None:
-                    os.link(first, d)
-                    counter.links += 1
-                    continue
-                seen[key] = d
-            copy_entry(s, d, est, counter, reflink)
-    for s, d, dst_st in reversed(directories):  # children before their parents
-        copy_metadata(s, d, dst_st)
-    counter.entries += 1
-    return counter.stats()
-
-
-def copy_entry(src: Path, dst: Path, st: os.stat_result, counter: _Counter | None = None, reflink: bool = True) -> None:
-    """Copy one non-directory entry with its metadata."""
-    mode = st.st_mode
-    if stat.S_ISREG(mode):
-        cloned = copy_file_content(src, dst, st.st_size, reflink=reflink)
-        if counter is not None:
-            counter.bytes += st.st_size
+    def entry(self, src: str | os.PathLike[str], dst: str | os.PathLike[str], st: os.stat_result) -> None:
+        """Copy one non-directory (``st`` = its lstat) with its metadata, or hard-link
+        ``dst`` to this job's copy of the same inode."""
+        src, dst = Path(src), Path(dst)
+        self.entries += 1
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1:
+            first = self.links.get(key)
+            if first is not None:
+                os.link(first, dst)
+                self.hard_links += 1
+                return
+        mode = st.st_mode
+        if stat.S_ISREG(mode):
+            cloned = copy_file_content(src, dst, st.st_size, reflink=self.reflink, durable=self.durable)
+            self.bytes += st.st_size
             if cloned:
-                counter.reflinked += 1
+                self.reflinked += 1
             else:
-                counter.copied += 1
-    elif stat.S_ISLNK(mode):
-        os.symlink(os.readlink(src), dst)
-    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
-        os.mknod(dst, stat.S_IFMT(mode) | 0o600, st.st_rdev)
-    else:
-        raise OSError(errno.EINVAL, f"cannot copy file type {stat.S_IFMT(mode):o}", str(src))
-    copy_metadata(src, dst, st)
+                self.copied += 1
+        elif stat.S_ISLNK(mode):
+            os.symlink(os.readlink(src), dst)
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            os.mknod(dst, stat.S_IFMT(mode) | 0o600, st.st_rdev)
+        else:
+            raise OSError(errno.EINVAL, f"cannot copy file type {stat.S_IFMT(mode):o}", str(src))
+        copy_metadata(src, dst, st, skip_xattr=self.skip_xattr)
+        if st.st_nlink > 1:
+            self.links[key] = dst
 
 
-def copy_file_content(src: Path, dst: Path, size: int, *, reflink: bool = True) -> bool:
-    """Create ``dst`` with ``src``'s content; True when it was reflinked (FICLONE)."""
+def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, reflink: bool = True,
+              durable: bool = False) -> CopyStats:
+    """Copy the directory ``src`` to ``dst`` (which must not exist). See :class:`TreeCopier`."""
+    copier = TreeCopier(reflink=reflink, durable=durable)
+    copier.tree(src, dst)
+    return copier.stats()
+
+
+def copy_entry(src: str | os.PathLike[str], dst: str | os.PathLike[str], st: os.stat_result, *,
+               skip_xattr: Callable[[str], bool] | None = None) -> None:
+    """Copy one non-directory entry with its metadata."""
+    TreeCopier(skip_xattr=skip_xattr).entry(src, dst, st)
+
+
+def copy_file_content(src: Path, dst: Path, size: int, *, reflink: bool = True, durable: bool = False) -> bool:
+    """Create ``dst`` with ``src``'s content (fsynced if ``durable``); True when it was
+    reflinked (FICLONE)."""
     with open(src, "rb", buffering=0) as fin, open(dst, "xb", buffering=0) as fout:
+        cloned = False
         if reflink and size > 0:
             try:
                 fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
-                return True
+                cloned = True
             except OSError as exc:
                 if exc.errno not in _NOT_CLONABLE:
                     raise
-        copy_sparse(fin.fileno(), fout.fileno(), size)
-        return False
+        if not cloned:
+            copy_sparse(fin.fileno(), fout.fileno(), size)
+        if durable:
+            os.fsync(fout.fileno())
+        return cloned
 
 
 def copy_sparse(fd_in: int, fd_out: int, size: int) -> None:
@@ -169,8 +210,9 @@ def copy_sparse(fd_in: int, fd_out: int, size: int) -> None:
     os.ftruncate(fd_out, size)
 
 
-def copy_xattrs(src: Path, dst: Path) -> None:
-    """Copy every extended attribute (not following symlinks)."""
+def copy_xattrs(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
+                skip_xattr: Callable[[str], bool] | None = None) -> None:
+    """Copy every extended attribute (not following symlinks) but those ``skip_xattr`` names."""
     try:
         names = os.listxattr(src, follow_symlinks=False)
     except OSError as exc:
@@ -178,16 +220,19 @@ def copy_xattrs(src: Path, dst: Path) -> None:
             return
         raise
     for name in names:
+        if skip_xattr is not None and skip_xattr(name):
+            continue
         value = os.getxattr(src, name, follow_symlinks=False)
         os.setxattr(dst, name, value, follow_symlinks=False)
 
 
-def copy_metadata(src: Path, dst: Path, st: os.stat_result) -> None:
-    """Owner, mode, xattrs and timestamps of ``src`` onto ``dst`` (in that order)."""
+def copy_metadata(src: str | os.PathLike[str], dst: str | os.PathLike[str], st: os.stat_result, *,
+                  skip_xattr: Callable[[str], bool] | None = None) -> None:
+    """Owner, mode, xattrs and timestamps of ``src`` (``st``) onto ``dst`` (in that order)."""
     os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
     if not stat.S_ISLNK(st.st_mode):
         os.chmod(dst, stat.S_IMODE(st.st_mode))
-    copy_xattrs(src, dst)
+    copy_xattrs(src, dst, skip_xattr=skip_xattr)
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 

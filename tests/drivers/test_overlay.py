@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conformance import DriverConformance, open_driver, reopen, tree_state  # noqa: E402
 
 from csi.host import mount as mnt  # noqa: E402
-from csi.errors import IncompatibleFilesystem  # noqa: E402
+from csi.errors import IncompatibleFilesystem, InvalidArgument  # noqa: E402
 from csi.graphdriver.metastore import LayerState  # noqa: E402
-from csi.graphdriver.overlay.driver import CRASH_ENV, OverlayDriver  # noqa: E402
+from csi.graphdriver.overlay.driver import OverlayDriver  # noqa: E402
 
 
 class TestOverlayOnExt4(DriverConformance):
@@ -147,9 +147,10 @@ def test_apply_never_follows_symlinks_out_of_the_layer(overlay: OverlayDriver, t
         ("escape", None, {"type": tarfile.SYMTYPE, "linkname": str(outside)}),
         ("escape/planted", b"evil", {}),
     ])
-    overlay.apply_diff("y", None, stream)
+    with pytest.raises(InvalidArgument, match="not a directory"):  # one codec, one rule: refused
+        overlay.apply_diff("y", None, stream)
     assert os.listdir(outside) == []
-    assert (overlay.layout.diff("y") / "escape" / "planted").read_bytes() == b"evil"
+    assert os.readlink(overlay.layout.diff("y") / "escape") == str(outside)
 
 
 def test_apply_refuses_forged_overlay_xattrs(overlay: OverlayDriver) -> None:
@@ -378,10 +379,47 @@ def test_home_on_a_filesystem_without_upper_support(scratch_root: Path) -> None:
 
 # --------------------------------------------------------------------------- kill -9 in a freeze
 
-_FREEZE_CHILD = r"""
-import os, sys
+# The child dies by SIGKILL at a named step of a freeze: it wraps the driver method that
+# ends (or starts) that step and kills itself there. Production code knows nothing of it.
+KILL_AT_STEP = r"""
+import os, signal
 from csi.graphdriver.overlay import upperdelta
 from csi.graphdriver.overlay.driver import OverlayDriver
+from csi.graphdriver.overlay.layout import Layout
+
+def _die_at(owner, name, *, before=False, when=lambda *args, **kwargs: True):
+    original = getattr(owner, name)
+    def wrapper(*args, **kwargs):
+        if before and when(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+        result = original(*args, **kwargs)
+        if not before and when(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    setattr(owner, name, wrapper)
+
+def _frozen_make(self, layer_id, *, writable, **kwargs):
+    return not writable
+
+_KILL_AT = {  # step: where the child dies (the records and disk as that step leaves them)
+    "freeze-rename:recorded": (Layout, "make", True, _frozen_make),  # mode recorded, nothing made
+    "freeze-rename:made": (Layout, "make", False, _frozen_make),  # frozen layer's dirs made
+    "freeze-rename:moved": (OverlayDriver, "_finish_rename", True, None),  # diff dir renamed
+    "freeze-rename:fresh": (OverlayDriver, "_fresh_diff", False, None),  # diff.new ready, not renamed
+    "freeze-rename:finished": (OverlayDriver, "_finish_rename", False, None),  # all done, not committed
+    "freeze-copy:recorded": (Layout, "make", True, _frozen_make),
+    "freeze-copy:copied": (upperdelta.UpperIndex, "write", False, None),  # copy and index made
+    "freeze-copy:moved": (OverlayDriver, "_freeze_by_copy", False, None),  # copy renamed, not committed
+}
+
+def kill_at(step):
+    owner, name, before, when = _KILL_AT[step]
+    _die_at(owner, name, before=before, **({"when": when} if when else {}))
+"""
+
+_FREEZE_CHILD = KILL_AT_STEP + r"""
+import sys
+kill_at(sys.argv[3])
 drv = OverlayDriver(sys.argv[1])
 drv.trust_margin_ns = 20_000_000
 if sys.argv[2] != "unmounted":
@@ -415,8 +453,8 @@ _STEPS = [
 
 @pytest.mark.parametrize(("how", "step", "committed"), _STEPS, ids=[f"{h}-{s}" for h, s, _ in _STEPS])
 def test_kill_9_inside_freeze(ext4_dir: Path, how: str, step: str, committed: bool) -> None:
-    """The child process SIGKILLs itself at ``step`` (STRATA_TEST_CRASH_AT, read only at
-    the named crash points); a restart must finish or roll back, never lose content.
+    """The child process SIGKILLs itself at ``step`` (``KILL_AT_STEP`` wraps the driver
+    method at that step); a restart must finish or roll back, never lose content.
     ``again``: the layer was frozen while mounted before ("first") and changed since, so
     the freeze stacks the changes on "first"; ``again-removed``: "first" is removed
     (hidden) while that freeze runs."""
@@ -438,8 +476,8 @@ def test_kill_9_inside_freeze(ext4_dir: Path, how: str, step: str, committed: bo
             (path / "new").write_text("new")
         expected = tree_state(path)
     drv.store.close()
-    proc = subprocess.run([sys.executable, "-c", _FREEZE_CHILD, str(home), how],
-                          env={**os.environ, CRASH_ENV: step}, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", _FREEZE_CHILD, str(home), how, step],
+                          capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     with open_driver(OverlayDriver, home) as restarted:
         assert all(l.state is LayerState.READY for l in restarted.store.all())

@@ -18,7 +18,8 @@ instead of one whiteout per old entry.
 thread through a pipe (:func:`~csi.host.pipestream.pipe_stream`), file data with
 sendfile(2); the two layers stay mounted (``get``) until the stream ends or is closed.
 ``diff_size`` is **the length in bytes of that tar stream** (headers and padding
-included), computed by writing the same stream into a counter.
+included), computed by writing the same stream into a :class:`~csi.graphdriver.diff.ocitar.TarSizer`
+(headers only: no file data is read).
 ``apply_diff`` applies a tar onto the writable layer ``id`` whose parent must be
 ``parent``, and returns the content bytes of the regular files it wrote.
 """
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import IO
 
 from csi.errors import InvalidArgument
-from csi.graphdriver.diff.ocitar import LayerTarWriter, apply_tar, read_xattrs
+from csi.graphdriver.diff.ocitar import LayerTarWriter, TarSizer, apply_tar, read_xattrs
 from csi.graphdriver.driver import Change, ChangeKind, Driver
 from csi.host.pipestream import pipe_stream
 from csi.ids import check_layer_id
@@ -123,8 +124,9 @@ class NaiveDiffer:
             raise
 
     def diff_size(self, layer_id: str, parent: str | None = None) -> int:
-        counter = _Counter()
-        self._write(layer_id, parent, counter)  # type: ignore[arg-type]
+        counter = TarSizer()
+        with self._trees(layer_id, parent) as (new, old):
+            self._write_trees(new, old, counter)
         return counter.count
 
     def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
@@ -241,11 +243,7 @@ class NaiveDiffer:
             return not _same_content(new.path(rel), old.path(rel))
         return False
 
-    def _write(self, layer_id: str, parent: str | None, out: IO[bytes]) -> None:
-        with self._trees(layer_id, parent) as (new, old):
-            self._write_trees(new, old, out)
-
-    def _write_trees(self, new: _Tree, old: _Tree, out: IO[bytes]) -> None:
+    def _write_trees(self, new: _Tree, old: _Tree, out: IO[bytes] | TarSizer) -> None:
         with LayerTarWriter(out) as writer:
             for entry in self.compare(new, old):
                 if entry.kind == "opaque":
@@ -255,20 +253,6 @@ class NaiveDiffer:
                         writer.add_whiteout(entry.path)
                 else:
                     writer.add(new.path(entry.path), entry.path, new.stats[entry.path])
-
-
-class _Counter:
-    """A write-only sink that counts bytes (for :meth:`NaiveDiffer.diff_size`)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def write(self, data: bytes) -> int:
-        self.count += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.count
 
 
 def _same_content(a: Path, b: Path) -> bool:

@@ -1,28 +1,36 @@
-"""OCI image-layer tar streams: writing entries and applying them onto a directory.
+"""The one OCI layer tar codec: every differ writes and applies layer tars through it.
 
-Format (OCI image spec, "layer changesets"): an uncompressed POSIX tar in PAX format.
-
-* A deleted path ``dir/name`` is the empty regular file ``dir/.wh.name`` (a *whiteout*).
-* A directory whose lower content is hidden entirely carries ``dir/.wh..wh..opq``
-  (an *opaque* marker), written right after the directory's own entry.
-* Other ``.wh..wh.*`` names are reserved (aufs metadata) and ignored when applying.
+Format (OCI image spec, "layer changesets"): an uncompressed POSIX tar in PAX format;
+whiteouts and opaque markers as named in :mod:`csi.graphdriver.diff.whiteouts`.
 
 What an entry carries: type (file, dir, symlink, hard link, char/block device, fifo),
-mode with setuid/setgid/sticky, numeric uid/gid, mtime to the nanosecond (PAX
-``mtime`` as ``seconds.nanoseconds``), xattrs as PAX ``SCHILY.xattr.<name>`` (binary
-values kept byte for byte), hard links as tar link entries naming the first path of the
-inode written in the same stream. Sockets cannot be stored in tar and are skipped.
+mode with setuid/setgid/sticky, numeric uid/gid, mtime to the nanosecond, xattrs as PAX
+``SCHILY.xattr.<name>`` (binary values kept byte for byte; a filesystem's private ones,
+``trusted.overlay.*``, never), hard links as tar link entries naming the first path of
+the inode written in the same stream. Sockets cannot be stored in tar and are skipped.
+Names that are not UTF-8 keep their bytes (PAX ``hdrcharset=BINARY``).
 
-API used by the naive differ and by drivers with a native diff (overlay):
+Times: one formatter, :func:`format_ns`, writes the PAX ``mtime`` as the exact decimal
+of the nanoseconds (``-0.000000001`` for -1 ns: a reader adds the fraction with the
+sign), whenever the time is not a whole non-negative second; :func:`parse_ns` reads it
+back exactly. Sizes past the ustar field (8 GiB) go to a PAX ``size`` record.
 
-* :class:`LayerTarWriter` — ``add(fs_path, arcname)``, ``add_whiteout(arcname)``,
-  ``add_opaque(dir_arcname)``; a context manager that finishes the stream on exit.
-* :class:`LayerTarApplier` — applies members onto a root directory; it refuses names
-  that leave the root (absolute, ``..``) or pass through a symlink, honours whiteouts
-  and opaque markers (subclasses override :meth:`LayerTarApplier.whiteout` /
-  :meth:`LayerTarApplier.opaque` to store them natively, e.g. as overlay whiteouts),
-  and sets directory mtimes last. :func:`apply_tar` runs it over a whole stream.
-* :func:`classify` — what a member name means (entry / whiteout / opaque / reserved).
+Writing (:class:`LayerTarWriter`): ``add(fs_path, arcname)``, ``add_whiteout(path)``,
+``add_opaque(dir_path)``; a context manager that ends the archive on exit. Headers come
+from tarfile's encoder; file data goes to a real file descriptor with sendfile(2) (no
+copy through Python), padded to the announced size if the file shrank meanwhile. A
+:class:`TarSizer` sink counts the stream's bytes without reading any file data (what a
+``diff_size`` needs).
+
+Applying (:class:`LayerTarApplier`, :func:`apply_tar`): members onto a root directory.
+It refuses names that leave the root (absolute, ``..``) or pass through a symlink or any
+other non-directory, never follows a symlink, honours whiteouts and opaque markers, and
+sets directory mtimes last (deepest first). A layer store with its own on-disk form of
+deletions (an overlay upper dir) subclasses it and overrides the hooks
+:meth:`~LayerTarApplier.whiteout`, :meth:`~LayerTarApplier.opaque`,
+:meth:`~LayerTarApplier.clear`, :meth:`~LayerTarApplier.make_dir`,
+:meth:`~LayerTarApplier.implied_dir`, :meth:`~LayerTarApplier.is_absent` and
+:meth:`~LayerTarApplier.link_source`.
 """
 
 from __future__ import annotations
@@ -33,105 +41,55 @@ import os
 import shutil
 import stat
 import tarfile
-from dataclasses import dataclass
 from decimal import Decimal
-from enum import Enum
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO
 
 from csi.errors import InvalidArgument
+from csi.graphdriver.diff.whiteouts import MemberKind, classify, is_private_xattr, normalise, opaque_name, whiteout_name
 from csi.host.pipestream import send_file_data, write_all
 from csi.host.treecopy import remove_tree
 
-WHITEOUT_PREFIX = ".wh."
-WHITEOUT_META_PREFIX = ".wh..wh."
-OPAQUE_MARKER = ".wh..wh..opq"
 XATTR_PREFIX = "SCHILY.xattr."
-_PRIVATE_XATTRS = ("trusted.overlay.",)  # a driver's own bookkeeping, never layer content
 _COPY_CHUNK = 1 << 20
 _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"
-
-
-class MemberKind(str, Enum):
-    ENTRY = "entry"
-    WHITEOUT = "whiteout"  # path = the deleted path
-    OPAQUE = "opaque"  # path = the opaque directory ("" for the root)
-    RESERVED = "reserved"  # other .wh..wh. metadata: ignored
-
-
-@dataclass(frozen=True)
-class MemberName:
-    kind: MemberKind
-    path: str  # normalised, relative, no trailing slash; "" is the root
-
-
-def normalise(name: str) -> str:
-    """A member name as a clean relative path, or InvalidArgument if it leaves the root."""
-    if "\x00" in name:
-        raise InvalidArgument(f"tar member name {name!r} contains NUL")
-    if name.startswith("/"):
-        raise InvalidArgument(f"tar member {name!r} is absolute: layer tars hold relative paths")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise InvalidArgument(f"tar member {name!r} leaves the layer (contains '..')")
-    return "/".join(parts)
-
-
-def classify(name: str) -> MemberName:
-    """What a member name means (see module docstring)."""
-    path = normalise(name)
-    pure = PurePosixPath(path)
-    base, parent = pure.name, str(pure.parent) if str(pure.parent) != "." else ""
-    if base == OPAQUE_MARKER:
-        return MemberName(MemberKind.OPAQUE, parent)
-    if base.startswith(WHITEOUT_META_PREFIX):
-        return MemberName(MemberKind.RESERVED, path)
-    if base.startswith(WHITEOUT_PREFIX):
-        target = base[len(WHITEOUT_PREFIX):]
-        if target in ("", ".", ".."):
-            raise InvalidArgument(f"tar member {name!r} is a malformed whiteout")
-        return MemberName(MemberKind.WHITEOUT, f"{parent}/{target}" if parent else target)
-    return MemberName(MemberKind.ENTRY, path)
-
-
-def whiteout_name(path: str) -> str:
-    pure = PurePosixPath(path)
-    parent = str(pure.parent)
-    return f"{WHITEOUT_PREFIX}{pure.name}" if parent == "." else f"{parent}/{WHITEOUT_PREFIX}{pure.name}"
-
-
-def opaque_name(dir_path: str) -> str:
-    return f"{dir_path}/{OPAQUE_MARKER}" if dir_path else OPAQUE_MARKER
+_NS = 10**9
 
 
 def format_ns(ns: int) -> str:
-    """Nanoseconds as the exact decimal PAX time ``seconds.nnnnnnnnn``."""
+    """Nanoseconds as the exact decimal PAX time ``[-]seconds.nnnnnnnnn``."""
     sign, value = ("-", -ns) if ns < 0 else ("", ns)
-    return f"{sign}{value // 10**9}.{value % 10**9:09d}"
+    return f"{sign}{value // _NS}.{value % _NS:09d}"
 
 
 def parse_ns(member: tarfile.TarInfo) -> int:
     """A member's mtime in nanoseconds, exact when the PAX header carries it."""
     text = member.pax_headers.get("mtime")
     if text is not None:
-        return int(Decimal(text) * 10**9)
-    return int(member.mtime) * 10**9
+        return int(Decimal(text) * _NS)
+    return int(member.mtime) * _NS
 
 
-def read_xattrs(path: Path) -> dict[str, bytes]:
-    """The xattrs of ``path`` (not following symlinks), without drivers' private ones."""
+def set_mtime(info: tarfile.TarInfo, ns: int) -> None:
+    """Give ``info`` the mtime ``ns``: the ustar field, and a PAX record unless exact there."""
+    info.mtime = ns // _NS
+    if ns % _NS or ns < 0:
+        info.pax_headers["mtime"] = format_ns(ns)
+
+
+def read_xattrs(path: str | os.PathLike[str]) -> dict[str, bytes]:
+    """The xattrs of ``path`` (not following symlinks), without private ones."""
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
             return {}
         raise
-    return {n: os.getxattr(path, n, follow_symlinks=False) for n in sorted(names)
-            if not n.startswith(_PRIVATE_XATTRS)}
+    return {n: os.getxattr(path, n, follow_symlinks=False) for n in sorted(names) if not is_private_xattr(n)}
 
 
-def tarinfo_for(fs_path: Path, arcname: str, st: os.stat_result) -> tarfile.TarInfo | None:
+def tarinfo_for(fs_path: str | os.PathLike[str], arcname: str, st: os.stat_result) -> tarfile.TarInfo | None:
     """A PAX TarInfo describing ``fs_path`` (None for sockets, which tar cannot hold)."""
     mode = st.st_mode
     info = tarfile.TarInfo(arcname + "/" if stat.S_ISDIR(mode) and arcname else arcname)
@@ -151,12 +109,30 @@ def tarinfo_for(fs_path: Path, arcname: str, st: os.stat_result) -> tarfile.TarI
     info.mode = stat.S_IMODE(mode)
     info.uid, info.gid = st.st_uid, st.st_gid
     info.uname = info.gname = ""
-    info.mtime = st.st_mtime_ns // 10**9
-    if st.st_mtime_ns % 10**9 or st.st_mtime_ns < 0:
-        info.pax_headers["mtime"] = format_ns(st.st_mtime_ns)
+    set_mtime(info, st.st_mtime_ns)
     for name, value in read_xattrs(fs_path).items():
         info.pax_headers[XATTR_PREFIX + name] = value.decode(_ENCODING, _ERRORS)
     return info
+
+
+def header_bytes(info: tarfile.TarInfo) -> bytes:
+    """The header block(s) of ``info`` as this codec writes them (PAX, UTF-8, binary names kept)."""
+    return info.tobuf(tarfile.PAX_FORMAT, _ENCODING, _ERRORS)
+
+
+def _padded(size: int) -> int:
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+class TarSizer:
+    """A sink that counts the bytes of a tar without reading file data."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def write(self, data: bytes) -> int:
+        self.count += len(data)
+        return len(data)
 
 
 def _raw_fileno(fileobj: IO[bytes]) -> int | None:
@@ -169,15 +145,18 @@ def _raw_fileno(fileobj: IO[bytes]) -> int | None:
 
 
 class LayerTarWriter:
-    """Writes an OCI layer tar to ``fileobj`` (see module docstring)."""
+    """Writes an OCI layer tar to ``out`` (see module docstring)."""
 
-    def __init__(self, fileobj: IO[bytes]) -> None:
-        self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT,
-                                 encoding=_ENCODING, errors=_ERRORS)
+    def __init__(self, out: IO[bytes] | TarSizer) -> None:
+        self._out = out
+        self._sizer = out if isinstance(out, TarSizer) else None
+        self._fd = None if self._sizer is not None else _raw_fileno(out)  # type: ignore[arg-type]
+        if self._fd is not None:
+            out.flush()  # type: ignore[union-attr]  # what was written through the object goes first
         self._inodes: dict[tuple[int, int], str] = {}
+        self._written = 0
+        self._closed = False
         self.content_bytes = 0
-        self._fileobj = fileobj
-        self._fd = _raw_fileno(fileobj)
 
     def __enter__(self) -> LayerTarWriter:
         return self
@@ -186,9 +165,44 @@ class LayerTarWriter:
         self.close()
 
     def close(self) -> None:
-        self._tar.close()
+        """End the archive: two zero blocks, then zeros to a whole tar record."""
+        if self._closed:
+            return
+        self._closed = True
+        end = 2 * tarfile.BLOCKSIZE
+        end += -(self._written + end) % tarfile.RECORDSIZE
+        self._emit(bytes(end))
 
-    def add(self, fs_path: Path, arcname: str, st: os.stat_result | None = None) -> None:
+    def _emit(self, data: bytes) -> None:
+        if self._fd is not None:
+            write_all(self._fd, data)
+        else:
+            self._out.write(data)
+        self._written += len(data)
+
+    def _data(self, path: str | os.PathLike[str], size: int) -> None:
+        """``size`` bytes of ``path`` padded to a block (zeros where the file shrank)."""
+        if self._sizer is not None:
+            self._sizer.count += _padded(size)
+            self._written += _padded(size)
+        elif self._fd is not None:
+            self._written += send_file_data(self._fd, path, size)
+        else:
+            left = size
+            with open(path, "rb") as source:
+                while left:
+                    chunk = source.read(min(left, _COPY_CHUNK))
+                    if not chunk:
+                        break
+                    self._emit(chunk)
+                    left -= len(chunk)
+            self._emit(bytes(left + _padded(size) - size))
+
+    def add_info(self, info: tarfile.TarInfo) -> None:
+        """Write a member without data (anything but a regular file with content)."""
+        self._emit(header_bytes(info))
+
+    def add(self, fs_path: str | os.PathLike[str], arcname: str, st: os.stat_result | None = None) -> None:
         """Write ``fs_path`` as member ``arcname``; a second path of an inode already
         written becomes a hard-link entry."""
         st = st or os.lstat(fs_path)
@@ -198,30 +212,23 @@ class LayerTarWriter:
                 link = tarfile.TarInfo(arcname)
                 link.type, link.linkname = tarfile.LNKTYPE, first
                 link.mode, link.uid, link.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
-                link.mtime, link.uname, link.gname = st.st_mtime_ns // 10**9, "", ""
-                self._tar.addfile(link)
+                link.uname = link.gname = ""
+                set_mtime(link, st.st_mtime_ns)
+                self.add_info(link)
                 return
             self._inodes[(st.st_dev, st.st_ino)] = arcname
         info = tarinfo_for(fs_path, arcname, st)
         if info is None:
             return
-        if info.type == tarfile.REGTYPE:
+        self.add_info(info)
+        if info.type == tarfile.REGTYPE and info.size:
             self.content_bytes += info.size
-            if self._fd is None:
-                with open(fs_path, "rb") as f:
-                    self._tar.addfile(info, f)
-            else:  # header through tarfile's encoder, data with sendfile(2): no copy through Python
-                header = info.tobuf(tarfile.PAX_FORMAT, _ENCODING, _ERRORS)
-                self._fileobj.flush()  # what tarfile wrote through the file object goes first
-                write_all(self._fd, header)
-                self._tar.offset += len(header) + send_file_data(self._fd, fs_path, info.size)
-        else:
-            self._tar.addfile(info)
+            self._data(fs_path, info.size)
 
     def _marker(self, name: str) -> None:
         info = tarfile.TarInfo(name)
         info.type, info.mode, info.size, info.mtime = tarfile.REGTYPE, 0o600, 0, 0
-        self._tar.addfile(info)
+        self.add_info(info)
 
     def add_whiteout(self, deleted_path: str) -> None:
         self._marker(whiteout_name(deleted_path))
@@ -233,58 +240,90 @@ class LayerTarWriter:
 class LayerTarApplier:
     """Applies OCI layer tar members onto ``root`` (see module docstring)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self.bytes_written = 0
         self._unpacked: set[str] = set()
         self._checked_dirs: set[str] = set()
         self._dir_times: list[tuple[str, int]] = []
 
+    def path(self, rel: str) -> Path:
+        return self.root / rel if rel else self.root
+
     # -- path safety
 
-    def _resolve(self, rel: str, *, make_parents: bool = True) -> Path:
-        """``root/rel`` after checking that no ancestor is a symlink or a non-directory.
-        Directories already checked are remembered until something is removed."""
+    def resolve(self, rel: str, *, make_parents: bool = True) -> Path:
+        """``root/rel`` after checking that every ancestor is a real directory (a missing
+        one is made with :meth:`implied_dir`, or, without ``make_parents``, the path is
+        returned as it is: nothing can exist there). Checked directories are remembered
+        until something is removed."""
         unchecked: list[str] = []
         ancestor = rel.rpartition("/")[0]
         while ancestor and ancestor not in self._checked_dirs:
             unchecked.append(ancestor)
             ancestor = ancestor.rpartition("/")[0]
         for prefix in reversed(unchecked):  # outermost first
-            current = self.root / prefix
-            try:
-                st = os.lstat(current)
-            except FileNotFoundError:
+            st = lstat_or_none(self.root / prefix)
+            if st is None or self.is_absent(prefix, st):
                 if not make_parents:
                     return self.root / rel
-                os.mkdir(current, 0o755)
-            else:
-                if not stat.S_ISDIR(st.st_mode):
-                    name = prefix.rpartition("/")[2]
-                    raise InvalidArgument(f"tar member {rel!r} passes through {name!r}, which is not a directory")
+                self.implied_dir(prefix, st)
+            elif not stat.S_ISDIR(st.st_mode):
+                name = prefix.rpartition("/")[2]
+                raise InvalidArgument(f"tar member {rel!r} passes through {name!r}, which is not a directory")
             self._checked_dirs.add(prefix)
-        return self.root / rel
+        return self.path(rel)
 
     def _remove(self, path: Path) -> None:
         self._checked_dirs.clear()  # a checked directory may be gone or replaced now
-        _remove(path)
+        remove_tree(path)
 
-    # -- storing deletions (overridable)
+    # -- hooks: how this root stores things (overridable)
+
+    def is_absent(self, rel: str, st: os.stat_result) -> bool:
+        """Whether what lies at ``rel`` (an ancestor of a member) counts as nothing."""
+        return False
+
+    def implied_dir(self, rel: str, existing: os.stat_result | None) -> None:
+        """Make the directory ``rel`` that a member needs and the tar did not name."""
+        os.mkdir(self.path(rel), 0o755)
+
+    def make_dir(self, rel: str, existing: os.stat_result | None) -> None:
+        """Make the directory entry ``rel`` where ``existing`` (not a directory) or nothing is."""
+        self.clear(rel, existing)
+        os.mkdir(self.path(rel), 0o700)
+
+    def clear(self, rel: str, existing: os.stat_result | None) -> None:
+        """Make room at ``rel`` (ancestors already checked), where ``existing`` lies."""
+        if existing is not None:
+            self._remove(self.path(rel))
 
     def whiteout(self, rel: str) -> None:
         """Delete ``rel`` (hide it from the lower layers). An override that deletes
-        anything must do it through :meth:`_remove` (it resets the directory checks)."""
-        self._remove(self._resolve(rel, make_parents=False))
+        anything must do it through :meth:`clear` or :meth:`_remove` (they reset the
+        directory checks)."""
+        self.clear(rel, lstat_or_none(self.resolve(rel, make_parents=False)))
 
     def opaque(self, rel: str) -> None:
-        """Hide everything the lower layers hold in directory ``rel``."""
-        directory = self._resolve(rel + "/x", make_parents=False).parent if rel else self.root
+        """Hide everything the lower layers hold in directory ``rel``: here, whatever
+        this tar did not unpack into it."""
+        directory = self.resolve(rel + "/x", make_parents=False).parent if rel else self.root
         if not directory.is_dir() or directory.is_symlink():
             return
         for name in os.listdir(directory):
             child = f"{rel}/{name}" if rel else name
             if child not in self._unpacked:
                 self._remove(directory / name)
+
+    def link_source(self, rel: str) -> Path:
+        """The existing inode a hard-link member ``rel`` names (never a directory)."""
+        target = self.resolve(rel, make_parents=False)
+        st = lstat_or_none(target)
+        if st is None:
+            raise InvalidArgument(f"a hard link names {rel!r}, which does not exist")
+        if stat.S_ISDIR(st.st_mode):
+            raise InvalidArgument(f"a hard link names the directory {rel!r}")
+        return target
 
     # -- applying
 
@@ -296,35 +335,37 @@ class LayerTarApplier:
         if meaning.kind is MemberKind.OPAQUE:
             self.opaque(meaning.path)
             return
-        if meaning.kind is MemberKind.RESERVED or not meaning.path:
+        if meaning.kind is MemberKind.RESERVED:
             return
         rel = meaning.path
-        path = self._resolve(rel)
-        existing = _lstat(path)
-        if existing is not None and not (stat.S_ISDIR(existing.st_mode) and member.isdir()):
-            self._remove(path)
+        if not rel:  # the root's own entry: its metadata only
+            if member.isdir():
+                self._set_metadata(self.root, member, replace_xattrs=True)
+                self._dir_times.append(("", parse_ns(member)))
+            return
+        path = self.resolve(rel)
+        existing = lstat_or_none(path)
         if member.isdir():
             if existing is None or not stat.S_ISDIR(existing.st_mode):
-                os.mkdir(path, 0o700)
+                self.make_dir(rel, existing)
             self._checked_dirs.add(rel)  # a real directory now
-        elif member.isreg():
-            self._write_file(tar, member, path)
-        elif member.issym():
-            os.symlink(member.linkname, path)
-        elif member.islnk():
-            target = self._resolve(normalise(member.linkname), make_parents=False)
-            if _lstat(target) is None:
-                raise InvalidArgument(f"tar member {rel!r} links to {member.linkname!r}, which does not exist")
-            os.link(target, path, follow_symlinks=False)
-            self._unpacked.add(rel)
-            return  # shares the target's inode and metadata
-        elif member.ischr() or member.isblk():
-            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
-            os.mknod(path, kind | 0o600, os.makedev(member.devmajor, member.devminor))
-        elif member.isfifo():
-            os.mkfifo(path, 0o600)
         else:
-            raise InvalidArgument(f"tar member {rel!r} has unsupported type {member.type!r}")
+            self.clear(rel, existing)
+            if member.isreg():
+                self._write_file(tar, member, path)
+            elif member.issym():
+                os.symlink(member.linkname, path)
+            elif member.islnk():
+                os.link(self.link_source(normalise(member.linkname)), path, follow_symlinks=False)
+                self._unpacked.add(rel)
+                return  # shares the target's inode and metadata
+            elif member.ischr() or member.isblk():
+                kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+                os.mknod(path, kind | 0o600, os.makedev(member.devmajor, member.devminor))
+            elif member.isfifo():
+                os.mkfifo(path, 0o600)
+            else:
+                raise InvalidArgument(f"tar member {rel!r} has unsupported type {member.type!r}")
         self._unpacked.add(rel)
         self._set_metadata(path, member, replace_xattrs=existing is not None)
         if member.isdir():
@@ -349,26 +390,33 @@ class LayerTarApplier:
                 if name not in wanted:
                     os.removexattr(path, name, follow_symlinks=False)
         for name, value in wanted.items():
-            os.setxattr(path, name, value, follow_symlinks=False)
+            if not is_private_xattr(name):  # a tar never forges a filesystem's bookkeeping
+                os.setxattr(path, name, value, follow_symlinks=False)
         if not member.isdir():
             ns = parse_ns(member)
             os.utime(path, ns=(ns, ns), follow_symlinks=False)
 
+    def keep_dir_time(self, rel: str, ns: int) -> None:
+        """Set ``rel``'s mtime to ``ns`` when the tar is done (unless its entry comes later)."""
+        self._dir_times.append((rel, ns))
+
     def finish(self) -> int:
-        """Set directory mtimes (deepest first); returns the content bytes written."""
-        for rel, ns in sorted(self._dir_times, key=lambda item: item[0].count("/"), reverse=True):
-            path = self.root / rel
-            if _lstat(path) is not None:
+        """Set directory mtimes (deepest first, the tar's last word on each); returns the
+        content bytes written."""
+        times = dict(self._dir_times)  # a later record of the same directory wins
+        for rel, ns in sorted(times.items(), key=lambda item: item[0].count("/") + bool(item[0]), reverse=True):
+            path = self.path(rel)
+            if lstat_or_none(path) is not None:
                 os.utime(path, ns=(ns, ns), follow_symlinks=False)
         self._dir_times.clear()
         return self.bytes_written
 
 
-def apply_tar(root: Path, stream: IO[bytes], applier: LayerTarApplier | None = None) -> int:
+def apply_tar(root: str | os.PathLike[str], stream: IO[bytes], applier: LayerTarApplier | None = None) -> int:
     """Apply a whole OCI layer tar onto ``root``; returns the content bytes written."""
     applier = applier or LayerTarApplier(root)
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|", encoding=_ENCODING, errors=_ERRORS)
+        tar = tarfile.open(fileobj=stream, mode="r|*", encoding=_ENCODING, errors=_ERRORS)
     except tarfile.TarError as exc:
         raise InvalidArgument(f"not a tar stream: {exc}") from exc
     with tar:
@@ -380,18 +428,9 @@ def apply_tar(root: Path, stream: IO[bytes], applier: LayerTarApplier | None = N
     return applier.finish()
 
 
-def _lstat(path: Path) -> os.stat_result | None:
+def lstat_or_none(path: str | os.PathLike[str]) -> os.stat_result | None:
+    """lstat of ``path``; None when nothing is there (or an ancestor is not a directory)."""
     try:
         return os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
-
-
-def _remove(path: Path) -> None:
-    st = _lstat(path)
-    if st is None:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        remove_tree(path)
-    else:
-        os.unlink(path)

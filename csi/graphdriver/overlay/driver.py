@@ -13,6 +13,13 @@ Views (``get``):
   without parent is a read-only bind mount of its diff dir (overlay needs two lowers
   when it has no upper).
 
+A view is a *mount plan* (:meth:`OverlayDriver.mount_plan`, data): the mounts performed in
+order at one target, undone if a step fails. Overlay's plans have one mount; aufs's add
+``remount,append:`` steps (:mod:`csi.graphdriver.overlay.aufs`). Before a mounted
+writable layer's diff dir is read (a freeze, a native diff) and before its view is
+unmounted, the driver *settles* it (:meth:`OverlayDriver._settle`: nothing for overlay,
+whose upper dir always is the whole change; aufs flushes its pseudo-links).
+
 Overlay options, always passed: ``index=off`` (freezing rebases upper dirs onto new lowers,
 which the index would reject), ``redirect_dir=off`` (renaming a directory that comes from
 a lower fails with EXDEV and tools fall back to copying, so an upper dir never holds
@@ -67,8 +74,13 @@ volume may again write its size on top of it; a copying freeze leaves the copy u
 Elsewhere sizes are recorded but not enforced, and ``status`` says so.
 
 Native diff: ``diff``/``changes``/``apply_diff``/``diff_size`` of a layer against its own
-parent read or write the diff dir directly (:mod:`csi.graphdriver.overlay.upperdiff`); other
-parents, and ``apply_diff`` onto a mounted layer, use the naive differ.
+parent read or write the diff dir directly (:mod:`csi.graphdriver.overlay.upperdiff`, over
+the one OCI codec :mod:`csi.graphdriver.diff.ocitar`); other parents, and ``apply_diff``
+onto a mounted layer, use the naive differ. Whiteout forms: :mod:`csi.graphdriver.diff.whiteouts`.
+
+Crash tests kill the process at named steps of a freeze by wrapping the methods that end
+them (``Layout.make``, ``_finish_rename``, ``_fresh_diff``, ``UpperIndex.write``,
+``_freeze_by_copy``) from outside; nothing here knows of them.
 """
 
 from __future__ import annotations
@@ -76,7 +88,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import signal
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping
@@ -84,54 +95,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, ClassVar
 
-from csi.host import mount as mnt
 from csi.errors import Busy, IncompatibleFilesystem, NotSupported, OutOfRange
-from csi.graphdriver.overlay import upperdiff as layerdiff
-from csi.graphdriver.overlay import upperdelta
-from csi.graphdriver.driver import Change, Layer, LayerState
+from csi.graphdriver.diff.whiteouts import OVERLAY_WHITEOUTS, WhiteoutFormat, is_private_xattr
+from csi.graphdriver.driver import Change, Layer, LayerState, Reconciliation
 from csi.graphdriver.layered import LayerDriver
+from csi.graphdriver.overlay import upperdelta, upperdiff
+from csi.graphdriver.overlay.layout import Layout
 from csi.graphdriver.quota.limits import LayerLimits, no_enforcement
-from csi.graphdriver.overlay.layout import OVERLAY_WHITEOUTS, Layout, WhiteoutFormat, remove_path
+from csi.host import mount as mnt
+from csi.host.fsinfo import existing_ancestor, fsync_dir, fstype_at, kernel_has
+from csi.host.treecopy import copy_metadata, remove_tree
 
 OVERLAY_OPTIONS: tuple[str, ...] = ("index=off", "redirect_dir=off", "metacopy=off", "xino=off")
-CRASH_ENV = "STRATA_TEST_CRASH_AT"  # tests only: kill -9 ourselves at the named step
 _EMPTY_LOWER = "../empty"  # relative to <home>/l
-
-def kernel_has(fstype: str) -> bool:
-    with open("/proc/filesystems", encoding="ascii") as f:
-        return any(line.split()[-1] == fstype for line in f if line.strip())
-
-
-def filesystem_of(path: Path) -> str:
-    """Type of the filesystem holding ``path`` (the nearest existing ancestor)."""
-    real = os.path.realpath(path)
-    best = ("", "unknown")
-    for mp in mnt.mount_points():
-        target = mp.target.rstrip("/") or "/"
-        if (real == target or real.startswith(target.rstrip("/") + "/")) and len(target) >= len(best[0]):
-            best = (target, mp.fstype)
-    return best[1]
-
-
-def existing_ancestor(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
-    while not path.exists():
-        path = path.parent
-    return path
-
-
-def crash_point(step: str) -> None:
-    """Tests set ``STRATA_TEST_CRASH_AT`` to die here with SIGKILL (no clean-up runs)."""
-    if os.environ.get(CRASH_ENV) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class OverlayDriver(LayerDriver):
@@ -166,14 +142,14 @@ class OverlayDriver(LayerDriver):
             try:
                 mnt.mount(m, probe / "merged")
             except mnt.MountError as exc:
-                fstype = filesystem_of(base)
+                fstype = fstype_at(base)
                 raise IncompatibleFilesystem(
                     f"overlay cannot use {fstype} at {base} for upper dirs: {exc}") from exc
             mnt.unmount(probe / "merged")
         finally:
             for mp in mnt.mounts_under(probe):
                 mnt.unmount(mp.target, detach=True)
-            remove_path(probe)
+            remove_tree(probe)
 
     def _setup(self) -> None:
         # csi.host.mount resolves relative lower paths by changing the process's working
@@ -192,7 +168,7 @@ class OverlayDriver(LayerDriver):
     def size_enforcement(self) -> str:
         if self.limits is not None:
             return self.limits.describe("each writable layer's upper dir: what it adds or copies up")
-        return no_enforcement(filesystem_of(self.home), self.home)
+        return no_enforcement(fstype_at(self.home), self.home)
 
     def _set_size(self, layer: Layer, size_bytes: int) -> None:
         if self.limits is None:
@@ -203,14 +179,15 @@ class OverlayDriver(LayerDriver):
         usage = self.limits.usage(layer.id) if self.limits is not None and not layer.frozen else None
         return None if usage is None else usage.used_bytes
 
-    def reconcile(self) -> None:
-        super().reconcile()
-        if self.limits is not None:
+    def reconcile(self, dry_run: bool = False) -> Reconciliation:
+        report = super().reconcile(dry_run)
+        if self.limits is not None and not dry_run:
             self.limits.reconcile(self.store.all())
+        return report
 
     def _status_extra(self) -> list[tuple[str, str]]:
         return [
-            ("backing filesystem", filesystem_of(self.home)),
+            ("backing filesystem", fstype_at(self.home)),
             ("mount options", ",".join(OVERLAY_OPTIONS)),
             ("native diff", "yes (against the layer's own parent)"),
             ("max lower layers", "500"),
@@ -269,17 +246,40 @@ class OverlayDriver(LayerDriver):
         return mnt.Mount("overlay", "overlay", (
             "ro", "lowerdir=" + ":".join(self._shorts(chain)), *OVERLAY_OPTIONS), cwd=str(self.layout.links))
 
-    def _activate(self, layer: Layer, chain: list[Layer], mount_label: str) -> None:
-        m = self.describe_mount(layer, chain)
-        if mount_label and m.fstype == "overlay" and os.path.isdir("/sys/fs/selinux"):
-            m = mnt.Mount(m.fstype, m.source, (*m.options, f'context="{mount_label}"'), m.cwd)
-        self._mount(m, self.layout.merged(layer.id))
+    def mount_plan(self, layer: Layer, chain: list[Layer]) -> tuple[mnt.Mount, ...]:
+        """The mounts that show ``layer``, performed in this order at one target (overlay:
+        one; aufs: a first batch of branches and ``remount,append:`` steps)."""
+        return (self.describe_mount(layer, chain),)
 
-    def _mount(self, m: mnt.Mount, target: Path) -> None:
+    def _view_plan(self, chain: list[Layer]) -> tuple[mnt.Mount, ...]:
+        """The mounts of a read-only view of a chain of frozen layers."""
+        return (self._describe_view(chain),)
+
+    def _activate(self, layer: Layer, chain: list[Layer], mount_label: str) -> None:
+        first, *rest = self.mount_plan(layer, chain)
+        if mount_label and first.fstype == "overlay" and os.path.isdir("/sys/fs/selinux"):
+            first = mnt.Mount(first.fstype, first.source, (*first.options, f'context="{mount_label}"'), first.cwd)
+        self._mount((first, *rest), self.layout.merged(layer.id))
+
+    def _mount(self, plan: tuple[mnt.Mount, ...], target: Path) -> None:
+        """Perform ``plan`` at ``target``; a step that fails undoes the ones before it."""
         with self._mount_guard:
-            mnt.mount(m, target)
+            mnt.mount(plan[0], target)
+            try:
+                for step in plan[1:]:
+                    mnt.mount(step, target)
+            except BaseException:
+                mnt.unmount(target, detach=True)
+                raise
+
+    def _settle(self, layer: Layer) -> None:
+        """Bring the diff dir of writable ``layer`` in line with its view (if mounted)
+        before the dir is read (freeze, native diff) or the view unmounted. Overlay:
+        nothing to do (its upper dir always is the layer's whole change)."""
 
     def _deactivate(self, layer: Layer) -> None:
+        if not layer.frozen:
+            self._settle(layer)
         try:
             mnt.unmount_all(self.layout.merged(layer.id))
         except mnt.MountError as exc:
@@ -302,17 +302,18 @@ class OverlayDriver(LayerDriver):
             return
         target = Path(tempfile.mkdtemp(prefix="view-", dir=self.layout.scratch))
         try:
-            self._mount(self._describe_view(chain), target)
+            self._mount(self._view_plan(chain), target)
             yield target
         finally:
             mnt.unmount(target, detach=True)
-            remove_path(target)
+            remove_tree(target)
 
     # ------------------------------------------------------------------ freeze
 
     def _freeze(self, source: Layer, frozen: Layer) -> str | None:
         chain = self.chain(source.id)
         parent_shorts = self._shorts(chain[1:])
+        self._settle(source)
         if source.mounts == 0 and len(chain) < self.max_chain:
             if self._is_active(source):
                 self._deactivate(source)
@@ -324,11 +325,8 @@ class OverlayDriver(LayerDriver):
 
     def _freeze_by_rename(self, source: Layer, frozen: Layer, parent_shorts: list[str]) -> str:
         self.store.update(frozen.id, extra={"freeze": "rename"})
-        crash_point("freeze-rename:recorded")
         self.layout.make(frozen.id, writable=False, lowers=parent_shorts, with_diff=False)
-        crash_point("freeze-rename:made")
         os.rename(self.layout.diff(source.id), self.layout.diff(frozen.id))
-        crash_point("freeze-rename:moved")
         return self._finish_rename(source, frozen, parent_shorts)
 
     def _finish_rename(self, source: Layer, frozen: Layer, parent_shorts: list[str]) -> str:
@@ -337,28 +335,26 @@ class OverlayDriver(LayerDriver):
         lay = self.layout
         if self.limits is not None:
             self.limits.hand_over(frozen.id)
-        fresh, target = lay.layer_dir(source.id) / "diff.new", lay.diff(source.id)
+        target = lay.diff(source.id)
         if not target.exists():
-            remove_path(fresh)
-            fresh.mkdir()
-            root = lay.diff(frozen.id)
-            st = os.lstat(root)
-            os.chown(fresh, st.st_uid, st.st_gid)
-            os.chmod(fresh, st.st_mode & 0o7777)
-            for name in os.listxattr(root):
-                if not self.whiteouts.is_internal_xattr(name):
-                    os.setxattr(fresh, name, os.getxattr(root, name))
-            os.utime(fresh, ns=(st.st_atime_ns, st.st_mtime_ns))
-            crash_point("freeze-rename:fresh")
-            os.rename(fresh, target)
+            os.rename(self._fresh_diff(source, frozen), target)
         lay.reset_work(source.id)
         if self.limits is not None:
             self.limits.apply(source.id, source.size_bytes)
         lay.write_lower(source.id, [lay.short(frozen.id), *parent_shorts])
         fsync_dir(lay.layer_dir(source.id))
         fsync_dir(lay.layer_dir(frozen.id))
-        crash_point("freeze-rename:finished")
         return frozen.id
+
+    def _fresh_diff(self, source: Layer, frozen: Layer) -> Path:
+        """An empty ``diff.new`` for ``source`` with the attributes of the root of the diff
+        dir it handed to ``frozen`` (its private xattrs, e.g. opacity, left behind)."""
+        fresh = self.layout.layer_dir(source.id) / "diff.new"
+        remove_tree(fresh)
+        fresh.mkdir()
+        root = self.layout.diff(frozen.id)
+        copy_metadata(root, fresh, os.lstat(root), skip_xattr=is_private_xattr)
+        return fresh
 
     def _freeze_by_copy(self, source: Layer, frozen: Layer, parent_shorts: list[str]) -> str | None:
         """Copy the upper dir, or only what changed since the last mounted freeze
@@ -376,7 +372,6 @@ class OverlayDriver(LayerDriver):
                     self.store.update(frozen.id, parent=stacked_on.id, extra={"freeze": "delta"})
         if stacked_on is None:
             self.store.update(frozen.id, extra={"freeze": "copy"})
-        crash_point("freeze-copy:recorded")
         lowers = self._shorts(self.chain(stacked_on.id)) if stacked_on is not None else parent_shorts
         self.layout.make(frozen.id, writable=False, lowers=lowers, with_diff=False)
         staging = self.layout.layer_dir(frozen.id) / "diff.copy"
@@ -385,10 +380,8 @@ class OverlayDriver(LayerDriver):
         upperdelta.UpperIndex(source.id, source.created, source.parent, (st.st_dev, st.st_ino),
                               upperdelta.boot_id(), depth, entries).write(
             self.layout.layer_dir(frozen.id) / upperdelta.INDEX_NAME)
-        crash_point("freeze-copy:copied")
         os.rename(staging, self.layout.diff(frozen.id))
         fsync_dir(self.layout.layer_dir(frozen.id))
-        crash_point("freeze-copy:moved")
         return source.parent
 
     def _delta_base(self, source: Layer, entries: upperdelta.Tree) -> tuple[Layer, int, upperdelta.Delta] | None:
@@ -434,34 +427,39 @@ class OverlayDriver(LayerDriver):
     # ------------------------------------------------------------------ native diff
 
     def _native(self, layer_id: str, parent: str | None) -> Layer | None:
-        """The layer when a diff against ``parent`` can be read from its diff dir."""
+        """The layer when a diff against ``parent`` can be read from its diff dir (settled
+        first if it is a mounted writable layer)."""
         layer = self._visible(layer_id)
-        return layer if parent == layer.parent else None
+        if parent != layer.parent:
+            return None
+        if not layer.frozen:
+            self._settle(layer)
+        return layer
 
     def diff(self, layer_id: str, parent: str | None = None) -> IO[bytes]:
         layer = self._native(layer_id, parent)
         if layer is None:
             return super().diff(layer_id, parent)
-        return layerdiff.diff_stream(self.layout.diff(layer.id), self.whiteouts)
+        return upperdiff.diff_stream(self.layout.diff(layer.id), self.whiteouts)
 
     def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
         layer = self._native(layer_id, parent)
         if layer is None:
             return super().changes(layer_id, parent)
         with self._locked(layer_id), self.lower_view(layer.parent) as below:
-            return layerdiff.layer_changes(self.layout.diff(layer.id), below, self.whiteouts)
+            return upperdiff.layer_changes(self.layout.diff(layer.id), below, self.whiteouts)
 
     def diff_size(self, layer_id: str, parent: str | None = None) -> int:
         layer = self._native(layer_id, parent)
         if layer is None:
             return super().diff_size(layer_id, parent)
-        return layerdiff.diff_size(self.layout.diff(layer.id), self.whiteouts)
+        return upperdiff.diff_size(self.layout.diff(layer.id), self.whiteouts)
 
     def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int:
-        layer = self._native(layer_id, parent)
-        if layer is None or layer.frozen or layer.mounts > 0:
+        layer = self._visible(layer_id)
+        if parent != layer.parent or layer.frozen or layer.mounts > 0:
             return super().apply_diff(layer_id, parent, stream)
         with self._locked(layer_id), self.lower_view(layer.parent) as below:
             if self.store.require(layer_id).mounts > 0:
                 return super().apply_diff(layer_id, parent, stream)
-            return layerdiff.apply_layer_tar(self.layout.diff(layer.id), below, self.whiteouts, stream)
+            return upperdiff.apply_layer_tar(self.layout.diff(layer.id), below, self.whiteouts, stream)

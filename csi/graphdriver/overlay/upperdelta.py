@@ -43,7 +43,6 @@ cannot be expressed raises :class:`NotIncremental`; the caller makes a full copy
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import stat
@@ -53,8 +52,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from csi.graphdriver.overlay import upperdiff as layerdiff
-from csi.graphdriver.overlay.layout import OVERLAY_OPAQUE_XATTR, WhiteoutFormat, copy_leaf, copy_metadata, copy_tree
+from csi.graphdriver.diff.whiteouts import OVERLAY_OPAQUE_XATTR, WhiteoutFormat
+from csi.graphdriver.overlay import upperdiff
+from csi.graphdriver.overlay.layout import write_atomic
+from csi.host.fsinfo import fsync_dir
+from csi.host.treecopy import TreeCopier, copy_metadata
 
 INDEX_NAME = "upper-index"
 INDEX_VERSION = 1
@@ -114,6 +116,8 @@ def scan(root: Path, whiteouts: WhiteoutFormat, *, margin_ns: int = TRUST_MARGIN
         rel, path = pending.pop()
         with os.scandir(path) as it:
             for item in it:
+                if whiteouts.is_bookkeeping(item.name):
+                    continue  # aufs's own: never content, never copied
                 child = f"{rel}/{item.name}" if rel else item.name
                 tree[child] = e = entry(item.path, item.stat(follow_symlinks=False))
                 if e.is_dir:
@@ -143,12 +147,7 @@ class UpperIndex:
             "parent": self.parent, "upper": list(self.upper), "boot": self.boot, "depth": self.depth,
             "entries": [[rel, *e] for rel, e in self.entries.items()],
         }
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="ascii") as f:
-            json.dump(doc, f, separators=(",", ":"))  # ensure_ascii: any file name survives
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(doc, separators=(",", ":")))  # ensure_ascii: any file name survives
 
     @classmethod
     def read(cls, path: Path) -> UpperIndex | None:
@@ -276,7 +275,7 @@ def _whole_hard_links(old: Tree, new: Tree, delta: Delta, skipped: dict[str, int
 def lookup(root: Path | None, rel: str) -> os.stat_result | None:
     """What a merged read-only view at ``root`` shows at ``rel``, never following a symlink
     (an ancestor that is not a directory, or a 0/0 whiteout, means nothing)."""
-    st = layerdiff.lookup(root, rel)
+    st = upperdiff.lookup(root, rel)
     return None if st is None or (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0) else st
 
 
@@ -286,36 +285,26 @@ def build(upper: Path, out: Path, delta: Delta, whiteouts: WhiteoutFormat) -> in
     os.mkdir(out, 0o700)
     for rel in sorted(delta.dirs, key=lambda r: r.count("/")):
         os.mkdir(out / rel, 0o700)
-    links: dict[tuple[int, int], str] = {}
-    copied = 0
+    copier = TreeCopier(durable=True)  # one job: hard links kept across the copied parts
     for rel in delta.copies:
         src, dst = upper / rel, out / rel
         st = os.lstat(src)
         if stat.S_ISDIR(st.st_mode):
-            copied += copy_tree(src, dst, durable=True, links=links)
+            copier.tree(src, dst)
         else:
-            copied += copy_leaf(str(src), str(dst), st, links, durable=True)
+            copier.entry(src, dst, st)
     for rel in delta.whiteouts:
         parent, _, name = rel.rpartition("/")
         whiteouts.make_whiteout(str(out / parent), name)
     for rel in sorted(delta.dirs | {""}, key=lambda r: -r.count("/")):  # children first
         _walked_dir_metadata(upper / rel if rel else upper, out / rel if rel else out)
-    return copied
+    return copier.bytes
 
 
 def _walked_dir_metadata(src: Path, dst: Path) -> None:
     """The directory's attributes, never its opacity (a walked dir merges with F1's)."""
-    copy_metadata(str(src), str(dst), os.lstat(src))
-    try:
-        os.removexattr(dst, OVERLAY_OPAQUE_XATTR, follow_symlinks=False)  # times stay (ctime only)
-    except OSError as exc:
-        if exc.errno != errno.ENODATA:  # it was not opaque
-            raise
-    fd = os.open(dst, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    copy_metadata(src, dst, os.lstat(src), skip_xattr=OVERLAY_OPAQUE_XATTR.__eq__)
+    fsync_dir(dst)
 
 
 def full(new: Tree) -> Delta:
