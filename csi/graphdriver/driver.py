@@ -16,6 +16,10 @@ Contract (:class:`Driver`)::
     status() -> [(key, value)]
     cleanup()                                 release mounts, finish deferred work, drop leftovers
     resize(id, size_bytes)                    raise a writable layer's size limit
+    modify(id, properties)                    change mutable properties of a writable layer
+                                              (keys in ``mutable_properties``; e.g. btrfs
+                                              ``compression``); Unsupported naming the
+                                              driver for anything else
     diff(id, parent) -> tar stream            OCI layer tar of id relative to parent
     changes(id, parent) -> [Change]
     apply_diff(id, parent, stream) -> int     apply an OCI layer tar onto writable id
@@ -44,6 +48,8 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import IO, Any, ClassVar
+
+from csi.errors import Unsupported
 
 __all__ = [
     "Capacity", "Change", "ChangeKind", "CreateOpts", "Driver", "Layer", "LayerKind", "LayerState", "Reconciliation",
@@ -98,6 +104,7 @@ class CreateOpts:
     mount_label: str = ""
     storage_opt: Mapping[str, str] | None = None
     block: bool = False
+    properties: Mapping[str, str] | None = None  # mutable properties to start with (``Driver.modify``)
 
 
 class ChangeKind(str, Enum):
@@ -147,6 +154,13 @@ class Driver(ABC):
 
     name: ClassVar[str]
     supports_block: ClassVar[bool] = False  # layers are devices: CreateOpts(block=True) works
+    mutable_properties: ClassVar[frozenset[str]] = frozenset()  # keys ``modify`` can change
+
+    def modify(self, layer_id: str, properties: Mapping[str, str]) -> None:
+        """Change mutable properties of a writable layer (new writes follow them). The
+        default: nothing is mutable, Unsupported naming the driver."""
+        raise Unsupported(f"the {self.name} layered driver cannot change {', '.join(sorted(properties))} "
+                          "of a volume")
 
     @abstractmethod
     def create(self, layer_id: str, parent: str | None = None, opts: CreateOpts | None = None) -> Layer: ...

@@ -133,6 +133,19 @@ class LayerDriver(Driver):
         return (f"the {self.name} layered driver has no block device per layer: block volumes need "
                 "devicemapper (a thin device per layer)")
 
+    def _check_properties(self, properties: Mapping[str, str]) -> None:
+        """Refuse keys outside ``mutable_properties`` (Unsupported, naming the driver) and
+        values the driver does not know (InvalidArgument). Runs before anything is done."""
+        cannot = sorted(set(properties) - self.mutable_properties)
+        if cannot:
+            can = ", ".join(sorted(self.mutable_properties)) or "nothing"
+            raise Unsupported(f"the {self.name} layered driver cannot change {', '.join(cannot)} of a volume "
+                              f"(it can change: {can})")
+
+    def _modify(self, layer: Layer, path: Path, properties: Mapping[str, str]) -> None:
+        """Apply mutable properties to the writable layer whose content is at ``path``."""
+        raise Unsupported(f"the {self.name} layered driver cannot change {', '.join(sorted(properties))}")
+
     def _set_size(self, layer: Layer, size_bytes: int) -> None:
         """Apply a size limit to an existing writable layer. Default: unsupported."""
         raise Unsupported(f"{self.name}: {self.size_enforcement()}")
@@ -198,6 +211,8 @@ class LayerDriver(Driver):
             raise InvalidArgument(f"size must not be negative, got {opts.size_bytes}")
         if opts.block and not self.supports_block:
             raise Unsupported(self._no_block())
+        properties = dict(opts.properties or {})
+        self._check_properties(properties)
         with self._locked(layer_id, parent or ""):
             if self.store.get(layer_id) is not None:
                 raise AlreadyExists(f"layer {layer_id} already exists")
@@ -209,8 +224,11 @@ class LayerDriver(Driver):
                 if parent_layer.block != opts.block:
                     raise InvalidArgument(f"parent layer {parent} is a {_content(parent_layer.block)} layer: its child "
                                           f"cannot be a {_content(opts.block)} layer")
+            extra: dict[str, object] = {"block": True} if opts.block else {}
+            if properties:
+                extra["properties"] = properties  # _make applies them
             layer = Layer(id=layer_id, parent=parent, kind=LayerKind.WRITABLE, size_bytes=opts.size_bytes,
-                          extra={"block": True} if opts.block else {})
+                          extra=extra)
             if self.record_after_make:  # a kill during _make leaves an orphan that reconcile removes
                 try:
                     self._make(layer, parent_layer)
@@ -364,6 +382,17 @@ class LayerDriver(Driver):
                 raise InvalidArgument(f"cannot shrink layer {layer_id} from {layer.size_bytes} to {size_bytes} bytes")
             self._set_size(layer, size_bytes)
             self.store.update(layer_id, size_bytes=size_bytes)
+
+    def modify(self, layer_id: str, properties: Mapping[str, str]) -> None:
+        check_layer_id(layer_id)
+        self._check_properties(properties)
+        with self._locked(layer_id):
+            layer = self._visible(layer_id)
+            if layer.frozen:
+                raise InvalidArgument(f"layer {layer_id} is frozen: its properties cannot change")
+            self._modify(layer, self._path(layer), properties)
+            merged = {**layer.extra.get("properties", {}), **properties}
+            self.store.update(layer_id, extra={**layer.extra, "properties": merged})
 
     def capacity(self) -> Capacity:
         st = os.statvfs(self.home)

@@ -8,7 +8,15 @@ CreateVolume from volume    ``driver.freeze(source, base)``, ``driver.create(vol
 CreateSnapshot              ``driver.freeze(volume, snap)``
 Delete*                     ``driver.remove`` (deferred by the driver while children exist)
 ControllerExpandVolume      ``driver.resize``; where the driver cannot enforce sizes
-                            (``Unsupported``) the new capacity is recorded only
+                            (``Unsupported``) the new capacity is recorded only. Infeasible
+                            (OUT_OF_RANGE, nothing changed, so Kubernetes can recover):
+                            a ``limit_bytes`` below the current capacity (shrinking), or
+                            growth beyond the backing store's free space or size
+ControllerModifyVolume      ``driver.modify(layer, mutable_parameters)`` — what the driver can
+                            change on a live volume (``Driver.mutable_properties``: btrfs
+                            ``compression``); INVALID_ARGUMENT naming the driver otherwise.
+                            CreateVolume takes the same keys as StorageClass parameters or
+                            ``mutable_parameters`` (VolumeAttributesClass)
 ==========================  ================================================================
 
 Block volumes (volumeMode Block, where the driver ``supports_block``) are raw block layers
@@ -37,12 +45,13 @@ from typing import TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from csi.errors import Aborted, AlreadyExists, Busy, InvalidArgument, NotFound, OutOfRange, Unsupported
+from csi.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OutOfRange, Unsupported
 from csi.graphdriver.driver import CreateOpts, Driver
-from csi.ids import is_layer_id, new_layer_id
+from csi.ids import new_layer_id
 from csi.proto import csi_pb2, csi_pb2_grpc
 from csi.services.plugin import Plugin
-from csi.services.requests import check_snapshot_parameters, fits, requested_size, require
+from csi.services.requests import (MUTABLE_PARAMETERS, check_snapshot_parameters, fits, issue_token, read_token,
+                                   requested_size, require)
 from csi.services.volume_ids import CLONE_BASE_PREFIX, SNAPSHOT_PREFIX, VOLUME_PREFIX, make_id, parse_id, parse_local
 from csi.state.store import RecordState, SnapshotRecord, VolumeRecord
 
@@ -50,7 +59,8 @@ Record = TypeVar("Record", VolumeRecord, SnapshotRecord)
 _Cap = csi_pb2.ControllerServiceCapability.RPC
 CAPABILITIES = (_Cap.CREATE_DELETE_VOLUME, _Cap.CREATE_DELETE_SNAPSHOT, _Cap.CLONE_VOLUME, _Cap.LIST_VOLUMES,
                 _Cap.LIST_SNAPSHOTS, _Cap.GET_CAPACITY, _Cap.EXPAND_VOLUME, _Cap.GET_VOLUME,
-                _Cap.VOLUME_CONDITION, _Cap.SINGLE_NODE_MULTI_WRITER)
+                _Cap.VOLUME_CONDITION, _Cap.SINGLE_NODE_MULTI_WRITER, _Cap.GET_SNAPSHOT, _Cap.MODIFY_VOLUME)
+_USE_WORDS = {"stage": "staged", "publish": "published"}
 
 
 def _access(block: bool) -> str:
@@ -106,18 +116,23 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def CreateVolume(self, request: csi_pb2.CreateVolumeRequest,
                      context: grpc.ServicerContext) -> csi_pb2.CreateVolumeResponse:
         require(request.name, "name")
-        block = self.plugin.check_capabilities(request.volume_capabilities)
-        parameters = self.plugin.check_parameters(request.parameters)
-        size = requested_size(request.capacity_range, self.driver.capacity().total_bytes)
-        self.plugin.check_accessibility(request.accessibility_requirements)
+        require(request.volume_capabilities, "volume_capabilities")
         source_kind = request.volume_content_source.WhichOneof("type") or ""
         source_id = ""
         if source_kind == "snapshot":
             source_id = request.volume_content_source.snapshot.snapshot_id
             require(source_id, "volume_content_source.snapshot.snapshot_id")
+            self._snapshot(source_id)  # the object exists before the shape of the rest is judged
         elif source_kind == "volume":
             source_id = request.volume_content_source.volume.volume_id
             require(source_id, "volume_content_source.volume.volume_id")
+            self._volume(source_id)
+        block = self.plugin.check_capabilities(request.volume_capabilities)
+        parameters = self.plugin.check_parameters(request.parameters)
+        mutable = {k: v for k, v in parameters.items() if k in MUTABLE_PARAMETERS}
+        mutable.update(self.plugin.check_mutable_parameters(request.mutable_parameters))
+        size = requested_size(request.capacity_range, self.driver.capacity().total_bytes)
+        self.plugin.check_accessibility(request.accessibility_requirements)
         with self.plugin.locks.hold(f"volume-name:{request.name}", f"source:{source_id}" if source_id else ""):
             existing = self.store.volume_by_name(request.name)
             if existing is not None:
@@ -131,11 +146,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                                         f"not {_access(block)}")
                 return csi_pb2.CreateVolumeResponse(volume=self._volume_message(existing))
             record = self._create(request.name, size, parameters, source_kind, source_id, request.capacity_range,
-                                  block)
+                                  block, mutable)
             return csi_pb2.CreateVolumeResponse(volume=self._volume_message(record))
 
     def _create(self, name: str, size: int, parameters: dict[str, str], source_kind: str, source_id: str,
-                range_: csi_pb2.CapacityRange, block: bool) -> VolumeRecord:
+                range_: csi_pb2.CapacityRange, block: bool, mutable: dict[str, str]) -> VolumeRecord:
         parent = base = None
         if source_kind == "snapshot":
             snap = self._snapshot(source_id)
@@ -150,12 +165,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         try:
             if base is not None:
                 self.driver.freeze(parse_id(source_id)[0], base)
-            self.driver.create(layer, parent, CreateOpts(size_bytes=size or None, block=block))
+            self.driver.create(layer, parent, CreateOpts(size_bytes=size or None, block=block,
+                                                         properties=mutable or None))
             if base is not None:
                 self.driver.remove(base)  # hidden now, freed with the clone
             return self.store.add_volume(VolumeRecord(
                 layer=layer, name=name, capacity=size, parameters=parameters, source_kind=source_kind,
-                source_id=source_id, base_layer=base, state=RecordState.READY, block=block))
+                source_id=source_id, base_layer=base, state=RecordState.READY, block=block, mutable=mutable))
         except BaseException:
             for made in (layer, base):
                 if made is not None:
@@ -187,7 +203,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 return csi_pb2.DeleteVolumeResponse()
             used = self.store.publications(layer)
             if used:
-                raise Busy(f"volume {request.volume_id} is still {used[0].kind}d at {used[0].path}")
+                raise Busy(f"volume {request.volume_id} is still {_USE_WORDS.get(used[0].kind, used[0].kind)} at "
+                           f"{used[0].path}: unpublish and unstage it first")
             self.store.set_volume(layer, state=RecordState.REMOVING)
             try:
                 self.driver.remove(layer)
@@ -214,25 +231,25 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             volume_context=request.volume_context, volume_capabilities=request.volume_capabilities,
             parameters=request.parameters, mutable_parameters=request.mutable_parameters))
 
-    @staticmethod
-    def _page(items: list[Record], layer_of: Callable[[Record], str], max_entries: int,
+    def _page(self, kind: str, items: list[Record], layer_of: Callable[[Record], str], max_entries: int,
               token: str) -> tuple[list[Record], str]:
-        """Entries after ``token`` (a layer ID; ABORTED when malformed), at most ``max_entries``."""
+        """Entries after the position in ``token`` (opaque, signed: :func:`read_token`;
+        ABORTED otherwise), at most ``max_entries``, and the token for the rest."""
         if max_entries < 0:
             raise InvalidArgument(f"max_entries must not be negative, got {max_entries}")
-        if token and not is_layer_id(token):
-            raise Aborted(f"starting_token {token[:80]!r} was not issued by this plugin")
+        after = read_token(self.plugin.paging_key, kind, token) if token else ""
         ordered = sorted(items, key=layer_of)
-        if token:
-            ordered = [i for i in ordered if layer_of(i) > token]
+        if after:
+            ordered = [i for i in ordered if layer_of(i) > after]
         if max_entries and len(ordered) > max_entries:
-            return ordered[:max_entries], layer_of(ordered[max_entries - 1])
+            return ordered[:max_entries], issue_token(self.plugin.paging_key, kind,
+                                                      layer_of(ordered[max_entries - 1]))
         return ordered, ""
 
     def ListVolumes(self, request: csi_pb2.ListVolumesRequest,
                     context: grpc.ServicerContext) -> csi_pb2.ListVolumesResponse:
         volumes = [v for v in self.store.volumes(state=RecordState.READY) if not v.ephemeral]
-        page, token = self._page(volumes, lambda v: v.layer, request.max_entries, request.starting_token)
+        page, token = self._page("volumes", volumes, lambda v: v.layer, request.max_entries, request.starting_token)
         return csi_pb2.ListVolumesResponse(
             entries=[csi_pb2.ListVolumesResponse.Entry(volume=self._volume_message(v)) for v in page],
             next_token=token)
@@ -261,11 +278,20 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                                context: grpc.ServicerContext) -> csi_pb2.ControllerExpandVolumeResponse:
         require(request.volume_id, "volume_id")
         require(request.HasField("capacity_range"), "capacity_range")
+        record = self._volume(request.volume_id)
         if request.HasField("volume_capability"):
             self.plugin.mount_request(request.volume_capability)
-        record = self._volume(request.volume_id)
+        range_ = request.capacity_range
         with self.plugin.locks.hold(f"volume:{record.layer}"):
-            size = requested_size(request.capacity_range, self.driver.capacity().total_bytes)
+            capacity = self.driver.capacity()
+            size = requested_size(range_, capacity.total_bytes)
+            if range_.limit_bytes and range_.limit_bytes < record.capacity:
+                raise OutOfRange(f"volume {request.volume_id} holds {record.capacity} bytes: limit_bytes "
+                                 f"{range_.limit_bytes} would shrink it, and volumes cannot shrink")
+            if size - record.capacity > capacity.available_bytes:
+                raise OutOfRange(f"growing volume {request.volume_id} from {record.capacity} to {size} bytes needs "
+                                 f"{size - record.capacity} bytes, but the {self.driver.name} backing store has "
+                                 f"only {capacity.available_bytes} bytes free")
             if size > record.capacity:
                 try:
                     self.driver.resize(record.layer, size)
@@ -274,6 +300,20 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 self.store.set_volume(record.layer, capacity=size)
             current = max(size, record.capacity)
         return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=current, node_expansion_required=False)
+
+    def ControllerModifyVolume(self, request: csi_pb2.ControllerModifyVolumeRequest,
+                               context: grpc.ServicerContext) -> csi_pb2.ControllerModifyVolumeResponse:
+        require(request.volume_id, "volume_id")
+        record = self._volume(request.volume_id)
+        require(request.mutable_parameters, "mutable_parameters")
+        wanted = self.plugin.check_mutable_parameters(request.mutable_parameters)
+        if record.block:
+            raise InvalidArgument(f"volume {request.volume_id} is a block volume: it has no filesystem whose "
+                                  f"{', '.join(sorted(wanted))} could change")
+        with self.plugin.locks.hold(f"volume:{record.layer}"):
+            self.driver.modify(record.layer, wanted)
+            self.store.set_volume(record.layer, mutable={**record.mutable, **wanted})
+        return csi_pb2.ControllerModifyVolumeResponse()
 
     def ControllerGetVolume(self, request: csi_pb2.ControllerGetVolumeRequest,
                             context: grpc.ServicerContext) -> csi_pb2.ControllerGetVolumeResponse:
@@ -295,6 +335,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                        context: grpc.ServicerContext) -> csi_pb2.CreateSnapshotResponse:
         require(request.source_volume_id, "source_volume_id")
         require(request.name, "name")
+        made = self.store.snapshot_by_name(request.name)
+        if made is None or self._vid(made.source_layer) != request.source_volume_id:
+            self._volume(request.source_volume_id)  # exists, before the shape of the parameters
         check_snapshot_parameters(request.parameters)
         with self.plugin.locks.hold(f"snapshot-name:{request.name}", f"source:{request.source_volume_id}"):
             existing = self.store.snapshot_by_name(request.name)
@@ -346,7 +389,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 snapshots = [s for s in snapshots if s.source_layer == source]
             except NotFound:
                 snapshots = []
-        page, token = self._page(snapshots, lambda s: s.layer, request.max_entries, request.starting_token)
+        page, token = self._page("snapshots", snapshots, lambda s: s.layer, request.max_entries, request.starting_token)
         return csi_pb2.ListSnapshotsResponse(
             entries=[csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._snapshot_message(s)) for s in page],
             next_token=token)

@@ -6,7 +6,11 @@
   NodeUnstageVolume: unmount, ``driver.put``.
 * NodePublishVolume: bind mount staging -> target (read-only when asked), creating the
   target directory; FAILED_PRECONDITION when the volume is not staged at the given path.
-  NodeUnpublishVolume: unmount, remove the target directory.
+  NodeUnpublishVolume: unmount, remove the target directory. Access modes are enforced
+  here, against the volume's other publications on the node
+  (:func:`csi.services.requests.check_sharing`: SINGLE_NODE_SINGLE_WRITER alone,
+  SINGLE_NODE_WRITER one read/write publication, MULTI_WRITER and READER_ONLY shared;
+  FAILED_PRECONDITION otherwise); MULTI_NODE_* modes are refused everywhere (node-local).
 * Inline ephemeral volumes (``csi.storage.k8s.io/ephemeral: "true"``): the layer is
   created at publish (recorded under the name ``ephemeral:<kubelet volume id>``),
   gotten and bind-mounted at the target; unpublish unmounts, puts and removes it.
@@ -20,8 +24,10 @@
   NodeExpandVolume has no filesystem to grow (ControllerExpandVolume grew the device).
   A volume staged or published with the other access type than it was created for is
   INVALID_ARGUMENT.
-* Paths must be absolute and normalised (:mod:`csi.services.requests`); a volume ID strata
-  did not issue is NOT_FOUND before any path is looked at. Targets are made, bound and
+* Paths must be absolute and normalised (:mod:`csi.services.requests`); checks follow the
+  one order stated there (required fields, the volume exists, its state, then the shape of
+  paths and capabilities): a volume ID strata did not issue is NOT_FOUND before any path is
+  looked at. Targets are made, bound and
   removed by :mod:`csi.services.targets`; every mount goes through :mod:`csi.host.mount`.
 * NodeGetVolumeStats reports what the layer itself occupies where the driver knows it
   (``driver.usage``), else what the filesystem reports; the driver is reached only through
@@ -48,7 +54,7 @@ from csi.host import mount as mnt
 from csi.ids import new_layer_id
 from csi.proto import csi_pb2, csi_pb2_grpc
 from csi.services.plugin import Plugin
-from csi.services.requests import EPHEMERAL_KEY, KUBERNETES_PREFIX, MountRequest, check_path, require
+from csi.services.requests import EPHEMERAL_KEY, KUBERNETES_PREFIX, MountRequest, check_path, check_sharing, require
 from csi.services.targets import apply_mount_group, bind, prepare_dir, prepare_file, remove_target
 from csi.services.volume_ids import VOLUME_PREFIX, parse_local
 from csi.state.store import PUBLISH, STAGE, Publication, RecordState, VolumeRecord
@@ -95,10 +101,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def NodeStageVolume(self, request: csi_pb2.NodeStageVolumeRequest,
                         context: grpc.ServicerContext) -> csi_pb2.NodeStageVolumeResponse:
         require(request.volume_id, "volume_id")
-        staging = check_path(request.staging_target_path, "staging_target_path")
+        require(request.staging_target_path, "staging_target_path")
         require(request.HasField("volume_capability"), "volume_capability")
-        want = self.plugin.mount_request(request.volume_capability)
         record = self._layer(request.volume_id)
+        staging = check_path(request.staging_target_path, "staging_target_path")
+        want = self.plugin.mount_request(request.volume_capability)
         check_access(record, want, request.volume_id)
         with self.plugin.locks.hold(f"volume:{record.layer}", f"path:{staging}"):
             existing = self.store.publication_at(STAGE, staging)
@@ -109,7 +116,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 return csi_pb2.NodeStageVolumeResponse()
             prepare_dir(staging, "staging_target_path")
             pub = self.store.add_publication(Publication(record.layer, STAGE, staging, want.readonly, want.flags,
-                                                         want.mount_group))
+                                                         want.mount_group, mode=want.mode))
             try:
                 if record.block:
                     self.driver.get_block(pub.layer)  # the device is active; nothing is mounted
@@ -137,10 +144,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def NodeUnstageVolume(self, request: csi_pb2.NodeUnstageVolumeRequest,
                           context: grpc.ServicerContext) -> csi_pb2.NodeUnstageVolumeResponse:
         require(request.volume_id, "volume_id")
-        staging = check_path(request.staging_target_path, "staging_target_path")
+        require(request.staging_target_path, "staging_target_path")
         layer = parse_local(request.volume_id, self.plugin.node_id, VOLUME_PREFIX)
         if self.store.volume(layer) is None:
             raise NotFound(f"volume {request.volume_id} does not exist")
+        staging = check_path(request.staging_target_path, "staging_target_path")
         with self.plugin.locks.hold(f"volume:{layer}", f"path:{staging}"):
             pub = self.store.publication_at(STAGE, staging)
             if pub is None or pub.layer != layer:
@@ -153,17 +161,21 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def NodePublishVolume(self, request: csi_pb2.NodePublishVolumeRequest,
                           context: grpc.ServicerContext) -> csi_pb2.NodePublishVolumeResponse:
         require(request.volume_id, "volume_id")
-        target = check_path(request.target_path, "target_path")
+        require(request.target_path, "target_path")
         require(request.HasField("volume_capability"), "volume_capability")
-        want = self.plugin.mount_request(request.volume_capability)
-        readonly = want.readonly or request.readonly
-        if request.volume_context.get(EPHEMERAL_KEY) == "true":
-            self._publish_ephemeral(request, target, want, readonly)
+        if request.volume_context.get(EPHEMERAL_KEY) == "true":  # no object to find: made here
+            target = check_path(request.target_path, "target_path")
+            want = self.plugin.mount_request(request.volume_capability)
+            self._publish_ephemeral(request, target, want, want.readonly or request.readonly)
             return csi_pb2.NodePublishVolumeResponse()
+        require(request.staging_target_path, "staging_target_path")
+        record = self._layer(request.volume_id)
+        target = check_path(request.target_path, "target_path")
         staging = check_path(request.staging_target_path, "staging_target_path")
         if staging == target:
             raise InvalidArgument("target_path must differ from staging_target_path")
-        record = self._layer(request.volume_id)
+        want = self.plugin.mount_request(request.volume_capability)
+        readonly = want.readonly or request.readonly
         check_access(record, want, request.volume_id)
         with self.plugin.locks.hold(f"volume:{record.layer}", f"path:{target}"):
             staged = self.store.publication_at(STAGE, staging)
@@ -171,15 +183,18 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 raise FailedPrecondition(f"volume {request.volume_id} is not staged at {staging}")
             existing = self.store.publication_at(PUBLISH, target)
             if existing is not None:
-                if existing.layer != record.layer or existing.readonly != readonly or existing.flags != want.flags:
+                if existing.layer != record.layer or existing.readonly != readonly or existing.flags != want.flags \
+                        or existing.mode not in (0, want.mode):
                     raise AlreadyExists(f"{target} is already published with another volume or other options")
                 return csi_pb2.NodePublishVolumeResponse()
+            check_sharing([(p.mode, p.readonly, p.path) for p in self.store.publications(record.layer, PUBLISH)],
+                          want.mode, readonly, request.volume_id)
             if record.block:
                 prepare_file(target, "target_path")
             else:
                 prepare_dir(target, "target_path")
             pub = self.store.add_publication(Publication(record.layer, PUBLISH, target, readonly, want.flags,
-                                                         source=staging))
+                                                         source=staging, mode=want.mode))
             try:
                 bind(self.driver.block_device(record.layer) if record.block else staging, target, readonly,
                      want.flags)
@@ -222,7 +237,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             prepare_dir(target, "target_path")
             record = self.store.add_volume(VolumeRecord(layer=new_layer_id(VOLUME_PREFIX), name=name,
                                                         capacity=int(size), ephemeral=True))
-            pub = Publication(record.layer, PUBLISH, target, readonly, want.flags)
+            pub = Publication(record.layer, PUBLISH, target, readonly, want.flags, mode=want.mode)
             try:
                 self.driver.create(record.layer, None, CreateOpts(size_bytes=int(size) or None))
                 self.store.add_publication(pub)
@@ -253,9 +268,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def NodeUnpublishVolume(self, request: csi_pb2.NodeUnpublishVolumeRequest,
                             context: grpc.ServicerContext) -> csi_pb2.NodeUnpublishVolumeResponse:
         require(request.volume_id, "volume_id")
-        target = check_path(request.target_path, "target_path")
+        require(request.target_path, "target_path")
         inline = self.store.volume_by_name(EPHEMERAL_NAME + request.volume_id)
         if inline is not None:
+            target = check_path(request.target_path, "target_path")
             with self.plugin.locks.hold(f"volume-name:{inline.name}", f"path:{target}"):
                 pub = self.store.publication_at(PUBLISH, target)
                 if pub is not None and pub.layer == inline.layer:
@@ -269,6 +285,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             return csi_pb2.NodeUnpublishVolumeResponse()
         if self.store.volume(layer) is None:
             raise NotFound(f"volume {request.volume_id} does not exist")
+        target = check_path(request.target_path, "target_path")
         with self.plugin.locks.hold(f"volume:{layer}", f"path:{target}"):
             pub = self.store.publication_at(PUBLISH, target)
             if pub is not None and pub.layer == layer:
@@ -279,9 +296,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def _volume_path(self, volume_id: str, volume_path: str) -> tuple[VolumeRecord, Publication]:
         require(volume_id, "volume_id")
-        path = check_path(volume_path, "volume_path")
+        require(volume_path, "volume_path")
         inline = self.store.volume_by_name(EPHEMERAL_NAME + volume_id)
         record = inline if inline is not None else self._layer(volume_id)
+        path = check_path(volume_path, "volume_path")
         for pub in self.store.publications(record.layer):
             if pub.path == path and pub.state is RecordState.READY:
                 return record, pub

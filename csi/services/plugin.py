@@ -58,6 +58,7 @@ class Plugin:
         self.store = StateStore(self.root)
         self.locks = KeyLocks()
         self.ready = threading.Event()  # set once start-up recovery has run
+        self.paging_key = os.urandom(32)  # signs paging tokens (requests.issue_token); new per start
 
     @property
     def node_id(self) -> str:
@@ -79,7 +80,10 @@ class Plugin:
                 "that serves them; schedule with WaitForFirstConsumer")
 
     def check_parameters(self, parameters: Mapping[str, str]) -> dict[str, str]:
-        return requests.check_parameters(parameters, self.driver.name)
+        return requests.check_parameters(parameters, self.driver.name, self.driver.mutable_properties)
+
+    def check_mutable_parameters(self, parameters: Mapping[str, str]) -> dict[str, str]:
+        return requests.check_mutable_parameters(parameters, self.driver.name, self.driver.mutable_properties)
 
     def check_capabilities(self, capabilities: Sequence[csi_pb2.VolumeCapability]) -> bool:
         """Validate every capability; return whether they ask for block access (all or none)."""

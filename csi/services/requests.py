@@ -16,21 +16,40 @@ shape is judged the same everywhere.
   ``supports_block`` (devicemapper: the volume's thin device is the block device), else
   INVALID_ARGUMENT naming the driver. One request asks for one access type; only
   single-node access modes (strata volumes are node-local); only bind-able mount flags.
+* :func:`check_sharing` — a publication against the ones that already hold the volume
+  (the access modes' sharing rules; FAILED_PRECONDITION when they exclude it).
+* :func:`issue_token` / :func:`read_token` — opaque paging tokens for ListVolumes and
+  ListSnapshots: the position and the list it belongs to, signed with the plugin's key
+  (HMAC-SHA256); anything else — a layer ID, another list's token, a forged or altered
+  one, one from before a restart — is ABORTED, as the spec's Errors table asks.
+
+Order of checks, the same in every RPC (the spec's Errors tables give the code for the
+first condition that fails): **required fields** (INVALID_ARGUMENT) -> **the object
+exists** (NOT_FOUND; an ID strata did not issue is a missing object) -> **its state**
+(e.g. not staged/published at that path: NOT_FOUND / FAILED_PRECONDITION) -> **the finer
+shape of the other arguments** (path form, capability, parameters, capacity). A required
+path is "present" when non-empty; its form is judged in the last step.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from csi.errors import InvalidArgument, OutOfRange
+from csi.errors import Aborted, FailedPrecondition, InvalidArgument, OutOfRange
 from csi.proto import csi_pb2
 
 EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
 KUBERNETES_PREFIX = "csi.storage.k8s.io/"
 PARAM_LAYERED_DRIVER = "layeredDriver"
-KNOWN_PARAMETERS = (PARAM_LAYERED_DRIVER,)
+# parameters a driver may be able to change on a live volume (Driver.mutable_properties):
+# StorageClass parameters at CreateVolume, VolumeAttributesClass ones at Create/ModifyVolume
+MUTABLE_PARAMETERS = ("compression",)
+KNOWN_PARAMETERS = (PARAM_LAYERED_DRIVER, *MUTABLE_PARAMETERS)
 # flags a bind mount can honour (others are refused with their names)
 BIND_FLAGS = frozenset({"ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime", "atime",
                         "defaults"})
@@ -51,6 +70,7 @@ class MountRequest:
     mount_group: str
     selinux_label: str
     block: bool = False
+    mode: int = 0  # the access mode asked for (csi.v1 VolumeCapability.AccessMode.Mode)
 
 
 def require(value: object, what: str) -> None:
@@ -83,7 +103,23 @@ def fits(capacity: int, range_: csi_pb2.CapacityRange) -> bool:
     return capacity >= range_.required_bytes and (not range_.limit_bytes or capacity <= range_.limit_bytes)
 
 
-def check_parameters(parameters: Mapping[str, str], driver_name: str) -> dict[str, str]:
+def check_mutable_parameters(parameters: Mapping[str, str], driver_name: str,
+                             driver_mutable: frozenset[str]) -> dict[str, str]:
+    """Mutable parameters (VolumeAttributesClass): known keys the node's driver can change;
+    INVALID_ARGUMENT naming the driver for the ones it cannot (the spec's "infeasible")."""
+    unknown = sorted(k for k in parameters if k not in MUTABLE_PARAMETERS)
+    if unknown:
+        raise InvalidArgument(f"unknown mutable parameter(s) {', '.join(unknown)}; known: "
+                              f"{', '.join(MUTABLE_PARAMETERS)}")
+    cannot = sorted(k for k in parameters if k not in driver_mutable)
+    if cannot:
+        raise InvalidArgument(f"the {driver_name} layered driver cannot change {', '.join(cannot)} of a volume "
+                              f"(it can change: {', '.join(sorted(driver_mutable)) or 'nothing'})")
+    return dict(parameters)
+
+
+def check_parameters(parameters: Mapping[str, str], driver_name: str,
+                     driver_mutable: frozenset[str] = frozenset()) -> dict[str, str]:
     """The StorageClass parameters strata keeps (``csi.storage.k8s.io/*`` dropped)."""
     unknown = sorted(k for k in parameters if k not in KNOWN_PARAMETERS and not k.startswith(KUBERNETES_PREFIX))
     if unknown:
@@ -93,6 +129,8 @@ def check_parameters(parameters: Mapping[str, str], driver_name: str) -> dict[st
     if wanted is not None and wanted != driver_name:
         raise InvalidArgument(f"parameter {PARAM_LAYERED_DRIVER}={wanted!r} but this node runs the "
                               f"{driver_name!r} layered driver")
+    check_mutable_parameters({k: v for k, v in parameters.items() if k in MUTABLE_PARAMETERS}, driver_name,
+                             driver_mutable)
     return {k: v for k, v in parameters.items() if not k.startswith(KUBERNETES_PREFIX)}
 
 
@@ -119,7 +157,7 @@ def mount_request(capability: csi_pb2.VolumeCapability, driver_name: str, suppor
                               "node-local")
     if kind == "block":
         return MountRequest(readonly=mode in READ_ONLY_MODES, flags=(), mount_group="", selinux_label="",
-                            block=True)
+                            block=True, mode=mode)
     mount = capability.mount
     if mount.fs_type not in ("",):
         raise InvalidArgument(f"fs_type {mount.fs_type!r} is not supported: strata volumes are directories of "
@@ -139,7 +177,7 @@ def mount_request(capability: csi_pb2.VolumeCapability, driver_name: str, suppor
         raise InvalidArgument(f"volume_mount_group {group!r} must be a numeric group id")
     readonly = "ro" in flags or mode in READ_ONLY_MODES
     return MountRequest(readonly=readonly, flags=tuple(f for f in flags if f not in ("ro", "rw")),
-                        mount_group=group, selinux_label=label)
+                        mount_group=group, selinux_label=label, mode=mode)
 
 
 def check_capabilities(capabilities: Sequence[csi_pb2.VolumeCapability], driver_name: str,
@@ -152,3 +190,60 @@ def check_capabilities(capabilities: Sequence[csi_pb2.VolumeCapability], driver_
         raise InvalidArgument("volume_capabilities mix block and mount access: a volume is either a block "
                               "device or a filesystem")
     return kinds.pop()
+
+
+def _mode_name(mode: int) -> str:
+    return _AccessMode.Mode.Name(mode) if mode in _AccessMode.Mode.values() else str(mode)
+
+
+def check_sharing(holders: Sequence[tuple[int, bool, str]], mode: int, readonly: bool, volume_id: str) -> None:
+    """Whether a new publication ``(mode, readonly)`` may join ``holders`` — the volume's
+    other publications on this node as ``(mode, readonly, path)``. The access modes (csi.proto):
+
+    * SINGLE_NODE_SINGLE_WRITER: "published once as read/write on a single node" and, as
+      Kubernetes' ReadWriteOncePod, one workload: no other publication alongside it.
+    * SINGLE_NODE_WRITER: at most one read/write publication at a time.
+    * SINGLE_NODE_MULTI_WRITER and SINGLE_NODE_READER_ONLY: shared (reader-only ones are
+      read-only). A row from before modes were kept (0) counts as SINGLE_NODE_WRITER.
+    """
+    for held_mode, held_ro, path in holders:
+        held_mode = held_mode or _AccessMode.SINGLE_NODE_WRITER
+        if _AccessMode.SINGLE_NODE_SINGLE_WRITER in (held_mode, mode):
+            clash = True
+        elif _AccessMode.SINGLE_NODE_WRITER in (held_mode, mode):
+            clash = not held_ro and not readonly
+        else:
+            clash = False
+        if clash:
+            raise FailedPrecondition(
+                f"volume {volume_id} is already published at {path} ({_mode_name(held_mode)}"
+                f"{', read-only' if held_ro else ''}); access mode {_mode_name(mode)}"
+                f"{' read-only' if readonly else ''} does not allow another publication alongside it")
+
+
+_TOKEN_VERSION = "1"
+_TOKEN_MAC_BYTES = 16
+
+
+def issue_token(key: bytes, kind: str, position: str) -> str:
+    """An opaque token for the entry after ``position`` of list ``kind``."""
+    body = f"{_TOKEN_VERSION}:{kind}:{position}".encode()
+    mac = hmac.new(key, body, hashlib.sha256).digest()[:_TOKEN_MAC_BYTES]
+    return base64.urlsafe_b64encode(mac + body).decode().rstrip("=")
+
+
+def read_token(key: bytes, kind: str, token: str) -> str:
+    """The position in ``token``, if strata issued it for list ``kind``; ABORTED otherwise."""
+    shown = token[:80]
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (ValueError, TypeError):
+        raw = b""
+    mac, body = raw[:_TOKEN_MAC_BYTES], raw[_TOKEN_MAC_BYTES:]
+    good = hmac.new(key, body, hashlib.sha256).digest()[:_TOKEN_MAC_BYTES]
+    parts = body.decode("utf-8", "replace").split(":", 2)
+    if len(token) > 512 or len(mac) != _TOKEN_MAC_BYTES or not hmac.compare_digest(mac, good) \
+            or len(parts) != 3 or parts[0] != _TOKEN_VERSION or parts[1] != kind:
+        raise Aborted(f"starting_token {shown!r} was not issued by this plugin for {kind} (or the plugin "
+                      "restarted since): list again from the start")
+    return parts[2]

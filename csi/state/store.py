@@ -4,11 +4,12 @@ On-disk layout: ``<root>/state.db`` (WAL journal; durability: :mod:`csi.host.wal
 
     volumes(layer TEXT PRIMARY KEY, name TEXT UNIQUE, capacity INTEGER, parameters TEXT,
             source_kind TEXT, source_id TEXT, base_layer TEXT, created REAL, state TEXT,
-            ephemeral INTEGER, block INTEGER)
+            ephemeral INTEGER, block INTEGER, mutable TEXT)
     snapshots(layer TEXT PRIMARY KEY, name TEXT UNIQUE, source_layer TEXT, size INTEGER,
               created REAL, state TEXT)
     publications(layer TEXT, kind TEXT, path TEXT, readonly INTEGER, flags TEXT,
-                 mount_group TEXT, source TEXT, state TEXT, PRIMARY KEY (layer, kind, path))
+                 mount_group TEXT, source TEXT, state TEXT, mode INTEGER,
+                 PRIMARY KEY (layer, kind, path))
 
 ``state`` follows the crash protocol of the services, which is not the same for every row:
 
@@ -24,7 +25,8 @@ Start-up recovery (:mod:`csi.services.recovery`) rolls ``pending`` rows back and
 (target path); ``source`` is the staging path a ``publish`` binds from (empty for inline
 volumes). ``base_layer`` is the hidden frozen layer a clone was made from (recovery
 removes it with a rolled-back clone). ``block`` is the access type the volume was created
-for (1: volumeMode Block, a raw device; 0: a filesystem).
+for (1: volumeMode Block, a raw device; 0: a filesystem). ``mutable`` is the JSON object
+of the volume's mutable parameters as last set (CreateVolume, ControllerModifyVolume).
 
 Older databases: a ``volumes`` table from before ``block`` gets the column (0) when
 opened; one from before ``parent_layer`` was dropped keeps that nullable column, which
@@ -57,14 +59,14 @@ CREATE TABLE IF NOT EXISTS volumes(
     layer TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, capacity INTEGER NOT NULL,
     parameters TEXT NOT NULL, source_kind TEXT NOT NULL, source_id TEXT NOT NULL,
     base_layer TEXT, created REAL NOT NULL, state TEXT NOT NULL,
-    ephemeral INTEGER NOT NULL, block INTEGER NOT NULL DEFAULT 0);
+    ephemeral INTEGER NOT NULL, block INTEGER NOT NULL DEFAULT 0, mutable TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS snapshots(
     layer TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, source_layer TEXT NOT NULL,
     size INTEGER NOT NULL, created REAL NOT NULL, state TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS publications(
     layer TEXT NOT NULL, kind TEXT NOT NULL, path TEXT NOT NULL, readonly INTEGER NOT NULL,
     flags TEXT NOT NULL, mount_group TEXT NOT NULL, source TEXT NOT NULL, state TEXT NOT NULL,
-    PRIMARY KEY (layer, kind, path));
+    mode INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (layer, kind, path));
 """
 
 
@@ -87,6 +89,7 @@ class VolumeRecord:
     state: RecordState = RecordState.PENDING
     ephemeral: bool = False
     block: bool = False  # created for block access (a raw device), not a filesystem
+    mutable: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,7 @@ class Publication:
     mount_group: str = ""
     source: str = ""
     state: RecordState = RecordState.PENDING
+    mode: int = 0  # csi.v1 VolumeCapability.AccessMode.Mode (0: not recorded)
 
 
 STAGE = "stage"
@@ -128,6 +132,10 @@ class StateStore:
             # a store written before block volumes existed; a parent_layer column (dropped) stays, unused
             if "block" not in columns:
                 self._db.execute("ALTER TABLE volumes ADD COLUMN block INTEGER NOT NULL DEFAULT 0")
+            if "mutable" not in columns:
+                self._db.execute("ALTER TABLE volumes ADD COLUMN mutable TEXT NOT NULL DEFAULT '{}'")
+            if "mode" not in {row[1] for row in self._db.execute("PRAGMA table_info(publications)")}:
+                self._db.execute("ALTER TABLE publications ADD COLUMN mode INTEGER NOT NULL DEFAULT 0")
             self._sync = WalSync(self._db, self.path)
         except (sqlite3.Error, OSError) as exc:
             raise StrataError(f"cannot open state store {self.path}: {exc}") from exc
@@ -187,16 +195,16 @@ class StateStore:
     @staticmethod
     def _volume(row: tuple[Any, ...]) -> VolumeRecord:
         return VolumeRecord(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], row[7],
-                            RecordState(row[8]), bool(row[9]), bool(row[10]))
+                            RecordState(row[8]), bool(row[9]), bool(row[10]), json.loads(row[11] or "{}"))
 
     _VOLUME_COLUMNS = ("layer, name, capacity, parameters, source_kind, source_id, base_layer, "
-                       "created, state, ephemeral, block")
+                       "created, state, ephemeral, block, mutable")
 
     def add_volume(self, v: VolumeRecord) -> VolumeRecord:
-        self._run(f"INSERT INTO volumes({self._VOLUME_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        self._run(f"INSERT INTO volumes({self._VOLUME_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                   (v.layer, v.name, v.capacity, json.dumps(dict(v.parameters), sort_keys=True), v.source_kind,
                    v.source_id, v.base_layer, v.created, v.state.value, int(v.ephemeral),
-                   int(v.block)))
+                   int(v.block), json.dumps(dict(v.mutable), sort_keys=True)))
         return v
 
     def volume(self, layer: str) -> VolumeRecord | None:
@@ -213,10 +221,11 @@ class StateStore:
         return [v for v in map(self._volume, rows) if state is None or v.state is state]
 
     def set_volume(self, layer: str, **changes: Any) -> None:
-        allowed = {"capacity", "state", "base_layer"}
+        allowed = {"capacity", "state", "base_layer", "mutable"}
         if not changes or set(changes) - allowed:
             raise ValueError(f"cannot change volume fields {sorted(set(changes) - allowed)}")
-        values = [c.value if isinstance(c, Enum) else c for c in changes.values()]
+        values = [c.value if isinstance(c, Enum) else json.dumps(dict(c), sort_keys=True) if k == "mutable" else c
+                  for k, c in changes.items()]
         self._run(f"UPDATE volumes SET {', '.join(f'{k}=?' for k in changes)} WHERE layer=?", (*values, layer))
 
     def delete_volume(self, layer: str) -> None:
@@ -258,17 +267,17 @@ class StateStore:
 
     # ------------------------------------------------------------------ publications
 
-    _PUBLICATION_COLUMNS = "layer, kind, path, readonly, flags, mount_group, source, state"
+    _PUBLICATION_COLUMNS = "layer, kind, path, readonly, flags, mount_group, source, state, mode"
 
     @staticmethod
     def _publication(row: tuple[Any, ...]) -> Publication:
         return Publication(row[0], row[1], row[2], bool(row[3]), tuple(json.loads(row[4])), row[5], row[6],
-                           RecordState(row[7]))
+                           RecordState(row[7]), int(row[8]))
 
     def add_publication(self, p: Publication) -> Publication:
-        self._run(f"INSERT INTO publications({self._PUBLICATION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
+        self._run(f"INSERT INTO publications({self._PUBLICATION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
                   (p.layer, p.kind, p.path, int(p.readonly), json.dumps(list(p.flags)), p.mount_group, p.source,
-                   p.state.value))
+                   p.state.value, p.mode))
         return p
 
     def publications(self, layer: str | None = None, kind: str | None = None) -> list[Publication]:

@@ -231,7 +231,12 @@ def bad_requests(h: Harness, vid: str, sid: str, staging: Path, target: Path) ->
             volume_capability=cap)), C.NOT_FOUND),
         ("publish: target parent missing", lambda: node.NodePublishVolume(pb.NodePublishVolumeRequest(
             volume_id=vid, staging_target_path=str(staging), target_path="/nonexistent-strata/x/mount",
-            volume_capability=cap)), C.INVALID_ARGUMENT),
+            volume_capability=cap, readonly=True)),
+         C.INVALID_ARGUMENT),
+        ("publish: second read/write publication of a SINGLE_NODE_WRITER volume", lambda: node.NodePublishVolume(
+            pb.NodePublishVolumeRequest(volume_id=vid, staging_target_path=str(staging),
+                                        target_path=str(fresh_target), volume_capability=cap)),
+         C.FAILED_PRECONDITION),
         ("publish: ephemeral unknown attribute", lambda: node.NodePublishVolume(pb.NodePublishVolumeRequest(
             volume_id="csi-inline", target_path=str(fresh_target), volume_capability=cap,
             volume_context={"csi.storage.k8s.io/ephemeral": "true", "colour": "red"})), C.INVALID_ARGUMENT),

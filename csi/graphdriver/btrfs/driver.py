@@ -39,6 +39,13 @@ record is. Creating it under its final name would make that fsync a cheap log sy
 (measured 0.6 ms instead of 2.5 ms) but let a power cut keep the record and lose
 the subvolume.
 
+Mutable properties (``modify``, CSI ControllerModifyVolume, also at create):
+``compression`` = ``zstd`` | ``lzo`` | ``zlib`` | ``none`` — the btrfs compression property
+of the layer's subvolume root (the ``btrfs.compression`` xattr, as ``btrfs property set``),
+inherited by every file and directory created in the volume afterwards: new writes to new
+files are compressed (``none``: never); files that already exist keep their own property.
+It lives in the subvolume, so snapshots and clones keep it.
+
 Size: btrfs qgroups. ``_setup`` enables quota on the filesystem if it is off and waits
 for the initial rescan. That has a cost for the whole filesystem: every extent change
 is accounted at transaction commit (snapshot deletion and balance become noticeably
@@ -78,6 +85,8 @@ from csi.host.fsinfo import mount_of
 from csi.ids import is_layer_id
 
 TEMP_PREFIX = ".tmp-"
+COMPRESSION = "compression"
+COMPRESSION_VALUES = ("zstd", "lzo", "zlib", "none")
 OPTION_QUOTA = "btrfs.quota"
 KNOWN_OPTIONS = frozenset({OPTION_QUOTA})
 
@@ -138,6 +147,7 @@ class BtrfsDriver(LayerDriver):
     """A subvolume per layer; see the module docstring."""
 
     name = "btrfs"
+    mutable_properties = frozenset({COMPRESSION})
     record_after_make = True  # a half-made subvolume (.tmp-<id>, <id>) is an orphan reconcile removes
 
     # ------------------------------------------------------------------ set-up
@@ -250,7 +260,22 @@ class BtrfsDriver(LayerDriver):
                     with _open_dir(self._path(parent)) as source_fd:
                         ioc.snapshot(source_fd, dir_fd, temp, readonly=False)
                 self._apply_limit(self.subvolumes / temp, size)
+                self._apply_properties(self.subvolumes / temp, layer.extra.get("properties", {}))
                 self._publish(dir_fd, temp, layer.id)
+
+    def _check_properties(self, properties: Mapping[str, str]) -> None:
+        super()._check_properties(properties)
+        value = properties.get(COMPRESSION)
+        if value is not None and value not in COMPRESSION_VALUES:
+            raise InvalidArgument(f"btrfs: compression {value!r} is not one of {', '.join(COMPRESSION_VALUES)}")
+
+    def _apply_properties(self, path: Path, properties: Mapping[str, str]) -> None:
+        if COMPRESSION in properties:
+            ioc.set_compression(path, properties[COMPRESSION])
+
+    def _modify(self, layer: Layer, path: Path, properties: Mapping[str, str]) -> None:
+        with _translated(f"set {', '.join(sorted(properties))} of layer {layer.id}"):
+            self._apply_properties(path, properties)
 
     def _freeze(self, source: Layer, frozen: Layer) -> str | None:
         with self._making(frozen.id) as temp, _open_dir(self.subvolumes) as dir_fd:

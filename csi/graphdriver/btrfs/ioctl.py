@@ -316,3 +316,23 @@ def set_qgroup_limit(fd: int, qgroupid: int, *, max_referenced: int | None) -> N
     value = _LIMIT_CLEAR if max_referenced is None else max_referenced
     args = _QGROUP_LIMIT_ARGS.pack(qgroupid, QGROUP_LIMIT_MAX_RFER, value, 0, 0, 0)
     _call(fd, IOC_QGROUP_LIMIT, bytearray(args), f"limit qgroup 0/{qgroupid & ((1 << 48) - 1)}")
+
+
+COMPRESSION_XATTR = "btrfs.compression"  # what ``btrfs property set PATH compression X`` writes
+
+
+def set_compression(path: str | os.PathLike[str], algorithm: str) -> None:
+    """Set the compression property of the inode at ``path`` (a subvolume root: inherited by
+    files and directories created in it afterwards). ``none`` stops compression; ``""``
+    returns to the filesystem's mount option."""
+    os.setxattr(path, COMPRESSION_XATTR, algorithm.encode(), follow_symlinks=False)
+
+
+def get_compression(path: str | os.PathLike[str]) -> str:
+    """The compression property of the inode at ``path`` ("" when unset)."""
+    try:
+        return os.getxattr(path, COMPRESSION_XATTR, follow_symlinks=False).decode()
+    except OSError as exc:
+        if exc.errno == errno.ENODATA:
+            return ""
+        raise
