@@ -68,7 +68,8 @@ def _api_errors() -> tuple[type[BaseException], ...]:
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
-    return ApiException, HTTPError, OSError
+    # ValueError/TypeError: an answer the client cannot deserialise (its models validate fields)
+    return ApiException, HTTPError, OSError, ValueError, TypeError
 
 
 class TokenReviewer:
@@ -111,7 +112,7 @@ class TokenReviewer:
         except _api_errors() as exc:
             status = getattr(exc, "status", None)
             raise Unavailable(f"TokenReview failed: API server {'answered ' + str(status) if status else 'unreachable'}"
-                              ) from None  # the cause may quote the request, which holds the token
+                              f" ({type(exc).__name__})") from None  # the cause may quote the token
         status = answer.status
         if status is None or not status.authenticated or status.user is None or not status.user.username:
             reason = (status.error if status is not None and status.error else "token not authenticated")

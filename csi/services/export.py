@@ -72,7 +72,7 @@ from csi.errors import (AlreadyExists, DigestMismatch, FailedPrecondition, Inval
 from csi.graphdriver.driver import ChangeKind, Driver, Layer
 from csi.ids import is_layer_id
 from csi.peers.auth import AccessReviewer, TokenAuthInterceptor, TokenReviewer, caller_of
-from csi.peers.snapshots import GROUP as SNAPSHOT_GROUP, SNAPSHOTS, SnapshotResolver
+from csi.peers.snapshots import GROUP as SNAPSHOT_GROUP, SNAPSHOTS, SnapshotResolver, check_object_name
 from csi.peers.tls import TlsFiles, listen_tls
 from csi.proto import export_pb2, export_pb2_grpc
 from csi.services.listen import listen_unix, new_server
@@ -472,6 +472,7 @@ class KubernetesAccess:
         if ref.snapshot_id or not (ref.namespace and ref.name):
             raise InvalidArgument("over TCP, name the snapshot as a VolumeSnapshot: namespace and name "
                                   "(a bare snapshot_id cannot be authorized)")
+        check_object_name(ref.namespace, ref.name)
         self.reviewer.require(caller, verb="get", group=SNAPSHOT_GROUP, resource=SNAPSHOTS,
                               namespace=ref.namespace, name=ref.name)
         return self.resolver.handle(ref.namespace, ref.name)
