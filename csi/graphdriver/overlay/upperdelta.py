@@ -39,6 +39,11 @@ The last two cases need V: P's read-only view is mounted only when one occurs. H
 links are copied all or nothing per inode: an inode is skipped only when every name it
 has now was recorded with it, unchanged, and no name of it is copied. Anything that
 cannot be expressed raises :class:`NotIncremental`; the caller makes a full copy.
+
+:func:`scan` leaves out the whiteout format's bookkeeping names (aufs's ``.wh..wh.*``), so
+no freeze copies them. :func:`build` copies as one :class:`~csi.host.treecopy.TreeCopier`
+job (extents cloned where the filesystem can, hard links kept across the copied parts,
+every file and directory it makes fsynced).
 """
 
 from __future__ import annotations
