@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "ls": ("csi.ops.ls", "volumes and snapshots on this node (from the records, read-only)"),
     "tree": ("csi.ops.tree", "layer chains drawn as a tree, hidden layers marked (read-only)"),
     "gc": ("csi.ops.gc", "layers and mounts no record knows: --dry-run reports, without it removes"),
+    "backup": ("csi.ops.backup", "back up a snapshot to an OCI registry or layout (push), or restore one"),
 }
 
 
