@@ -475,7 +475,9 @@ class KubernetesAccess:
         check_object_name(ref.namespace, ref.name)
         self.reviewer.require(caller, verb="get", group=SNAPSHOT_GROUP, resource=SNAPSHOTS,
                               namespace=ref.namespace, name=ref.name)
-        return self.resolver.handle(ref.namespace, ref.name)
+        handle = self.resolver.handle(ref.namespace, ref.name)
+        log.info("%s may read VolumeSnapshot %s/%s (%s)", caller.username, ref.namespace, ref.name, handle)
+        return handle
 
     def check_import(self, context: grpc.ServicerContext) -> None:
         caller = caller_of(context)
