@@ -30,7 +30,10 @@ On-disk layout under the driver home::
   are not enforced (no project quota on ext4 in this kernel; btrfs qgroups need
   subvolumes, which is the btrfs driver).
 
-Crash safety: a layer directory appears under ``dir/`` only complete (rename); anything
+Crash safety: a layer directory appears under ``dir/`` only complete (rename; a copied layer's
+files, directories and the rename are fsynced before its record commits, so a power cut keeps
+it; an empty parentless one is not fsynced and is made again at start-up if a power cut lost
+it, see :meth:`VfsDriver._recreate_lost_empty_layers`); anything
 in ``tmp/`` or ``mnt/`` or ``dir/`` that no record knows of is an orphan that
 :meth:`LayerDriver.reconcile` removes through ``_destroy``. The project ID is assigned
 to the staging directory ``tmp/<id>`` before the copy and follows the content to
@@ -43,18 +46,21 @@ from __future__ import annotations
 
 import array
 import errno
+import logging
 import fcntl
 import os
 from pathlib import Path
 
 from csi.host import mount as mnt
 from csi.errors import OutOfRange
-from csi.graphdriver.driver import Layer, Reconciliation
+from csi.graphdriver.driver import Layer, LayerState, Reconciliation
 from csi.graphdriver.layered import LayerDriver
 from csi.graphdriver.quota.limits import LayerLimits, no_enforcement
-from csi.host.fsinfo import fstype_at
+from csi.host.fsinfo import fstype_at, fsync_dir
 from csi.host.treecopy import CopyStats, copy_tree, remove_tree, tree_bytes
 from csi.ids import is_layer_id
+
+log = logging.getLogger(__name__)
 
 _FS_IOC_GETFLAGS = 0x80086601
 _FS_IOC_SETFLAGS = 0x40086602
@@ -108,9 +114,11 @@ class VfsDriver(LayerDriver):
             content = temp / "content"
         if source is None:
             content.mkdir(mode=0o755)
-        else:
-            self.last_copy = copy_tree(source, content)
+        else:  # the copy is on disk before the caller's record says the layer exists
+            self.last_copy = copy_tree(source, content, durable=True)
         os.rename(content, self._dirs / layer_id)
+        if source is not None:
+            fsync_dir(self._dirs)
         if limits is not None:
             limits.settle(layer_id, size)
             temp.rmdir()
@@ -143,10 +151,24 @@ class VfsDriver(LayerDriver):
         self.limits.apply(layer.id, size_bytes)
 
     def reconcile(self, dry_run: bool = False) -> Reconciliation:
+        if not dry_run:
+            self._recreate_lost_empty_layers()
         report = super().reconcile(dry_run)
         if self.limits is not None and not dry_run:
             self.limits.reconcile(self.store.all())
         return report
+
+    def _recreate_lost_empty_layers(self) -> None:
+        """A new layer without parent is an empty directory whose creation is not fsynced (a
+        directory fsync per create would double its cost): a power cut may lose it after its
+        ready record is durable. It was empty when acknowledged, and any data an application
+        fsynced into it since made the directory durable too (the journal commits in order),
+        so a missing one is made again, empty."""
+        for layer in self.store.all():
+            if (layer.state is LayerState.READY and not layer.frozen and layer.parent is None
+                    and not os.path.lexists(self._dirs / layer.id)):
+                log.warning("vfs: layer %s lost its empty directory in a power cut; making it again", layer.id)
+                self._build(layer.id, None, layer.size_bytes)
 
     def _on_disk(self) -> set[str]:
         found: set[str] = set()
