@@ -58,6 +58,7 @@ _FLAG_OPTIONS = {
     "nodev": MS_NODEV,
     "noexec": MS_NOEXEC,
     "noatime": MS_NOATIME,
+    "remount": MS_REMOUNT,  # change a mount in place (aufs adds branches with remount,append:)
 }
 _NOOP_OPTIONS = {"rw", "suid", "dev", "exec", "atime", "defaults"}
 

@@ -158,7 +158,6 @@ def test_short_chains_mount_once(aufs: AufsDriver) -> None:
     assert len(aufs.mount_plan(aufs.layer("w1"), aufs.chain("w1"))) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="csi.host.mount does not map 'remount' to MS_REMOUNT yet (asked of its owner)")
 def test_append_steps_are_remounts() -> None:
     flags, data = mnt.Mount("aufs", "none", ("remount", "ro", "append:X=ro+wh")).flags_and_data()
     assert flags & mnt.MS_REMOUNT and flags & mnt.MS_RDONLY and data == "append:X=ro+wh"
