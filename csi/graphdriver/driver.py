@@ -155,6 +155,11 @@ class Driver(ABC):
     name: ClassVar[str]
     supports_block: ClassVar[bool] = False  # layers are devices: CreateOpts(block=True) works
     mutable_properties: ClassVar[frozenset[str]] = frozenset()  # keys ``modify`` can change
+    # ``freeze`` of a mounted layer snapshots *beneath* its filesystem (a device snapshot, as
+    # devicemapper's thin snapshot): the layer's own filesystem may be frozen (FIFREEZE)
+    # around it. False where ``freeze`` works in the filesystem itself (a btrfs snapshot, a
+    # copy), which a frozen filesystem would block.
+    snapshot_below_filesystem: ClassVar[bool] = False
 
     def modify(self, layer_id: str, properties: Mapping[str, str]) -> None:
         """Change mutable properties of a writable layer (new writes follow them). The

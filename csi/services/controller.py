@@ -45,7 +45,7 @@ from typing import TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from csi.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OutOfRange, Unsupported
+from csi.errors import AlreadyExists, Busy, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Unsupported
 from csi.graphdriver.driver import CreateOpts, Driver
 from csi.ids import new_layer_id
 from csi.proto import csi_pb2, csi_pb2_grpc
@@ -109,7 +109,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     def _snapshot_message(self, s: SnapshotRecord) -> csi_pb2.Snapshot:
         return csi_pb2.Snapshot(snapshot_id=self._vid(s.layer), source_volume_id=self._vid(s.source_layer),
-                                size_bytes=s.size, creation_time=timestamp(s.created), ready_to_use=True)
+                                size_bytes=s.size, creation_time=timestamp(s.created), ready_to_use=True,
+                                group_snapshot_id=self._vid(s.group_id) if s.group_id else "")
 
     # ------------------------------------------------------------------ volumes
 
@@ -369,6 +370,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             record = self.store.snapshot(layer)
             if record is None:
                 return csi_pb2.DeleteSnapshotResponse()
+            if record.group_id:
+                raise FailedPrecondition(f"snapshot {request.snapshot_id} belongs to group snapshot "
+                                         f"{self._vid(record.group_id)}: delete the group (DeleteVolumeGroupSnapshot)")
             self.store.set_snapshot(layer, state=RecordState.REMOVING)
             self.driver.remove(layer)  # hidden while restored volumes use it
             self.store.delete_snapshot(layer)

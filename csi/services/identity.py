@@ -30,7 +30,8 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
     def GetPluginCapabilities(self, request: csi_pb2.GetPluginCapabilitiesRequest,
                               context: grpc.ServicerContext) -> csi_pb2.GetPluginCapabilitiesResponse:
         caps = [csi_pb2.PluginCapability(service=_Service(type=t))
-                for t in (_Service.CONTROLLER_SERVICE, _Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)]
+                for t in (_Service.CONTROLLER_SERVICE, _Service.GROUP_CONTROLLER_SERVICE,
+                          _Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)]
         caps.append(csi_pb2.PluginCapability(volume_expansion=_Expansion(type=_Expansion.ONLINE)))
         return csi_pb2.GetPluginCapabilitiesResponse(capabilities=caps)
 

@@ -11,7 +11,9 @@ through its contract (:class:`csi.graphdriver.driver.Driver`: ``references`` /
 1. Publications that are not ``ready`` (a stage/publish interrupted, or a teardown
    interrupted) are undone: unmount, remove the target directory, forget the row.
    kubelet retries what it did not see succeed.
-2. Volumes and snapshots still ``pending`` (never acknowledged) are rolled back — their
+2. Volume group snapshots that are not ``ready`` (a create or a delete interrupted) are
+   removed whole: the member layers the row names, their rows, the group row — all
+   members or none. Then volumes and snapshots still ``pending`` (never acknowledged) are rolled back — their
    layers (and a clone's base layer) removed — and ``removing`` ones are finished.
    Inline volumes whose publication is gone are removed.
 3. Layers with strata's prefixes (``vol-``, ``snap-``, ``base-``) that no record knows of
@@ -30,10 +32,22 @@ from csi.graphdriver.driver import Driver
 from csi.host import mount as mnt
 from csi.services.targets import bind, prepare_file, remove_target
 from csi.services.volume_ids import CLONE_BASE_PREFIX, SNAPSHOT_PREFIX, VOLUME_PREFIX
-from csi.state.store import PUBLISH, STAGE, RecordState, StateStore
+from csi.state.store import PUBLISH, STAGE, GroupRecord, RecordState, StateStore
 
 log = logging.getLogger("strata.recovery")
 PREFIXES = (VOLUME_PREFIX, SNAPSHOT_PREFIX, CLONE_BASE_PREFIX)
+
+
+def roll_back_group(store: StateStore, driver: Driver, group: GroupRecord) -> None:
+    """Remove a volume group snapshot whole: its member layers (deferred while restored
+    volumes use them), the member rows, the group row. For a create that failed, Delete, and
+    recovery of a ``pending`` / ``removing`` group."""
+    for layer in group.members:
+        driver.release(layer)
+    with store.transaction():
+        for layer in group.members:
+            store.delete_snapshot(layer)
+        store.delete_group(group.group_id)
 
 
 def recover(store: StateStore, driver: Driver) -> None:
@@ -50,7 +64,12 @@ def recover(store: StateStore, driver: Driver) -> None:
             remove_target(pub.path)
         store.delete_publication(pub)
 
-    # 2. interrupted creates and deletes
+    # 2. interrupted creates and deletes (groups first: their members are snapshots)
+    for group in store.groups():
+        if group.state is not RecordState.READY:
+            log.info("recovery: removing unfinished group snapshot %s (%s, %d member(s))", group.group_id,
+                     group.name, len(group.members))
+            roll_back_group(store, driver, group)
     for volume in store.volumes():
         published = store.publications(volume.layer)
         if volume.state is RecordState.READY and not (volume.ephemeral and not published):

@@ -47,6 +47,7 @@ from csi.kube import resolve_driver
 from csi.proto import csi_pb2_grpc
 from csi.services.controller import ControllerService
 from csi.services.forwarder import start_forward_listener
+from csi.services.group import GroupControllerService
 from csi.services.identity import IdentityService
 from csi.services.listen import (DEFAULT_DRIVER_NAME, Running, add_common_flags, configure_logging, listen_unix,
                                  new_server, run_until_signalled, socket_path)
@@ -86,6 +87,7 @@ def build_server(config: ServeConfig, plugin: Plugin) -> grpc.Server:
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(plugin), server)
     csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(plugin), server)
     csi_pb2_grpc.add_NodeServicer_to_server(NodeService(plugin), server)
+    csi_pb2_grpc.add_GroupControllerServicer_to_server(GroupControllerService(plugin), server)
     return server
 
 

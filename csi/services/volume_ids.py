@@ -1,6 +1,7 @@
 """Volume and snapshot IDs as CSI sees them: ``<layer-id>@<node-id>``.
 
-* A volume's layer ID is ``vol-<32 hex>``, a snapshot's ``snap-<32 hex>``
+* A volume's layer ID is ``vol-<32 hex>``, a snapshot's ``snap-<32 hex>``, a volume group
+  snapshot's ``grp-<32 hex>``
   (:func:`csi.ids.new_layer_id`); the part after ``@`` is the node that owns the data,
   so a component elsewhere can route a call to it (:func:`owner_node`).
 * A node ID is 1-90 characters of ``[A-Za-z0-9._-]`` starting with a letter or digit,
@@ -19,9 +20,10 @@ from csi.errors import InvalidArgument, NotFound
 VOLUME_PREFIX = "vol-"
 SNAPSHOT_PREFIX = "snap-"
 CLONE_BASE_PREFIX = "base-"
+GROUP_PREFIX = "grp-"  # a volume group snapshot's ID (not a layer: its members are snapshots)
 NODE_ID_MAX = 90
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,%d}" % (NODE_ID_MAX - 1))
-_ID = re.compile(r"(?P<layer>(?:vol|snap)-[0-9a-f]{32})@(?P<node>[A-Za-z0-9][A-Za-z0-9._-]{0,%d})" % (NODE_ID_MAX - 1))
+_ID = re.compile(r"(?P<layer>(?:vol|snap|grp)-[0-9a-f]{32})@(?P<node>[A-Za-z0-9][A-Za-z0-9._-]{0,%d})" % (NODE_ID_MAX - 1))
 
 
 def check_node_id(node_id: str) -> str:
@@ -47,7 +49,7 @@ def parse_id(value: object) -> tuple[str, str]:
     match = _ID.fullmatch(value) if isinstance(value, str) else None
     if match is None:
         shown = repr(value)[:80]
-        raise NotFound(f"{shown} is not an ID strata issued (expected <vol|snap>-<32 hex>@<node>)")
+        raise NotFound(f"{shown} is not an ID strata issued (expected <vol|snap|grp>-<32 hex>@<node>)")
     return match["layer"], match["node"]
 
 
@@ -60,6 +62,6 @@ def parse_local(value: object, node_id: str, prefix: str) -> str:
     """The layer ID of ``value`` if it is a ``prefix`` ID owned by ``node_id``, else NotFound."""
     layer_id, owner = parse_id(value)
     if owner != node_id or not layer_id.startswith(prefix):
-        kind = "volume" if prefix == VOLUME_PREFIX else "snapshot"
+        kind = {VOLUME_PREFIX: "volume", SNAPSHOT_PREFIX: "snapshot", GROUP_PREFIX: "group snapshot"}.get(prefix, "object")
         raise NotFound(f"{kind} {value} does not exist on node {node_id}")
     return layer_id

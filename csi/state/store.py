@@ -6,7 +6,9 @@ On-disk layout: ``<root>/state.db`` (WAL journal; durability: :mod:`csi.host.wal
             source_kind TEXT, source_id TEXT, base_layer TEXT, created REAL, state TEXT,
             ephemeral INTEGER, block INTEGER, mutable TEXT)
     snapshots(layer TEXT PRIMARY KEY, name TEXT UNIQUE, source_layer TEXT, size INTEGER,
-              created REAL, state TEXT)
+              created REAL, state TEXT, group_id TEXT)
+    groups(group_id TEXT PRIMARY KEY, name TEXT UNIQUE, created REAL, state TEXT,
+           members TEXT, sources TEXT)
     publications(layer TEXT, kind TEXT, path TEXT, readonly INTEGER, flags TEXT,
                  mount_group TEXT, source TEXT, state TEXT, mode INTEGER,
                  PRIMARY KEY (layer, kind, path))
@@ -18,6 +20,11 @@ On-disk layout: ``<root>/state.db`` (WAL journal; durability: :mod:`csi.host.wal
   leaves only a layer no record knows of, which start-up recovery removes.
 * Publications (stage, publish) and inline ephemeral volumes are written ``pending``
   (intent) *before* the mount or layer work and become ``ready`` when it is done.
+* A volume group snapshot is written ``pending`` first, naming the snapshot layers it is
+  about to make (``members``, JSON list, with their ``sources``); when every member is
+  frozen, the member snapshot rows (``group_id`` set) and the group's ``ready`` are one
+  transaction. A kill in between leaves a ``pending`` group: recovery removes the layers
+  it names and the row — all members or none.
 * Any row is marked ``removing`` before its undo starts (forget first), then deleted.
 
 Start-up recovery (:mod:`csi.services.recovery`) rolls ``pending`` rows back and finishes
@@ -62,7 +69,10 @@ CREATE TABLE IF NOT EXISTS volumes(
     ephemeral INTEGER NOT NULL, block INTEGER NOT NULL DEFAULT 0, mutable TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS snapshots(
     layer TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, source_layer TEXT NOT NULL,
-    size INTEGER NOT NULL, created REAL NOT NULL, state TEXT NOT NULL);
+    size INTEGER NOT NULL, created REAL NOT NULL, state TEXT NOT NULL, group_id TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS groups(
+    group_id TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, created REAL NOT NULL, state TEXT NOT NULL,
+    members TEXT NOT NULL, sources TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS publications(
     layer TEXT NOT NULL, kind TEXT NOT NULL, path TEXT NOT NULL, readonly INTEGER NOT NULL,
     flags TEXT NOT NULL, mount_group TEXT NOT NULL, source TEXT NOT NULL, state TEXT NOT NULL,
@@ -100,6 +110,20 @@ class SnapshotRecord:
     size: int = 0
     created: float = field(default_factory=time.time)
     state: RecordState = RecordState.PENDING
+    group_id: str = ""  # the volume group snapshot it belongs to ("" for none)
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    """A volume group snapshot: ``members`` are its snapshot layers, ``sources`` the volume
+    layers they were taken from (same order)."""
+
+    group_id: str
+    name: str
+    members: tuple[str, ...]
+    sources: tuple[str, ...]
+    created: float = field(default_factory=time.time)
+    state: RecordState = RecordState.PENDING
 
 
 @dataclass(frozen=True)
@@ -134,6 +158,8 @@ class StateStore:
                 self._db.execute("ALTER TABLE volumes ADD COLUMN block INTEGER NOT NULL DEFAULT 0")
             if "mutable" not in columns:
                 self._db.execute("ALTER TABLE volumes ADD COLUMN mutable TEXT NOT NULL DEFAULT '{}'")
+            if "group_id" not in {row[1] for row in self._db.execute("PRAGMA table_info(snapshots)")}:
+                self._db.execute("ALTER TABLE snapshots ADD COLUMN group_id TEXT NOT NULL DEFAULT ''")
             if "mode" not in {row[1] for row in self._db.execute("PRAGMA table_info(publications)")}:
                 self._db.execute("ALTER TABLE publications ADD COLUMN mode INTEGER NOT NULL DEFAULT 0")
             self._sync = WalSync(self._db, self.path)
@@ -233,15 +259,15 @@ class StateStore:
 
     # ------------------------------------------------------------------ snapshots
 
-    _SNAPSHOT_COLUMNS = "layer, name, source_layer, size, created, state"
+    _SNAPSHOT_COLUMNS = "layer, name, source_layer, size, created, state, group_id"
 
     @staticmethod
     def _snapshot(row: tuple[Any, ...]) -> SnapshotRecord:
-        return SnapshotRecord(row[0], row[1], row[2], row[3], row[4], RecordState(row[5]))
+        return SnapshotRecord(row[0], row[1], row[2], row[3], row[4], RecordState(row[5]), row[6])
 
     def add_snapshot(self, s: SnapshotRecord) -> SnapshotRecord:
-        self._run(f"INSERT INTO snapshots({self._SNAPSHOT_COLUMNS}) VALUES (?,?,?,?,?,?)",
-                  (s.layer, s.name, s.source_layer, s.size, s.created, s.state.value))
+        self._run(f"INSERT INTO snapshots({self._SNAPSHOT_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
+                  (s.layer, s.name, s.source_layer, s.size, s.created, s.state.value, s.group_id))
         return s
 
     def snapshot(self, layer: str) -> SnapshotRecord | None:
@@ -264,6 +290,38 @@ class StateStore:
 
     def delete_snapshot(self, layer: str) -> None:
         self._run("DELETE FROM snapshots WHERE layer=?", (layer,))
+
+    # ------------------------------------------------------------------ group snapshots
+
+    _GROUP_COLUMNS = "group_id, name, created, state, members, sources"
+
+    @staticmethod
+    def _group(row: tuple[Any, ...]) -> GroupRecord:
+        return GroupRecord(row[0], row[1], tuple(json.loads(row[4])), tuple(json.loads(row[5])), row[2],
+                           RecordState(row[3]))
+
+    def add_group(self, g: GroupRecord) -> GroupRecord:
+        self._run(f"INSERT INTO groups({self._GROUP_COLUMNS}) VALUES (?,?,?,?,?,?)",
+                  (g.group_id, g.name, g.created, g.state.value, json.dumps(list(g.members)),
+                   json.dumps(list(g.sources))))
+        return g
+
+    def group(self, group_id: str) -> GroupRecord | None:
+        rows = self._run(f"SELECT {self._GROUP_COLUMNS} FROM groups WHERE group_id=?", (group_id,))
+        return self._group(rows[0]) if rows else None
+
+    def group_by_name(self, name: str) -> GroupRecord | None:
+        rows = self._run(f"SELECT {self._GROUP_COLUMNS} FROM groups WHERE name=?", (name,))
+        return self._group(rows[0]) if rows else None
+
+    def groups(self) -> list[GroupRecord]:
+        return [self._group(r) for r in self._run(f"SELECT {self._GROUP_COLUMNS} FROM groups ORDER BY created")]
+
+    def set_group(self, group_id: str, state: RecordState) -> None:
+        self._run("UPDATE groups SET state=? WHERE group_id=?", (state.value, group_id))
+
+    def delete_group(self, group_id: str) -> None:
+        self._run("DELETE FROM groups WHERE group_id=?", (group_id,))
 
     # ------------------------------------------------------------------ publications
 

@@ -48,11 +48,13 @@ class Stubs:
     identity: rpc.IdentityStub = field(init=False)
     controller: rpc.ControllerStub = field(init=False)
     node: rpc.NodeStub = field(init=False)
+    group: rpc.GroupControllerStub = field(init=False)
 
     def __post_init__(self) -> None:
         self.identity = rpc.IdentityStub(self.channel)
         self.controller = rpc.ControllerStub(self.channel)
         self.node = rpc.NodeStub(self.channel)
+        self.group = rpc.GroupControllerStub(self.channel)
 
 
 def connect(endpoint: str) -> Stubs:
@@ -114,6 +116,11 @@ class Harness:
     def node(self) -> rpc.NodeStub:
         assert self.stubs is not None
         return self.stubs.node
+
+    @property
+    def group(self) -> rpc.GroupControllerStub:
+        assert self.stubs is not None
+        return self.stubs.group
 
     # ---------------------------------------------------------------- kubelet-like paths
 
@@ -191,6 +198,7 @@ class Harness:
         records = {}
         if plugin is not None:
             records = {"volumes": plugin.store.volumes(), "snapshots": plugin.store.snapshots(),
+                       "groups": plugin.store.groups(),
                        "publications": plugin.store.publications(),
                        "layers": sorted((l.id, l.parent, l.kind, l.hidden, l.mounts, l.state)
                                         for l in plugin.driver.store.all())}

@@ -30,6 +30,7 @@ def test_identity(vfs_plugin: Harness) -> None:
     caps = h.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest()).capabilities
     services = {c.service.type for c in caps if c.HasField("service")}
     assert services == {pb.PluginCapability.Service.CONTROLLER_SERVICE,
+                        pb.PluginCapability.Service.GROUP_CONTROLLER_SERVICE,
                         pb.PluginCapability.Service.VOLUME_ACCESSIBILITY_CONSTRAINTS}
     assert h.identity.Probe(pb.ProbeRequest()).ready.value is True
     assert stat.S_IMODE(os.stat(h.config.socket_path()).st_mode) == 0o600
