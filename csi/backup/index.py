@@ -47,6 +47,7 @@ from typing import Any
 from csi.backup.media import check_digest
 from csi.graphdriver import Driver
 from csi.ids import check_layer_id
+from csi.host.atomicfile import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -135,16 +136,7 @@ class ExportIndex:
         return records if isinstance(records, dict) else {}
 
     def _save(self, records: dict[str, dict[str, Any]]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(6)}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(json.dumps({"version": 1, "records": records}, sort_keys=True).encode())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomic(self.path, json.dumps({"version": 1, "records": records}, sort_keys=True))
 
     def lookup(self, layer_id: str, base_id: str | None, media_type: str, created: float) -> ExportRecord | None:
         """The record for this diff, or None (unknown, or the layer was re-created since)."""

@@ -34,33 +34,13 @@ from typing import IO, Any
 from csi.backup.media import CONFIG, INDEX, MANIFEST, check_digest, digest_bytes
 from csi.backup.target import VerifyingReader
 from csi.errors import DigestMismatch, InvalidArgument, NotFound
+from csi.host.atomicfile import write_atomic
+from csi.host.fsinfo import fsync_dir
 
 REF_NAME = "org.opencontainers.image.ref.name"
 _TMP_PREFIX = ".strata-tmp-"
 _CHUNK = 1 << 20
 _STALE_TMP_SECONDS = 24 * 3600
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{_TMP_PREFIX}{secrets.token_hex(8)}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 class LayoutTarget:
@@ -75,7 +55,7 @@ class LayoutTarget:
                 raise NotFound(f"{self.dir} is not an OCI image layout (no oci-layout file)")
             self.blobs.mkdir(parents=True, exist_ok=True)
             if not marker.exists():
-                _write_atomic(marker, b'{"imageLayoutVersion":"1.0.0"}')
+                write_atomic(marker, b'{"imageLayoutVersion":"1.0.0"}', tmp_prefix=_TMP_PREFIX)
         self.blobs.mkdir(parents=True, exist_ok=True)
         if not (self.dir / "index.json").exists():
             with self._lock():
@@ -115,7 +95,7 @@ class LayoutTarget:
         return obj
 
     def _write_index(self, index: dict[str, Any]) -> None:
-        _write_atomic(self.dir / "index.json", json.dumps(index, sort_keys=True, indent=1).encode())
+        write_atomic(self.dir / "index.json", json.dumps(index, sort_keys=True, indent=1).encode(), tmp_prefix=_TMP_PREFIX)
 
     def _sweep_tmp(self) -> None:
         cutoff = time.time() - _STALE_TMP_SECONDS
@@ -159,7 +139,7 @@ class LayoutTarget:
                 tmp.unlink()
             else:
                 os.replace(tmp, final)
-                _fsync_dir(self.blobs)
+                fsync_dir(self.blobs)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -179,7 +159,7 @@ class LayoutTarget:
         digest = digest_bytes(data)
         path = self._blob_path(digest)
         if not path.exists():
-            _write_atomic(path, data)
+            write_atomic(path, data, tmp_prefix=_TMP_PREFIX)
         with self._lock():
             index = self._read_index()
             keep = []

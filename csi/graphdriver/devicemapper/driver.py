@@ -65,6 +65,7 @@ from csi.graphdriver.devicemapper import ioctl as dm
 from csi.graphdriver.driver import Capacity, Layer, Reconciliation
 from csi.graphdriver.layered import LayerDriver
 from csi.host.fsinfo import parse_size
+from csi.host.atomicfile import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -232,14 +233,7 @@ class DevmapperDriver(LayerDriver):
         return PoolRecord(raw["pool"], int(raw["transaction_id"]), int(raw["next_device_id"]))
 
     def _write_record(self, rec: PoolRecord) -> None:
-        path = self.home / "pool.json"
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(rec.__dict__, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-        _fsync(self.home, os.O_DIRECTORY)
+        write_atomic(self.home / "pool.json", json.dumps(rec.__dict__))
 
     def _reconcile_transaction(self) -> None:
         pool_tid = dm.pool_status(self.pool).transaction_id

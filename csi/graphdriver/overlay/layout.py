@@ -31,6 +31,7 @@ from pathlib import Path
 from csi.host import mount as mnt
 from csi.host.treecopy import remove_tree
 from csi.ids import is_layer_id
+from csi.host.atomicfile import write_atomic
 
 SHORT_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 SHORT_LEN = 10
@@ -93,7 +94,7 @@ class Layout:
             self.work(layer_id).mkdir(mode=0o700)
         self.merged(layer_id).mkdir(mode=0o755)
         short = "".join(secrets.choice(SHORT_ALPHABET) for _ in range(SHORT_LEN))
-        write_atomic(top / "link", short)
+        write_atomic(top / "link", short, sync_dir=False)
         self.write_lower(layer_id, lowers)
         os.symlink(f"../layers/{layer_id}/diff", self.links / short)
         return short
@@ -149,13 +150,3 @@ class Layout:
                 mnt.unmount(mp.target, detach=True)
         for name in os.listdir(self.scratch):
             remove_tree(self.scratch / name)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small ASCII file via a temporary name, fsynced, and rename (never half-written)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="ascii") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

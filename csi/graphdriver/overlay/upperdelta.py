@@ -59,7 +59,7 @@ from typing import Any, NamedTuple
 
 from csi.graphdriver.diff.whiteouts import OVERLAY_OPAQUE_XATTR, WhiteoutFormat
 from csi.graphdriver.overlay import upperdiff
-from csi.graphdriver.overlay.layout import write_atomic
+from csi.host.atomicfile import write_atomic
 from csi.host.fsinfo import fsync_dir
 from csi.host.treecopy import TreeCopier, copy_metadata
 
@@ -152,7 +152,7 @@ class UpperIndex:
             "parent": self.parent, "upper": list(self.upper), "boot": self.boot, "depth": self.depth,
             "entries": [[rel, *e] for rel, e in self.entries.items()],
         }
-        write_atomic(path, json.dumps(doc, separators=(",", ":")))  # ensure_ascii: any file name survives
+        write_atomic(path, json.dumps(doc, separators=(",", ":")), sync_dir=False)  # ensure_ascii: any file name survives
 
     @classmethod
     def read(cls, path: Path) -> UpperIndex | None:

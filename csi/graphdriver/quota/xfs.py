@@ -52,6 +52,7 @@ from pathlib import Path
 from csi.host import mount as mnt
 from csi.errors import InvalidArgument, NoSpace, StrataError
 from csi.host.fsinfo import mount_of
+from csi.host.atomicfile import write_atomic
 
 STATE_FILE = "quota-projects.json"
 LOCK_FILE = "quota-projects.lock"
@@ -241,17 +242,7 @@ class ProjectQuota:
             before = dict(projects)
             yield projects
             if projects != before:
-                tmp = path.with_suffix(".tmp")
-                with open(tmp, "w") as f:
-                    json.dump(projects, f, sort_keys=True)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.rename(tmp, path)
-                dirfd = os.open(self.home, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dirfd)
-                finally:
-                    os.close(dirfd)
+                write_atomic(path, json.dumps(projects, sort_keys=True))
         finally:
             os.close(lock_fd)
 
