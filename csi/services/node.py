@@ -11,6 +11,10 @@
   (:func:`csi.services.requests.check_sharing`: SINGLE_NODE_SINGLE_WRITER alone,
   SINGLE_NODE_WRITER one read/write publication, MULTI_WRITER and READER_ONLY shared;
   FAILED_PRECONDITION otherwise); MULTI_NODE_* modes are refused everywhere (node-local).
+* SELinux: a ``context=...`` mount flag (kubelet sends it when the CSIDriver says
+  ``seLinuxMount: true``) is passed to the driver at stage as the mount label; drivers that
+  give each volume its own superblock (overlay mount, devicemapper filesystem) put it on
+  that mount; vfs and btrfs cannot and the stage is INVALID_ARGUMENT naming the driver.
 * Inline ephemeral volumes (``csi.storage.k8s.io/ephemeral: "true"``): the layer is
   created at publish (recorded under the name ``ephemeral:<kubelet volume id>``),
   gotten and bind-mounted at the target; unpublish unmounts, puts and removes it.
@@ -114,6 +118,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                         or existing.flags != want.flags or existing.mount_group != want.mount_group:
                     raise AlreadyExists(f"{staging} is already staged with another volume or other options")
                 return csi_pb2.NodeStageVolumeResponse()
+            made_dir = not os.path.lexists(staging)
             prepare_dir(staging, "staging_target_path")
             pub = self.store.add_publication(Publication(record.layer, STAGE, staging, want.readonly, want.flags,
                                                          want.mount_group, mode=want.mode))
@@ -124,15 +129,33 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     self.stage_mount(pub, want.selinux_label)
             except BaseException:
                 self.undo_stage(pub)
+                if made_dir:  # a failed stage leaves no directory it made
+                    remove_target(staging)
                 raise
             self.store.set_publication(pub, RecordState.READY)
         return csi_pb2.NodeStageVolumeResponse()
 
     def stage_mount(self, pub: Publication, label: str = "") -> None:
         path = self.driver.get(pub.layer, label)
+        if label:
+            self._check_label(path, label)
         if pub.mount_group:
             apply_mount_group(path, pub.mount_group)
         bind(path, pub.path, pub.readonly, pub.flags)
+
+    def _check_label(self, path: Path, label: str) -> None:
+        """A ``context=`` flag needs a superblock of the volume's own: SELinux labels a whole
+        superblock. Where the driver gave the volume one (overlay, devicemapper), it passed
+        the option to mount(2) (``get(layer, mount_label)``); where the volume is a
+        directory or subvolume of a shared filesystem (vfs, btrfs), no mount can carry it,
+        and the stage is refused (and undone) rather than leave the label unapplied."""
+        own = mnt.find_mount(path)
+        if own is None or own.root != "/":
+            raise InvalidArgument(
+                f"mount flag context={label} cannot be honoured by the {self.driver.name} layered driver: its "
+                "volumes are directories of one shared filesystem, and SELinux labels a whole superblock. Leave "
+                "seLinuxMount off in the CSIDriver for this node's driver (the container runtime then relabels "
+                "the volume's files); per-volume superblocks: overlay, devicemapper")
 
     def undo_stage(self, pub: Publication) -> None:
         """Unmount, put, forget. Tolerates a half-made stage."""
@@ -242,6 +265,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 self.driver.create(record.layer, None, CreateOpts(size_bytes=int(size) or None))
                 self.store.add_publication(pub)
                 path = self.driver.get(record.layer, want.selinux_label)
+                if want.selinux_label:
+                    self._check_label(path, want.selinux_label)
                 if want.mount_group:
                     apply_mount_group(path, want.mount_group)
                 bind(path, target, readonly, want.flags)
