@@ -130,6 +130,10 @@ def run_lane(cuts: int, *, seed: int | None = None, drivers: tuple[str, ...] = D
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     say(f"power-cut lane: seed {seed}, {cuts} cuts, drivers {','.join(drivers)}")
     image = prepare()
+    # byte-compile strata on the host once (the guest's tree is read-only and Python under
+    # emulation spends seconds compiling it in every process); a broken module just stays uncompiled
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "csi")], check=False, capture_output=True,
+                   env={**os.environ, "PYTHONDONTWRITEBYTECODE": ""})
     work = Path(workdir or tempfile.mkdtemp(prefix="strata-powercut-",
                                             dir=os.environ.get("STRATA_TEST_SCRATCH", "/var/tmp")))
     work.mkdir(parents=True, exist_ok=True)

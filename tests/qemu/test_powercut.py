@@ -29,8 +29,8 @@ KNOWN_BUGS: dict[str, tuple[re.Pattern[str], str]] = {
             ("strata bug: vfs acknowledges CreateVolume from a snapshot or a volume (and CreateSnapshot, which "
             "copies too) before the copied file data is on disk: the tree copy is not fsynced before the "
             "layer's ready record is committed, so after a power cut the restore/clone holds its files at the "
-            "right size but filled with zeros (ext4 delayed allocation). Reproduce: "
-            "python -m tests.qemu.powercut --drivers vfs --cuts 3 --log-every 1 --seed 1 --keep")),
+            "right size but filled with zeros (ext4 delayed allocation); a plain kill of the "
+            "guest loses it too. Seen within 2-5 cuts: python -m tests.qemu.powercut --drivers vfs --cuts 5 --keep")),
 }
 
 
