@@ -31,7 +31,7 @@ from typing import Any
 
 from csi.errors import AlreadyExists, NotFound, StrataError
 from csi.graphdriver.driver import Layer, LayerKind, LayerState
-from csi.host.walsync import WalSync, open_wal_database
+from csi.host.walsync import WalSync, open_wal_database, read_only_uri
 
 
 _COLUMNS = ("id", "parent", "kind", "size_bytes", "state", "hidden", "mounts", "origin", "created", "extra")
@@ -82,7 +82,7 @@ class LayerStore:
         if not db.exists():
             return None
         try:
-            with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            with closing(sqlite3.connect(read_only_uri(db), uri=True)) as conn:
                 return conn.execute("SELECT COUNT(*) FROM layers").fetchone()[0] > 0
         except sqlite3.Error:
             return True
@@ -95,7 +95,7 @@ class LayerStore:
         if not db.exists():
             return []
         try:
-            with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as conn:
+            with closing(sqlite3.connect(read_only_uri(db), uri=True, timeout=30)) as conn:
                 rows = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM layers ORDER BY created, id").fetchall()
         except sqlite3.Error as exc:
             raise StrataError(f"cannot read the layer records in {db}: {exc}") from exc

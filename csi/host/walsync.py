@@ -124,3 +124,12 @@ class WalSync:
 
 
 __all__ = ["WalSync", "open_wal_database"]
+
+
+def read_only_uri(db: Path) -> str:
+    """A read-only sqlite URI for ``db`` that creates nothing: with no ``-wal`` beside it no
+    writer is open (a writer in WAL mode keeps one) and everything is in the main file, which
+    is read as immutable (a plain ``mode=ro`` open would create the ``-wal``/``-shm`` files);
+    with a ``-wal``, a ``mode=ro`` reader joins the writer's shared index, which exists."""
+    wal = db.with_name(db.name + "-wal")
+    return f"file:{db}?mode=ro" + ("" if wal.exists() else "&immutable=1")

@@ -26,6 +26,7 @@ from csi.errors import StrataError
 from csi.graphdriver.driver import Layer
 from csi.graphdriver.registry import PRIORITY, driver_class, holds_state, home_of
 from csi.state.store import Publication, RecordState, SnapshotRecord, VolumeRecord
+from csi.host.walsync import read_only_uri
 
 __all__ = ["Records", "read_records", "driver_layers", "drivers_with_state", "plugin_serving", "socket_of"]
 
@@ -45,22 +46,13 @@ def _rows(conn: sqlite3.Connection, table: str) -> list[dict[str, Any]]:
     return [dict(zip(names, row)) for row in cur.fetchall()]
 
 
-def _read_only_uri(db: Path) -> str:
-    """A read-only sqlite URI for ``db`` that creates nothing: with no ``-wal`` beside it no
-    writer is open (a writer in WAL mode keeps one) and everything is in the main file, which
-    is read as immutable (a plain ``mode=ro`` open would create the ``-wal``/``-shm`` files);
-    with a ``-wal``, an ``mode=ro`` reader joins the writer's shared index, which exists."""
-    wal = db.with_name(db.name + "-wal")
-    return f"file:{db}?mode=ro" + ("" if wal.exists() else "&immutable=1")
-
-
 def read_records(root: str | Path) -> Records:
     """The CSI records under ``root``, read-only; empty when there is no ``state.db``."""
     db = Path(root) / "state.db"
     if not db.exists():
         return Records()
     try:
-        with closing(sqlite3.connect(_read_only_uri(db), uri=True, timeout=30)) as conn:
+        with closing(sqlite3.connect(read_only_uri(db), uri=True, timeout=30)) as conn:
             vols, snaps, pubs = (_rows(conn, t) for t in ("volumes", "snapshots", "publications"))
     except sqlite3.Error as exc:
         raise StrataError(f"cannot read the CSI records in {db}: {exc}") from exc
