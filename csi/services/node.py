@@ -52,7 +52,7 @@ from pathlib import Path
 
 import grpc
 
-from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from csi.graphdriver.driver import CreateOpts, Driver
 from csi.host import mount as mnt
 from csi.ids import new_layer_id
@@ -379,8 +379,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         record, _ = self._volume_path(request.volume_id, request.volume_path)
         if request.HasField("volume_capability"):
             check_access(record, self.plugin.mount_request(request.volume_capability), request.volume_id)
-        return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=max(record.capacity,
-                                                                   request.capacity_range.required_bytes))
+        range_ = request.capacity_range
+        if range_.required_bytes < 0 or range_.limit_bytes < 0:
+            raise OutOfRange("capacity range must not be negative")
+        if range_.limit_bytes and range_.limit_bytes < record.capacity:
+            raise OutOfRange(f"volume {request.volume_id} holds {record.capacity} bytes: limit_bytes "
+                             f"{range_.limit_bytes} would shrink it, and volumes cannot shrink")
+        if range_.required_bytes > record.capacity:
+            raise OutOfRange(f"volume {request.volume_id} holds {record.capacity} bytes, less than the "
+                             f"{range_.required_bytes} asked: ControllerExpandVolume grows it (nothing to do here)")
+        return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=record.capacity)
 
     def NodeGetCapabilities(self, request: csi_pb2.NodeGetCapabilitiesRequest,
                             context: grpc.ServicerContext) -> csi_pb2.NodeGetCapabilitiesResponse:

@@ -1,5 +1,8 @@
-"""Identity answers, idempotency (every RPC twice) and a table of bad requests per RPC,
-each with the expected code and no change on disk (file tree, mounts and records)."""
+"""Identity answers, idempotency (every RPC twice) and the audit of every RPC strata serves
+against the CSI v1.12 spec's "Errors" tables and field rules: one row per RPC and case
+(``RPC: case``), the expected code, and no change on disk (file tree, mounts, records) —
+including ABORTED for a call racing another on the same object (the key it would take is
+held) and a coverage check that every served RPC has rows."""
 
 from __future__ import annotations
 
@@ -251,6 +254,153 @@ def bad_requests(h: Harness, vid: str, sid: str, staging: Path, target: Path) ->
             volume_id=TRAVERSAL, volume_path=str(target))), C.NOT_FOUND),
         ("node expand: unknown", lambda: node.NodeExpandVolume(pb.NodeExpandVolumeRequest(
             volume_id=UNKNOWN, volume_path=str(target))), C.NOT_FOUND),
+        *audit_rows(h, vid, sid, staging, target),
+    ]
+
+
+# the old rows' short prefixes, by RPC (for the coverage check)
+PREFIXES = {"create": "CreateVolume", "delete": "DeleteVolume", "validate": "ValidateVolumeCapabilities",
+            "list volumes": "ListVolumes", "list snapshots": "ListSnapshots", "snapshot": "CreateSnapshot",
+            "delete snapshot": "DeleteSnapshot", "get snapshot": "GetSnapshot", "expand": "ControllerExpandVolume",
+            "get volume": "ControllerGetVolume", "controller publish": "ControllerPublishVolume",
+            "stage": "NodeStageVolume", "unstage": "NodeUnstageVolume", "publish": "NodePublishVolume",
+            "unpublish": "NodeUnpublishVolume", "stats": "NodeGetVolumeStats", "node expand": "NodeExpandVolume"}
+
+
+def rpc_of(what: str) -> str:
+    head = what.split(":")[0]
+    return PREFIXES.get(head, head)
+
+
+def audit_rows(h: Harness, vid: str, sid: str, staging: Path,
+               target: Path) -> list[tuple[str, Callable[[], Any], grpc.StatusCode]]:
+    """Rows for the Errors-table conditions the short table above leaves out, named
+    ``RPC: case`` (CSI v1.12 spec.md, per-RPC "Errors" and field rules)."""
+    ctl, node, grp = h.controller, h.node, h.group
+    cap, rng = mount_cap(), pb.CapacityRange
+    M = pb.VolumeCapability.AccessMode
+    other = h.target_path("audit-other")
+    other_volume = h.create_volume("pvc-audit-src").volume_id
+    h.staging_path("audit-label")
+    return [
+        # Identity: no error conditions; they answer whatever the state
+        ("GetPluginInfo: plain", lambda: h.identity.GetPluginInfo(pb.GetPluginInfoRequest()), C.OK),
+        ("GetPluginCapabilities: plain", lambda: h.identity.GetPluginCapabilities(
+            pb.GetPluginCapabilitiesRequest()), C.OK),
+        ("Probe: plain", lambda: h.identity.Probe(pb.ProbeRequest()), C.OK),
+        ("ControllerGetCapabilities: plain", lambda: ctl.ControllerGetCapabilities(
+            pb.ControllerGetCapabilitiesRequest()), C.OK),
+        ("NodeGetCapabilities: plain", lambda: node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest()), C.OK),
+        ("NodeGetInfo: plain", lambda: node.NodeGetInfo(pb.NodeGetInfoRequest()), C.OK),
+        ("GroupControllerGetCapabilities: plain", lambda: grp.GroupControllerGetCapabilities(
+            pb.GroupControllerGetCapabilitiesRequest()), C.OK),
+        # CreateVolume: "Volume already exists but is incompatible"; "Unsupported capacity"
+        ("CreateVolume: same name, other source", lambda: ctl.CreateVolume(pb.CreateVolumeRequest(
+            name="pvc-bad", volume_capabilities=[cap], volume_content_source=pb.VolumeContentSource(
+                snapshot={"snapshot_id": sid}))), C.ALREADY_EXISTS),
+        ("CreateVolume: same name, block access", lambda: ctl.CreateVolume(pb.CreateVolumeRequest(
+            name="pvc-bad", volume_capabilities=[block_cap()])), C.INVALID_ARGUMENT),
+        ("CreateVolume: unknown mutable parameter", lambda: ctl.CreateVolume(pb.CreateVolumeRequest(
+            name="bad", volume_capabilities=[cap], mutable_parameters={"iops": "9"})), C.INVALID_ARGUMENT),
+        ("CreateVolume: empty snapshot id in source", lambda: ctl.CreateVolume(pb.CreateVolumeRequest(
+            name="bad", volume_capabilities=[cap], volume_content_source=pb.VolumeContentSource(
+                snapshot={"snapshot_id": ""}))), C.INVALID_ARGUMENT),
+        # CreateSnapshot: "Snapshot already exists but is incompatible"
+        ("CreateSnapshot: same name, other source", lambda: ctl.CreateSnapshot(pb.CreateSnapshotRequest(
+            name="snap-bad", source_volume_id=other_volume)), C.ALREADY_EXISTS),
+        ("ListSnapshots: negative max", lambda: ctl.ListSnapshots(pb.ListSnapshotsRequest(max_entries=-1)),
+         C.INVALID_ARGUMENT),
+        ("ListSnapshots: unknown source is an empty list", lambda: ctl.ListSnapshots(pb.ListSnapshotsRequest(
+            source_volume_id=UNKNOWN)), C.OK),
+        ("GetSnapshot: no id", lambda: ctl.GetSnapshot(pb.GetSnapshotRequest()), C.INVALID_ARGUMENT),
+        ("GetCapacity: unsupported capability is zero, not an error", lambda: ctl.GetCapacity(
+            pb.GetCapacityRequest(volume_capabilities=[block_cap()])), C.OK),
+        ("ControllerGetVolume: no id", lambda: ctl.ControllerGetVolume(pb.ControllerGetVolumeRequest()),
+         C.INVALID_ARGUMENT),
+        ("ControllerGetVolume: unknown", lambda: ctl.ControllerGetVolume(pb.ControllerGetVolumeRequest(
+            volume_id=UNKNOWN)), C.NOT_FOUND),
+        ("ControllerUnpublishVolume: unimplemented", lambda: ctl.ControllerUnpublishVolume(
+            pb.ControllerUnpublishVolumeRequest(volume_id=vid)), C.UNIMPLEMENTED),
+        # ControllerExpandVolume: "Unsupported capacity" (shrink, past free space)
+        ("ControllerExpandVolume: no id", lambda: ctl.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+            capacity_range=rng(required_bytes=MiB))), C.INVALID_ARGUMENT),
+        ("ControllerExpandVolume: shrink", lambda: ctl.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+            volume_id=vid, capacity_range=rng(limit_bytes=MiB))), C.OUT_OF_RANGE),
+        # ControllerModifyVolume: not found, infeasible / unknown parameters
+        ("ControllerModifyVolume: no id", lambda: ctl.ControllerModifyVolume(pb.ControllerModifyVolumeRequest(
+            mutable_parameters={"compression": "zstd"})), C.INVALID_ARGUMENT),
+        ("ControllerModifyVolume: unknown", lambda: ctl.ControllerModifyVolume(pb.ControllerModifyVolumeRequest(
+            volume_id=UNKNOWN, mutable_parameters={"compression": "zstd"})), C.NOT_FOUND),
+        ("ControllerModifyVolume: no parameters", lambda: ctl.ControllerModifyVolume(
+            pb.ControllerModifyVolumeRequest(volume_id=vid)), C.INVALID_ARGUMENT),
+        ("ControllerModifyVolume: unknown parameter", lambda: ctl.ControllerModifyVolume(
+            pb.ControllerModifyVolumeRequest(volume_id=vid, mutable_parameters={"iops": "9"})), C.INVALID_ARGUMENT),
+        ("ControllerModifyVolume: infeasible on vfs", lambda: ctl.ControllerModifyVolume(
+            pb.ControllerModifyVolumeRequest(volume_id=vid, mutable_parameters={"compression": "zstd"})),
+         C.INVALID_ARGUMENT),
+        # Node: access modes at publish ("volume published but is incompatible" / sharing)
+        ("NodePublishVolume: single-writer publication alongside another", lambda: node.NodePublishVolume(
+            pb.NodePublishVolumeRequest(volume_id=vid, staging_target_path=str(staging), target_path=str(other),
+                                        volume_capability=mount_cap(mode=M.SINGLE_NODE_SINGLE_WRITER))),
+         C.FAILED_PRECONDITION),
+        ("NodePublishVolume: multi-node mode", lambda: node.NodePublishVolume(pb.NodePublishVolumeRequest(
+            volume_id=vid, staging_target_path=str(staging), target_path=str(other),
+            volume_capability=mount_cap(mode=M.MULTI_NODE_MULTI_WRITER))), C.INVALID_ARGUMENT),
+        ("NodePublishVolume: same target, other mode", lambda: node.NodePublishVolume(pb.NodePublishVolumeRequest(
+            volume_id=vid, staging_target_path=str(staging), target_path=str(target),
+            volume_capability=mount_cap(mode=M.SINGLE_NODE_MULTI_WRITER))), C.ALREADY_EXISTS),
+        ("NodeStageVolume: context= on a shared-superblock driver", lambda: node.NodeStageVolume(
+            pb.NodeStageVolumeRequest(volume_id=vid, staging_target_path=str(h.staging_path("audit-label")),
+                                      volume_capability=mount_cap(flags=('context="system_u:object_r:x:s0"',)))),
+         C.INVALID_ARGUMENT),
+        ("NodeUnstageVolume: no path", lambda: node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vid)),
+         C.INVALID_ARGUMENT),
+        ("NodeGetVolumeStats: no id", lambda: node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(
+            volume_path=str(target))), C.INVALID_ARGUMENT),
+        ("NodeExpandVolume: shrink", lambda: node.NodeExpandVolume(pb.NodeExpandVolumeRequest(
+            volume_id=vid, volume_path=str(target), capacity_range=rng(limit_bytes=MiB))), C.OUT_OF_RANGE),
+        ("NodeExpandVolume: more than the controller grew", lambda: node.NodeExpandVolume(
+            pb.NodeExpandVolumeRequest(volume_id=vid, volume_path=str(target),
+                                       capacity_range=rng(required_bytes=1 << 40))), C.OUT_OF_RANGE),
+        # GroupController
+        ("CreateVolumeGroupSnapshot: no name", lambda: grp.CreateVolumeGroupSnapshot(
+            pb.CreateVolumeGroupSnapshotRequest(source_volume_ids=[vid])), C.INVALID_ARGUMENT),
+        ("CreateVolumeGroupSnapshot: unknown source", lambda: grp.CreateVolumeGroupSnapshot(
+            pb.CreateVolumeGroupSnapshotRequest(name="g", source_volume_ids=[vid, UNKNOWN])), C.NOT_FOUND),
+        ("DeleteVolumeGroupSnapshot: no id", lambda: grp.DeleteVolumeGroupSnapshot(
+            pb.DeleteVolumeGroupSnapshotRequest(snapshot_ids=[sid])), C.INVALID_ARGUMENT),
+        ("DeleteVolumeGroupSnapshot: unknown is done", lambda: grp.DeleteVolumeGroupSnapshot(
+            pb.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=TRAVERSAL, snapshot_ids=[sid])), C.OK),
+        ("GetVolumeGroupSnapshot: unknown", lambda: grp.GetVolumeGroupSnapshot(pb.GetVolumeGroupSnapshotRequest(
+            group_snapshot_id="grp-0123456789abcdef0123456789abcdef@" + NODE, snapshot_ids=[sid])), C.NOT_FOUND),
+    ]
+
+
+def aborted_rows(h: Harness, vid: str, sid: str, staging: Path,
+                 target: Path) -> list[tuple[str, str, Callable[[], Any]]]:
+    """"Operation pending for volume/snapshot" -> ABORTED: (case, key another call holds, call)."""
+    ctl, node, grp = h.controller, h.node, h.group
+    layer, slayer = vid.split("@")[0], sid.split("@")[0]
+    fresh = h.target_path("aborted")
+    return [
+        ("CreateVolume: same name in flight", "volume-name:pvc-race", lambda: ctl.CreateVolume(
+            pb.CreateVolumeRequest(name="pvc-race", volume_capabilities=[mount_cap()]))),
+        ("DeleteVolume: same volume in flight", f"volume:{layer}", lambda: ctl.DeleteVolume(
+            pb.DeleteVolumeRequest(volume_id=vid))),
+        ("CreateSnapshot: same name in flight", "snapshot-name:snap-race", lambda: ctl.CreateSnapshot(
+            pb.CreateSnapshotRequest(name="snap-race", source_volume_id=vid))),
+        ("DeleteSnapshot: same snapshot in flight", f"snapshot:{slayer}", lambda: ctl.DeleteSnapshot(
+            pb.DeleteSnapshotRequest(snapshot_id=sid))),
+        ("ControllerExpandVolume: same volume in flight", f"volume:{layer}", lambda: ctl.ControllerExpandVolume(
+            pb.ControllerExpandVolumeRequest(volume_id=vid, capacity_range=pb.CapacityRange(
+                required_bytes=128 * MiB)))),
+        ("NodePublishVolume: same volume in flight", f"volume:{layer}", lambda: node.NodePublishVolume(
+            pb.NodePublishVolumeRequest(volume_id=vid, staging_target_path=str(staging), target_path=str(fresh),
+                                        volume_capability=mount_cap(), readonly=True))),
+        ("NodeUnpublishVolume: same target in flight", f"path:{target}", lambda: node.NodeUnpublishVolume(
+            pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=str(target)))),
+        ("CreateVolumeGroupSnapshot: a member in flight", f"source:{vid}", lambda: grp.CreateVolumeGroupSnapshot(
+            pb.CreateVolumeGroupSnapshotRequest(name="g-race", source_volume_ids=[vid]))),
     ]
 
 
@@ -261,6 +411,7 @@ def test_bad_requests_change_nothing(vfs_plugin: Harness) -> None:
     (target / "data").write_bytes(b"keep me")
     snap = h.snapshot("snap-bad", vol.volume_id)
     table = bad_requests(h, vol.volume_id, snap.snapshot_id, staging, target)
+    aborted = aborted_rows(h, vol.volume_id, snap.snapshot_id, staging, target)
     before = h.disk_state()
     failures = []
     for what, call, expected in table:
@@ -271,5 +422,22 @@ def test_bad_requests_change_nothing(vfs_plugin: Harness) -> None:
         if after != before:
             failures.append(f"{what}: changed the disk or the records")
             before = after
+    assert h.handle is not None
+    for what, key, call in aborted:
+        with h.handle.plugin.locks.hold(key):
+            got = code_of(call)
+        if got != C.ABORTED:
+            failures.append(f"{what}: got {got.name}, want ABORTED")
+        if (after := h.disk_state()) != before:
+            changed = sorted(k for k in set(after["tree"]) ^ set(before["tree"]))
+            failures.append(f"{what}: changed the disk or the records {changed}")
+            before = after
     assert failures == []
     assert (target / "data").read_bytes() == b"keep me"
+    # every RPC strata serves has rows in the audit
+    covered = {rpc_of(what) for what, _, _ in table}
+    served = set()
+    for service in ("Identity", "Controller", "Node", "GroupController"):
+        for name in pb.DESCRIPTOR.services_by_name[service].methods_by_name:
+            served.add(name)
+    assert served - covered == set(), f"RPCs without audit rows: {sorted(served - covered)}"
