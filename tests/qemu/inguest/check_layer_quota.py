@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from overlay_kill import KILL_AT_STEP
 from quota_writes import MIB, fill, near, wait_uncharged
 
 from csi.host import mount as mnt
@@ -323,10 +324,10 @@ for i in range(10_000):
 """
 
 
-def run_child(cls: type[LayerDriver], home: Path, env: dict[str, str] | None = None,
+def run_child(cls: type[LayerDriver], home: Path, prelude: str = "",
               kill_after_lines: int | None = None, delay: float = 0.0) -> list[str]:
-    proc = subprocess.Popen([sys.executable, "-c", _CRASH_CHILD, cls.name, str(home)],
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen([sys.executable, "-c", prelude + _CRASH_CHILD, cls.name, str(home)],
+                            stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     lines: list[str] = []
     if kill_after_lines is not None:
@@ -371,7 +372,7 @@ def test_kill_9_in_an_overlay_freeze(xfs_prjquota: Path, step: str) -> None:
     """Crash points inside the O(1) freeze, where the ID moves from the writable layer's old
     upper dir (now the frozen layer's) to its fresh one."""
     path = xfs_prjquota / "overlay"
-    lines = run_child(OverlayDriver, path, env={"STRATA_TEST_CRASH_AT": step})
+    lines = run_child(OverlayDriver, path, prelude=f"{KILL_AT_STEP}\nkill_at({step!r})\n")
     assert lines == ["created w0", "resized w0"], lines
     drv = open_driver(OverlayDriver, path)
     try:
