@@ -23,8 +23,8 @@ Two ways to reach the node's layers, chosen by what runs:
   ``ExportDiff`` (a lost stream resumes with ``starting_offset``; every stream is checked
   against the digest the service announces); the digests GetChain returns let an unchanged
   layer be skipped without producing it. ``restore`` imports each layer the node lacks with
-  ``ImportDiff`` (verified by the plugin before it exists; a layer the node has is answered at
-  once), then, with ``--volume-name``, asks the plugin's Controller for
+  ``ImportDiff`` (verified by the plugin before it exists; a header-only call first, so a layer
+  the node has is not downloaded), then, with ``--volume-name``, asks the plugin's Controller for
   ``CreateVolume(name, content source = the backup reference)``.
 * **Directly** (no plugin serving the root): the driver that holds state under ``--root`` is
   opened here; ``push`` and ``restore`` are :func:`csi.backup.backup` /
@@ -266,7 +266,12 @@ def restore_remote(export_channel: grpc.Channel, csi_channel: grpc.Channel, ref_
             meter.begin(desc.digest, desc.size)
             header = export_pb2.ImportHeader(parent=parent, diff_id=diff_id, media_type=desc.media_type,
                                              digest=desc.digest)
-            answer = _call(lambda: stub.ImportDiff(_import_messages(target, desc, header, meter)))
+            try:  # a header-only call first: a layer the node has costs no download
+                answer = stub.ImportDiff(iter([export_pb2.ImportDiffRequest(header=header)]))
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise Relayed(exc.code().name, str(exc.details())) from None
+                answer = _call(lambda: stub.ImportDiff(_import_messages(target, desc, header, meter)))
             (reused if answer.existed else imported).append(answer.layer_id)
             if answer.existed:
                 meter.skip(desc.digest, desc.size)

@@ -36,7 +36,9 @@ Contract:
 * **Import.** Header first (parent, expected diff_id, media type tar / +zstd / +gzip, optional
   blob digest), data after. The layer is named by its ChainID (parent's ChainID + diff_id, as
   :mod:`csi.backup.index` names restored layers), so a layer this node already has is answered
-  at once (``existed``) and nothing is applied. Otherwise, as :mod:`csi.backup.restore` does:
+  (``existed``, once the client's stream ended) and nothing is applied; a *header-only* call
+  is a cheap question — ``existed``, or NOT_FOUND when the layer is missing. Otherwise, as
+  :mod:`csi.backup.restore` does:
   ``create(ocitmp-…, parent)``, ``apply_diff`` of the (decompressed) stream while hashing, drain,
   compare both digests, ``freeze(tmp, oci-<ChainID>)``, ``remove(tmp)``; any failure removes
   the temporary layer (DATA_LOSS on a digest mismatch), a kill -9 leaves an ``ocitmp-`` layer
@@ -149,6 +151,17 @@ class _Requests:
     def drain(self) -> None:
         while self.read(CHUNK):
             pass
+
+    def at_end(self) -> bool:
+        """Whether the stream has no (more) data, without consuming any."""
+        while not self._buffer:
+            message = next(self._messages, None)
+            if message is None:
+                return True
+            if message.HasField("header"):
+                raise InvalidArgument("ImportDiff: only the first message may carry a header")
+            self._buffer = message.data
+        return False
 
     def digest(self) -> str:
         return "sha256:" + self._hash.hexdigest()
@@ -349,7 +362,13 @@ class ExportBackend:
         new_chain = chain_id([self.chain_id_of(parent), diff_id]) if parent is not None else diff_id
         final = imported_layer_id(new_chain)
         if self.driver.exists(final):
+            # read what the client still sends: answering a client stream before its end makes
+            # some clients see the call fail (a broken pipe) instead of this answer
+            data.drain()
             return export_pb2.ImportDiffResponse(layer_id=final, chain_id=new_chain, diff_id=diff_id, existed=True)
+        if data.at_end():  # a header-only call asks whether the layer is here
+            raise NotFound(f"layer {final} (diff_id {diff_id} on {header.parent or 'nothing'}) is not on node "
+                           f"{self.node_id}: send its data")
         tmp = temp_layer_id()
         parent_id = parent.id if parent else None
         self.driver.create(tmp, parent_id)

@@ -212,7 +212,10 @@ def test_import_rebuilds_the_chain_byte_for_byte(export: Export, target: tuple) 
     for entry, compression, media in zip(chain, (pb.ZSTD, pb.NONE), (LAYER_TAR_ZSTD, LAYER_TAR)):
         blob, summary, _ = download(export.stub, entry.id, entry.parent, compression=compression)
         header = pb.ImportHeader(parent=parent, diff_id=entry.digest, media_type=media, digest=summary.digest)
+        probe = lambda: stub.ImportDiff(iter([pb.ImportDiffRequest(header=header)]))  # noqa: E731
+        assert code_of(probe) == grpc.StatusCode.NOT_FOUND  # a header-only call asks; nothing is made
         answer = stub.ImportDiff(_import_requests(header, blob))
+        assert probe().existed
         assert not answer.existed and answer.diff_id == entry.digest
         assert answer.chain_id == entry.chain_id  # the same ChainID on both nodes
         assert answer.layer_id == "oci-" + entry.chain_id.split(":")[1] and answer.size == entry.tar_size
