@@ -4,8 +4,9 @@ scrape, a real Prometheus server on 127.0.0.1 scraping it every second and answe
 histogram quantile and the free bytes through its HTTP API; then every panel of the
 Grafana dashboard evaluated on that server and drawn into a PNG.
 
-Until the lead wires :meth:`Metrics.observe_rpc` into the RPC seam (csi.services.rpclog),
-the test feeds it from the seam's own log line of every call (method, code, duration).
+The plugin runs with ``metrics_address`` (``strata serve --metrics-address``), so the RPC
+figures come from the seam itself; the seam's own log line of every call is counted beside
+them as an independent witness.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from promserver import Prometheus
 
 from csi.graphdriver.driver import Capacity
-from csi.ops.metrics import Metrics, MetricsEndpoint, chain_depths, serve_metrics
+from csi.services.metrics import Metrics, MetricsEndpoint, chain_depths, serve_metrics
 from csi.proto import csi_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,17 +40,14 @@ WORKLOAD_SECONDS = 20
 
 
 class RpcLogBridge(logging.Handler):
-    """Feeds observe_rpc from the seam's one JSON line per call (see the module docstring)."""
+    """Counts the seam's one JSON line per call (see the module docstring)."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self) -> None:
         super().__init__(logging.INFO)
-        self.metrics = metrics
         self.calls = 0
 
     def emit(self, record: logging.LogRecord) -> None:
-        line = json.loads(record.getMessage())
-        if "code" in line:
-            self.metrics.observe_rpc(line["method"], line["code"], line["duration_ms"] / 1000)
+        if "code" in json.loads(record.getMessage()):
             self.calls += 1
 
 
@@ -89,20 +87,15 @@ def setup(scratch_root: Path) -> Iterator[Setup]:
     base = scratch_root / f"metrics-{uuid.uuid4().hex[:8]}"
     base.mkdir()
     h = Harness(base / "plugin", "vfs")
-    h.config = replace(h.config, endpoint="")
-    h.start()
-    assert h.handle is not None
-    metrics = Metrics(node="node-a")
-    bridge = RpcLogBridge(metrics)
+    h.config = replace(h.config, endpoint="", metrics_address="127.0.0.1:0")
+    bridge = RpcLogBridge()
     rpc_log = logging.getLogger("strata.rpc")
     rpc_log.addHandler(bridge)
     old_level = rpc_log.level
     rpc_log.setLevel(logging.INFO)
-    driver = h.handle.plugin.driver
-    metrics.watch(h.root, driver)
-    metrics.record_reconciliation(driver.recovered)
-    metrics.record_recovery("publications_undone", 0)
-    endpoint = serve_metrics("127.0.0.1:0", metrics.registry)
+    h.start()
+    assert h.handle is not None and h.handle.metrics is not None and h.handle.metrics_endpoint is not None
+    metrics, endpoint = h.handle.metrics, h.handle.metrics_endpoint
     prom = None
     try:
         prom = Prometheus(base, f"127.0.0.1:{endpoint.port}")
@@ -116,7 +109,6 @@ def setup(scratch_root: Path) -> Iterator[Setup]:
     finally:
         if prom is not None:
             prom.stop()
-        endpoint.stop()
         rpc_log.removeHandler(bridge)
         rpc_log.setLevel(old_level)
         h.teardown()
@@ -228,7 +220,7 @@ def test_thin_pool_figures_from_devicemapper_status() -> None:
     """The devicemapper status strings (csi.graphdriver.devicemapper.driver._status_extra)
     become the thin-pool gauges (a stand-in driver: no device-mapper on this kernel; the
     real driver runs in the kernel lane)."""
-    from csi.ops.metrics import StoreCollector
+    from csi.services.metrics import StoreCollector
 
     class Pool:
         name = "devicemapper"
