@@ -154,6 +154,7 @@ class Driver(ABC):
 
     name: ClassVar[str]
     supports_block: ClassVar[bool] = False  # layers are devices: CreateOpts(block=True) works
+    recovered: Reconciliation | None = None  # what the start-up sweep of this instance did
     mutable_properties: ClassVar[frozenset[str]] = frozenset()  # keys ``modify`` can change
     # ``freeze`` of a mounted layer snapshots *beneath* its filesystem (a device snapshot, as
     # devicemapper's thin snapshot): the layer's own filesystem may be frozen (FIFREEZE)

@@ -31,12 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from csi.errors import DriverUnavailable, StrataError
+from csi.graphdriver.btrfs import ioctl as ioc
+from csi.graphdriver.devicemapper import ioctl as dm
 from csi.graphdriver.registry import DRIVER_CLASSES, PRIORITY, driver_class, holds_state, home_of, new_driver
 from csi.host.fsinfo import existing_ancestor, kernel_has, mount_of
+from csi.host.treecopy import FICLONE
 from csi.ops.console import add_common_flags, emit_json, setup_logging
 
 log = logging.getLogger("strata.doctor")
-_FICLONE = 0x40049409
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ def _reflinks(base: Path) -> Feature:
             src, dst = Path(tmp) / "a", Path(tmp) / "b"
             src.write_bytes(b"x" * 4096)
             with open(src, "rb") as s, open(dst, "wb") as d:
-                fcntl.ioctl(d.fileno(), _FICLONE, s.fileno())
+                fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
     except OSError as exc:
         return Feature("reflinks", False, f"FICLONE on {base} failed: {exc.strerror or exc} (vfs copies in full)")
     return Feature("reflinks", True, f"FICLONE works on {base} (vfs shares extents)")
@@ -88,7 +90,6 @@ def _reflinks(base: Path) -> Feature:
 def _btrfs_quota(base: Path, fstype: str) -> Feature:
     if fstype != "btrfs":
         return Feature("btrfs qgroups", False, f"the root is on {fstype}, not btrfs")
-    from csi.graphdriver.btrfs import ioctl as ioc  # only on btrfs: the ioctl module needs nothing else
     fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
     try:
         status = ioc.quota_status(fd)
@@ -115,7 +116,6 @@ def _project_quota(fstype: str, options: tuple[str, ...]) -> Feature:
 
 
 def _device_mapper() -> Feature:
-    from csi.graphdriver.devicemapper import ioctl as dm
     try:
         dm.probe()
     except (StrataError, OSError) as exc:

@@ -21,10 +21,14 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
 from csi.errors import InvalidArgument, StrataError
 from csi.graphdriver.driver import Layer
-from csi.ops.records import Records, driver_layers, drivers_with_state, plugin_serving, read_records, socket_of
+from csi.ops.records import driver_layers, drivers_with_state, plugin_serving, socket_of
+from csi.state.readonly import Records, read_records
 from csi.state.store import PUBLISH, STAGE
+from csi.proto import csi_pb2, csi_pb2_grpc
 
 log = logging.getLogger("strata.ops")
 
@@ -83,9 +87,6 @@ def _names(inv: Inventory) -> dict[str, str]:
 def _usage_from_plugin(inv: Inventory, layer: str, path: str) -> int | None:
     """NodeGetVolumeStats of a staged volume, asked of the serving plugin; None if it cannot say."""
     try:
-        import grpc
-
-        from csi.proto import csi_pb2, csi_pb2_grpc
         with grpc.insecure_channel(f"unix://{inv.socket}") as channel:
             node = csi_pb2_grpc.NodeStub(channel)
             node_id = node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=5).node_id

@@ -35,17 +35,18 @@ from pathlib import Path
 import grpc
 
 from csi.errors import InvalidArgument, StrataError
-from csi.services.rpclog import RpcInterceptor
+from csi.services.rpclog import Observer, RpcInterceptor
 
 DEFAULT_DRIVER_NAME = "strata.csi.dev"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def new_server(workers: int, thread_prefix: str,
-               interceptors: Sequence[grpc.ServerInterceptor] = ()) -> grpc.Server:
-    """A gRPC server with the error seam around every handler (and ``interceptors`` inside it)."""
+               interceptors: Sequence[grpc.ServerInterceptor] = (), observer: Observer | None = None) -> grpc.Server:
+    """A gRPC server with the error seam around every handler (and ``interceptors`` inside it);
+    ``observer`` hears of every call (:class:`csi.services.rpclog.RpcInterceptor`)."""
     return grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=thread_prefix),
-                       interceptors=[RpcInterceptor(), *interceptors])
+                       interceptors=[RpcInterceptor(observer), *interceptors])
 
 
 def socket_path(endpoint: str) -> Path:

@@ -67,7 +67,7 @@ from csi import __version__
 from csi.errors import InvalidArgument
 from csi.graphdriver.driver import Driver, Layer, Reconciliation
 from csi.graphdriver.registry import home_of
-from csi.ops.records import read_records
+from csi.state.readonly import read_records
 from csi.state.store import RecordState
 
 __all__ = ["Metrics", "StoreCollector", "MetricsEndpoint", "serve_metrics", "chain_depths", "RPC_BUCKETS"]

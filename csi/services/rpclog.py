@@ -70,11 +70,15 @@ def redacted(message: Message) -> dict[str, Any]:
     return out
 
 
+Observer = Callable[[str, str, float], None]  # (method, status code name, seconds)
+
+
 class _Call:
     """One RPC as the seam sees it: its start, its outcome, its one log line."""
 
-    def __init__(self, method: str, request: object) -> None:
+    def __init__(self, method: str, request: object, observer: Observer | None = None) -> None:
         self.method = method
+        self.observer = observer
         self.start = time.perf_counter()
         self.code, self.message = grpc.StatusCode.OK, ""
         # a streamed request is an iterator of messages: nothing to name it by up front
@@ -91,18 +95,26 @@ class _Call:
         raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
     def close(self) -> None:
-        line: dict[str, Any] = {"method": self.method, "ids": self.ids, "code": self.code.name,
-                                "duration_ms": round((time.perf_counter() - self.start) * 1000, 3)}
-        if self.message:
-            line["message"] = self.message
-        log.info(json.dumps(line, sort_keys=True))
+        seconds = time.perf_counter() - self.start
+        if log.isEnabledFor(logging.INFO):
+            line: dict[str, Any] = {"method": self.method, "ids": self.ids, "code": self.code.name,
+                                    "duration_ms": round(seconds * 1000, 3)}
+            if self.message:
+                line["message"] = self.message
+            log.info(json.dumps(line, sort_keys=True))
+        if self.observer is not None:
+            try:
+                self.observer(self.method, self.code.name, seconds)
+            except Exception:  # noqa: BLE001 - metrics must never fail a call
+                log.warning("the RPC observer failed for %s", self.method, exc_info=True)
 
 
-def _single_response(method: str, behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+def _single_response(method: str, behavior: Callable[[Any, grpc.ServicerContext], Any],
+                     observer: Observer | None = None) -> Callable[..., Any]:
     """Wrap a handler that returns one response (unary-unary, stream-unary)."""
 
     def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-        call = _Call(method, request)
+        call = _Call(method, request, observer)
         try:
             return behavior(request, context)
         except Exception as exc:  # noqa: BLE001 - this is the seam
@@ -113,13 +125,13 @@ def _single_response(method: str, behavior: Callable[[Any, grpc.ServicerContext]
     return wrapped
 
 
-def _streamed_response(method: str,
-                       behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+def _streamed_response(method: str, behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+                       observer: Observer | None = None) -> Callable[..., Iterator[Any]]:
     """Wrap a handler that yields responses (unary-stream, stream-stream): an error raised
     while the stream is produced ends it with its code; the log line is written at its end."""
 
     def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        call = _Call(method, request)
+        call = _Call(method, request, observer)
         try:
             yield from behavior(request, context)
         except Exception as exc:  # noqa: BLE001 - this is the seam
@@ -131,7 +143,11 @@ def _streamed_response(method: str,
 
 
 class RpcInterceptor(grpc.ServerInterceptor):
-    """Wraps every handler, unary or streaming: timing, one log line, exception -> status."""
+    """Wraps every handler, unary or streaming: timing, one log line, exception -> status;
+    ``observer(method, code name, seconds)`` hears of every call (the metrics)."""
+
+    def __init__(self, observer: Observer | None = None) -> None:
+        self.observer = observer
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                           details: grpc.HandlerCallDetails) -> Any:
@@ -142,12 +158,13 @@ class RpcInterceptor(grpc.ServerInterceptor):
         serializers = {"request_deserializer": handler.request_deserializer,
                        "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(_single_response(method, handler.unary_unary), **serializers)
+            return grpc.unary_unary_rpc_method_handler(
+                _single_response(method, handler.unary_unary, self.observer), **serializers)
         if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(_single_response(method, handler.stream_unary),
-                                                        **serializers)
+            return grpc.stream_unary_rpc_method_handler(
+                _single_response(method, handler.stream_unary, self.observer), **serializers)
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(_streamed_response(method, handler.unary_stream),
-                                                        **serializers)
-        return grpc.stream_stream_rpc_method_handler(_streamed_response(method, handler.stream_stream),
-                                                     **serializers)
+            return grpc.unary_stream_rpc_method_handler(
+                _streamed_response(method, handler.unary_stream, self.observer), **serializers)
+        return grpc.stream_stream_rpc_method_handler(
+            _streamed_response(method, handler.stream_stream, self.observer), **serializers)

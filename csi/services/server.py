@@ -4,7 +4,8 @@ Usage::
 
     strata serve [--endpoint unix:///PATH/csi.sock] [--node-id NAME] [--root DIR]
                  [--driver auto|vfs|overlay|aufs|btrfs|devicemapper] [--driver-name strata.csi.dev]
-                 [--max-volumes N] [--storage-opt KEY=VALUE ...] [--log-level info] [--version]
+                 [--max-volumes N] [--storage-opt KEY=VALUE ...] [--metrics-address :9840]
+                 [--log-level info] [--version]
 
 Defaults work on a laptop: root ``./strata-data``, the socket inside it, node ID the
 host name, driver chosen by the registry (vfs when nothing better fits). With ``--driver
@@ -49,6 +50,7 @@ from csi.services.controller import ControllerService
 from csi.services.forwarder import start_forward_listener
 from csi.services.group import GroupControllerService
 from csi.services.identity import IdentityService
+from csi.services.metrics import Metrics, MetricsEndpoint, serve_metrics
 from csi.services.listen import (DEFAULT_DRIVER_NAME, Running, add_common_flags, configure_logging, listen_unix,
                                  new_server, run_until_signalled, socket_path)
 from csi.services.node import NodeService
@@ -72,6 +74,7 @@ class ServeConfig:
     forward_listen: str = ""  # HOST:PORT of the expansion forward listener (csi.services.forwarder); "" = none
     forward_token_file: str = ""
     storage_opts: tuple[tuple[str, str], ...] = ()  # layered driver options (--storage-opt KEY=VALUE)
+    metrics_address: str = ""  # HOST:PORT or :PORT of the Prometheus endpoint; "" = off
 
     def socket_path(self) -> Path:
         return socket_path(self.endpoint or f"unix://{Path(self.root).resolve() / 'csi.sock'}")
@@ -82,8 +85,8 @@ class ServeConfig:
                             driver_options=dict(self.storage_opts))
 
 
-def build_server(config: ServeConfig, plugin: Plugin) -> grpc.Server:
-    server = new_server(config.workers, "csi")
+def build_server(config: ServeConfig, plugin: Plugin, metrics: Metrics | None = None) -> grpc.Server:
+    server = new_server(config.workers, "csi", observer=metrics.observe_rpc if metrics else None)
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(plugin), server)
     csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(plugin), server)
     csi_pb2_grpc.add_NodeServicer_to_server(NodeService(plugin), server)
@@ -105,9 +108,13 @@ class ServerHandle:
     server: grpc.Server
     endpoint: str
     forward_server: grpc.Server | None = None
+    metrics: Metrics | None = None
+    metrics_endpoint: MetricsEndpoint | None = None
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls, let in-flight ones finish, release the store."""
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
         if self.forward_server is not None:
             self.forward_server.stop(self.config.grace_seconds if grace is None else grace).wait()
         self.server.stop(self.config.grace_seconds if grace is None else grace).wait()
@@ -122,24 +129,33 @@ def start_server(config: ServeConfig) -> ServerHandle:
     """Build the plugin (driver selection), recover, then serve ``config.endpoint``."""
     plugin = Plugin(config.plugin_config())
     forward_server = None
+    metrics = Metrics(config.node_id) if config.metrics_address else None
+    endpoint_metrics: MetricsEndpoint | None = None
     try:
+        if metrics is not None:
+            metrics.record_reconciliation(plugin.driver.recovered)
         recover(plugin.store, plugin.driver)
-        server = build_server(config, plugin)
+        server = build_server(config, plugin, metrics)
         if config.forward_listen:  # before the socket exists, so a bad listener fails start-up cleanly
             forward_server = start_forward_listener(config.forward_listen, Path(config.forward_token_file),
                                                     ControllerService(plugin))
+        if metrics is not None:  # before the socket too: a port in use fails start-up cleanly
+            metrics.watch(plugin.root, plugin.driver)
+            endpoint_metrics = serve_metrics(config.metrics_address, metrics.registry)
         endpoint = add_listeners(server, config)
         server.start()
         os.chmod(config.socket_path(), 0o600)
     except BaseException:
         if forward_server is not None:
             forward_server.stop(0)
+        if endpoint_metrics is not None:
+            endpoint_metrics.stop()
         plugin.close()
         raise
     plugin.ready.set()
     log.info("serving CSI %s %s on %s (node %s, driver %s chosen by %s)", config.driver_name, __version__, endpoint,
              config.node_id, plugin.driver.name, plugin.selection.reason)
-    return ServerHandle(config, plugin, server, endpoint, forward_server)
+    return ServerHandle(config, plugin, server, endpoint, forward_server, metrics, endpoint_metrics)
 
 
 def parse_args(argv: list[str]) -> tuple[ServeConfig, str]:
@@ -157,6 +173,8 @@ def parse_args(argv: list[str]) -> tuple[ServeConfig, str]:
     parser.add_argument("--forward-listen", default="",
                         help="HOST:PORT to accept ControllerExpandVolume forwarded by `strata controller`")
     parser.add_argument("--forward-token-file", default="", help="shared token file for --forward-listen")
+    parser.add_argument("--metrics-address", default="",
+                        help="HOST:PORT or :PORT to serve Prometheus metrics on /metrics (default: off)")
     parser.add_argument("--version", action="version", version=f"strata {__version__}")
     args = parser.parse_args(argv)
     if args.forward_listen and not args.forward_token_file:
@@ -170,7 +188,8 @@ def parse_args(argv: list[str]) -> tuple[ServeConfig, str]:
     config = ServeConfig(root=Path(args.root), endpoint=args.endpoint, node_id=args.node_id, driver=args.driver,
                          driver_name=args.driver_name, max_volumes_per_node=args.max_volumes,
                          grace_seconds=args.grace, forward_listen=args.forward_listen,
-                         forward_token_file=args.forward_token_file, storage_opts=tuple(storage_opts))
+                         forward_token_file=args.forward_token_file, storage_opts=tuple(storage_opts),
+                         metrics_address=args.metrics_address)
     return config, args.log_level
 
 
