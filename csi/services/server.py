@@ -43,13 +43,17 @@ from pathlib import Path
 import grpc
 
 from csi import __version__
-from csi.graphdriver.registry import DRIVER_CLASSES
-from csi.kube import resolve_driver
+from csi.backup import ExportIndex, sweep_temporaries
+from csi.graphdriver.registry import DRIVER_CLASSES, home_of
+from csi.kube import incluster_api_client, resolve_driver
+from csi.peers.tls import TlsFiles
 from csi.proto import csi_pb2_grpc
 from csi.services.controller import ControllerService
 from csi.services.forwarder import start_forward_listener
 from csi.services.group import GroupControllerService
 from csi.services.identity import IdentityService
+from csi.services.export import (ExportBackend, TcpExportConfig, export_socket_path, start_tcp_export,
+                                 start_unix_export)
 from csi.services.metrics import Metrics, MetricsEndpoint, serve_metrics
 from csi.services.listen import (DEFAULT_DRIVER_NAME, Running, add_common_flags, configure_logging, listen_unix,
                                  new_server, run_until_signalled, socket_path)
@@ -75,6 +79,11 @@ class ServeConfig:
     forward_token_file: str = ""
     storage_opts: tuple[tuple[str, str], ...] = ()  # layered driver options (--storage-opt KEY=VALUE)
     metrics_address: str = ""  # HOST:PORT or :PORT of the Prometheus endpoint; "" = off
+    export_listen: str = ""  # HOST:PORT of the Diff export service over TLS with tokens; "" = unix socket only
+    export_tls_cert: str = ""
+    export_tls_key: str = ""
+    export_audiences: tuple[str, ...] = ("strata-export",)
+    export_importers: tuple[str, ...] = ()  # namespace/name of ServiceAccounts allowed to ImportDiff
 
     def socket_path(self) -> Path:
         return socket_path(self.endpoint or f"unix://{Path(self.root).resolve() / 'csi.sock'}")
@@ -94,6 +103,25 @@ def build_server(config: ServeConfig, plugin: Plugin, metrics: Metrics | None = 
     return server
 
 
+def start_exports(config: ServeConfig, plugin: Plugin) -> list[grpc.Server]:
+    """The Diff export service: always on ``export.sock`` beside the CSI socket (0600, for a
+    sidecar in the pod), and with ``export_listen`` on TCP with TLS and ServiceAccount tokens."""
+    index = ExportIndex(home_of(plugin.root, plugin.driver.name) / "backup-index.json")
+    backend = ExportBackend(plugin.driver, config.node_id, index)
+    servers = [start_unix_export(backend, export_socket_path(config.socket_path()))[0]]
+    if config.export_listen:
+        try:
+            tcp, _ = start_tcp_export(backend, TcpExportConfig(
+                config.export_listen, TlsFiles(Path(config.export_tls_cert), Path(config.export_tls_key)),
+                audiences=config.export_audiences, importers=config.export_importers,
+                driver_name=config.driver_name), incluster_api_client)
+        except BaseException:
+            servers[0].stop(0)
+            raise
+        servers.append(tcp)
+    return servers
+
+
 def add_listeners(server: grpc.Server, config: ServeConfig) -> str:
     """Bind the unix socket owner-only; return the endpoint clients use."""
     return listen_unix(server, config.socket_path())
@@ -110,11 +138,15 @@ class ServerHandle:
     forward_server: grpc.Server | None = None
     metrics: Metrics | None = None
     metrics_endpoint: MetricsEndpoint | None = None
+    export_servers: tuple[grpc.Server, ...] = ()
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls, let in-flight ones finish, release the store."""
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.stop()
+        for export in self.export_servers:
+            export.stop(self.config.grace_seconds if grace is None else grace).wait()
+        export_socket_path(self.config.socket_path()).unlink(missing_ok=True)
         if self.forward_server is not None:
             self.forward_server.stop(self.config.grace_seconds if grace is None else grace).wait()
         self.server.stop(self.config.grace_seconds if grace is None else grace).wait()
@@ -131,10 +163,12 @@ def start_server(config: ServeConfig) -> ServerHandle:
     forward_server = None
     metrics = Metrics(config.node_id) if config.metrics_address else None
     endpoint_metrics: MetricsEndpoint | None = None
+    exports: list[grpc.Server] = []
     try:
         if metrics is not None:
             metrics.record_reconciliation(plugin.driver.recovered)
         recover(plugin.store, plugin.driver)
+        sweep_temporaries(plugin.driver)  # layers a killed import left (csi.backup.index)
         server = build_server(config, plugin, metrics)
         if config.forward_listen:  # before the socket exists, so a bad listener fails start-up cleanly
             forward_server = start_forward_listener(config.forward_listen, Path(config.forward_token_file),
@@ -142,6 +176,7 @@ def start_server(config: ServeConfig) -> ServerHandle:
         if metrics is not None:  # before the socket too: a port in use fails start-up cleanly
             metrics.watch(plugin.root, plugin.driver)
             endpoint_metrics = serve_metrics(config.metrics_address, metrics.registry)
+        exports = start_exports(config, plugin)
         endpoint = add_listeners(server, config)
         server.start()
         os.chmod(config.socket_path(), 0o600)
@@ -150,12 +185,14 @@ def start_server(config: ServeConfig) -> ServerHandle:
             forward_server.stop(0)
         if endpoint_metrics is not None:
             endpoint_metrics.stop()
+        for export in exports:
+            export.stop(0)
         plugin.close()
         raise
     plugin.ready.set()
     log.info("serving CSI %s %s on %s (node %s, driver %s chosen by %s)", config.driver_name, __version__, endpoint,
              config.node_id, plugin.driver.name, plugin.selection.reason)
-    return ServerHandle(config, plugin, server, endpoint, forward_server, metrics, endpoint_metrics)
+    return ServerHandle(config, plugin, server, endpoint, forward_server, metrics, endpoint_metrics, tuple(exports))
 
 
 def parse_args(argv: list[str]) -> tuple[ServeConfig, str]:
@@ -173,12 +210,23 @@ def parse_args(argv: list[str]) -> tuple[ServeConfig, str]:
     parser.add_argument("--forward-listen", default="",
                         help="HOST:PORT to accept ControllerExpandVolume forwarded by `strata controller`")
     parser.add_argument("--forward-token-file", default="", help="shared token file for --forward-listen")
+    parser.add_argument("--export-listen", default="",
+                        help="HOST:PORT for the Diff export service over TLS with ServiceAccount tokens "
+                             "(default: only export.sock beside the CSI socket)")
+    parser.add_argument("--export-tls-cert", default="", help="TLS certificate for --export-listen")
+    parser.add_argument("--export-tls-key", default="", help="TLS key for --export-listen")
+    parser.add_argument("--export-audience", action="append", default=[],
+                        help="token audience asked of TokenReview (repeatable; default strata-export)")
+    parser.add_argument("--export-importer", action="append", default=[], metavar="NAMESPACE/NAME",
+                        help="ServiceAccount allowed to ImportDiff over TCP (repeatable)")
     parser.add_argument("--metrics-address", default="",
                         help="HOST:PORT or :PORT to serve Prometheus metrics on /metrics (default: off)")
     parser.add_argument("--version", action="version", version=f"strata {__version__}")
     args = parser.parse_args(argv)
     if args.forward_listen and not args.forward_token_file:
         parser.error("--forward-listen needs --forward-token-file")
+    if args.export_listen and not (args.export_tls_cert and args.export_tls_key):
+        parser.error("--export-listen needs --export-tls-cert and --export-tls-key")
     storage_opts = []
     for opt in args.storage_opt:
         key, sep, value = opt.partition("=")
@@ -189,7 +237,10 @@ def parse_args(argv: list[str]) -> tuple[ServeConfig, str]:
                          driver_name=args.driver_name, max_volumes_per_node=args.max_volumes,
                          grace_seconds=args.grace, forward_listen=args.forward_listen,
                          forward_token_file=args.forward_token_file, storage_opts=tuple(storage_opts),
-                         metrics_address=args.metrics_address)
+                         metrics_address=args.metrics_address, export_listen=args.export_listen,
+                         export_tls_cert=args.export_tls_cert, export_tls_key=args.export_tls_key,
+                         export_audiences=tuple(args.export_audience) or ("strata-export",),
+                         export_importers=tuple(args.export_importer))
     return config, args.log_level
 
 
