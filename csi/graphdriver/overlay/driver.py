@@ -87,6 +87,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import tempfile
 import threading
@@ -106,6 +107,7 @@ from csi.host import mount as mnt
 from csi.host.fsinfo import existing_ancestor, fsync_dir, fstype_at, kernel_has
 from csi.host.treecopy import copy_metadata, remove_tree
 
+log = logging.getLogger(__name__)
 OVERLAY_OPTIONS: tuple[str, ...] = ("index=off", "redirect_dir=off", "metacopy=off", "xino=off")
 _EMPTY_LOWER = "../empty"  # relative to <home>/l
 
@@ -180,10 +182,32 @@ class OverlayDriver(LayerDriver):
         return None if usage is None else usage.used_bytes
 
     def reconcile(self, dry_run: bool = False) -> Reconciliation:
+        if not dry_run:
+            self._repair_lost_creations()
         report = super().reconcile(dry_run)
         if self.limits is not None and not dry_run:
             self.limits.reconcile(self.store.all())
         return report
+
+    def _repair_lost_creations(self) -> None:
+        """A new writable layer's directories, link file and ``l/`` symlink are not fsynced
+        (an fsync each would double a create's cost; on ext4 the journal commits them with the
+        record's own sync, elsewhere a power cut may drop them). What is lost is made again:
+        a writable layer without its directory was empty when acknowledged (any data an
+        application fsynced into it made its directories durable too), and a lost link is
+        derived from the ID (:func:`csi.graphdriver.overlay.layout.derived_short`)."""
+        for layer in self.store.all():
+            if layer.state is not LayerState.READY:
+                continue
+            if not layer.frozen and not self.layout.layer_dir(layer.id).is_dir():
+                log.warning("%s: layer %s lost its directories in a power cut; making them again",
+                            self.name, layer.id)
+                lowers = self._shorts(self.chain(layer.parent)) if layer.parent else []
+                self.layout.make(layer.id, writable=True, lowers=lowers)
+                if self.limits is not None:
+                    self.limits.apply(layer.id, layer.size_bytes)
+            elif self.layout.layer_dir(layer.id).is_dir() and self.layout.repair(layer.id):
+                log.warning("%s: layer %s lost its short-name link in a power cut; made again", self.name, layer.id)
 
     def _status_extra(self) -> list[tuple[str, str]]:
         return [

@@ -6,7 +6,11 @@ On-disk layout under a driver home::
                                 the whole (read-only) layer of a frozen one
     <home>/layers/<id>/work     overlay's work dir (writable layers only)
     <home>/layers/<id>/merged   where ``get`` mounts the layer's full view
-    <home>/layers/<id>/link     the layer's short name (10 characters of [A-Z2-7])
+    <home>/layers/<id>/link     the layer's short name (10 characters of [A-Z2-7]): the first
+                                characters of base32(sha256(<id>)) (:func:`derived_short`), so
+                                a link file or ``l/`` symlink a power cut lost is made again
+                                from the ID (:meth:`Layout.repair`); a random name (written
+                                durably) only if that one is taken
     <home>/layers/<id>/lower    the short names of its ancestors, nearest first, ``:``-joined
                                 (informational, as Docker writes it; mounts use the records)
     <home>/l/<short>            symlink -> ../layers/<id>/diff
@@ -23,6 +27,8 @@ dir is :mod:`csi.graphdriver.diff.whiteouts`, copying is :mod:`csi.host.treecopy
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import secrets
 from dataclasses import dataclass
@@ -35,6 +41,11 @@ from csi.host.atomicfile import write_atomic
 
 SHORT_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 SHORT_LEN = 10
+
+
+def derived_short(layer_id: str) -> str:
+    """The short name a layer gets unless it is taken: it follows from the ID alone."""
+    return base64.b32encode(hashlib.sha256(layer_id.encode()).digest()).decode("ascii")[:SHORT_LEN]
 
 
 @dataclass(frozen=True)
@@ -93,15 +104,39 @@ class Layout:
         if writable:
             self.work(layer_id).mkdir(mode=0o700)
         self.merged(layer_id).mkdir(mode=0o755)
-        short = "".join(secrets.choice(SHORT_ALPHABET) for _ in range(SHORT_LEN))
-        write_atomic(top / "link", short, sync_dir=False)
+        short = derived_short(layer_id)
+        if os.path.lexists(self.links / short):  # taken (a hash prefix collision): a random name, kept durably
+            short = "".join(secrets.choice(SHORT_ALPHABET) for _ in range(SHORT_LEN))
+            write_atomic(top / "link", short, sync_dir=False)
+        else:  # not fsynced: a lost or empty link file is derived again from the ID
+            (top / "link").write_text(short, encoding="ascii")
         self.write_lower(layer_id, lowers)
         os.symlink(f"../layers/{layer_id}/diff", self.links / short)
         return short
 
     def short(self, layer_id: str) -> str:
-        """The layer's short name (its ``l/`` link)."""
-        return (self.layer_dir(layer_id) / "link").read_text(encoding="ascii").strip()
+        """The layer's short name (its ``l/`` link); an empty or missing link file (a power
+        cut) means the derived one."""
+        try:
+            return (self.layer_dir(layer_id) / "link").read_text(encoding="ascii").strip() or derived_short(layer_id)
+        except FileNotFoundError:
+            if not self.layer_dir(layer_id).is_dir():
+                raise
+            return derived_short(layer_id)
+
+    def repair(self, layer_id: str) -> bool:
+        """Make a layer's link file and ``l/`` symlink again where a power cut lost them (their
+        creation is not fsynced); True if something was made."""
+        short = self.short(layer_id)
+        made = False
+        link_file = self.layer_dir(layer_id) / "link"
+        if not link_file.exists() or not link_file.read_text(encoding="ascii").strip():
+            write_atomic(link_file, short, sync_dir=False)
+            made = True
+        if not os.path.lexists(self.links / short):
+            os.symlink(f"../layers/{layer_id}/diff", self.links / short)
+            made = True
+        return made
 
     def write_lower(self, layer_id: str, lowers: list[str]) -> None:
         path = self.layer_dir(layer_id) / "lower"
