@@ -8,7 +8,11 @@ past the ustar field, odd names (not UTF-8, long, deep), binary xattr values, ha
   nanoseconds, which :func:`parse_ns` recovers exactly;
 * real trees: the stream written to a file descriptor (sendfile) and to an in-memory sink
   are the same bytes, :class:`TarSizer` counts exactly them, ``tarfile`` reads every
-  entry as on disk, and applying the stream reproduces the tree.
+  entry as on disk, and applying the stream reproduces the tree;
+* sparse files (random data segments and holes): PAX 1.0 sparse members exactly when a file
+  has holes, a stream about the size of the data, read back by ``tarfile`` and extracted by GNU
+  tar and by the applier to the same tree with no more blocks allocated than the source; a
+  map pointing outside its file is refused.
 """
 
 from __future__ import annotations
@@ -17,14 +21,17 @@ import io
 import os
 import shutil
 import stat
+import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import HealthCheck, given, settings
 
 from conformance import assert_same_tree
+from csi.errors import InvalidArgument
 from csi.graphdriver.diff.ocitar import (LayerTarWriter, TarSizer, apply_tar, format_ns, header_bytes, parse_ns,
                                          tarinfo_for)
 
@@ -158,3 +165,72 @@ def test_trees_round_trip_through_tarfile_and_apply(entries: list[tuple[tuple[st
         assert_same_tree(src, dst)
     finally:
         shutil.rmtree(work)
+
+
+# -- sparse files: PAX 1.0 sparse members (GNU.sparse.major=1, minor=0) when a file has holes
+
+_BLOCK = 4096
+_segments = st.lists(st.tuples(st.integers(min_value=0, max_value=600), st.binary(min_size=1, max_size=9000)),
+                     max_size=5)
+
+
+def _sparse_file(path: Path, writes: list[tuple[int, bytes]], size_blocks: int) -> None:
+    with open(path, "wb") as f:
+        for block, data in writes:
+            f.seek(block * _BLOCK)
+            f.write(data)
+        f.truncate(max(f.tell(), size_blocks * _BLOCK))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(files=st.lists(st.tuples(_segments, st.integers(min_value=0, max_value=700)), min_size=1, max_size=3),
+       dense=st.binary(max_size=5000))
+def test_sparse_files_round_trip_through_every_reader(files: list[tuple[list[tuple[int, bytes]], int]],
+                                                      dense: bytes) -> None:
+    work = Path(tempfile.mkdtemp(prefix="ocitar-sparse-", dir="/var/tmp"))
+    try:
+        src, dst, gnu = work / "src", work / "dst", work / "gnu"
+        for d in (src, dst, gnu):
+            d.mkdir()
+        for i, (writes, size_blocks) in enumerate(files):
+            _sparse_file(src / f"f{i}", writes, size_blocks)
+        (src / "dense").write_bytes(dense)
+        for directory, _, _ in os.walk(src):
+            os.utime(directory, ns=(0, 10**18))
+        memory, sizer = io.BytesIO(), TarSizer()
+        _written(src, memory)
+        _written(src, sizer)
+        with open(work / "layer.tar", "wb") as f:
+            _written(src, f)
+        data = memory.getvalue()
+        assert (work / "layer.tar").read_bytes() == data and sizer.count == len(data)
+        allocated = sum(os.stat(p).st_blocks * 512 for p in src.iterdir())
+        assert len(data) <= allocated + 2048 * (len(files) + 2) + 10240  # headers, maps, padding, end
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                path = src / member.name
+                holes = os.stat(path).st_blocks * 512 < os.stat(path).st_size
+                assert (member.sparse is not None) == holes, member.name  # dense files stay plain
+                extracted = tar.extractfile(member)
+                assert extracted is not None and extracted.read() == path.read_bytes()
+        apply_tar(dst, io.BytesIO(data))
+        subprocess.run(["tar", "-x", "-f", str(work / "layer.tar"), "-C", str(gnu)], check=True)
+        for out in (dst, gnu):
+            os.utime(out, ns=(0, os.lstat(src).st_mtime_ns))
+            assert_same_tree(src, out)
+            for p in src.iterdir():  # the holes are holes again: no more blocks than the source
+                assert os.stat(out / p.name).st_blocks <= os.stat(p).st_blocks, p.name
+    finally:
+        shutil.rmtree(work)
+
+
+def test_applier_refuses_a_sparse_map_outside_the_file(tmp_path: Path) -> None:
+    info = tarfile.TarInfo("GNUSparseFile.0/x")
+    info.pax_headers.update({"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "x",
+                             "GNU.sparse.realsize": "100"})
+    body = b"1\n4096\n10\n".ljust(512, b"\0") + b"0123456789"
+    info.size = len(body)
+    stream = io.BytesIO(info.tobuf(tarfile.PAX_FORMAT) + body.ljust(1024, b"\0") + bytes(1024))
+    with pytest.raises(InvalidArgument, match="sparse map"):
+        apply_tar(tmp_path, stream)
+    assert not (tmp_path / "x").exists() or os.stat(tmp_path / "x").st_size == 0

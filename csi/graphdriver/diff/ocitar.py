@@ -10,6 +10,19 @@ mode with setuid/setgid/sticky, numeric uid/gid, mtime to the nanosecond, xattrs
 the inode written in the same stream. Sockets cannot be stored in tar and are skipped.
 Names that are not UTF-8 keep their bytes (PAX ``hdrcharset=BINARY``).
 
+Sparse files: a regular file with holes (found with ``SEEK_DATA``/``SEEK_HOLE``: its data
+extents add up to less than its size) is written in GNU's **PAX sparse format 1.0** — PAX
+records ``GNU.sparse.major=1``, ``GNU.sparse.minor=0``, ``GNU.sparse.name`` (the real name),
+``GNU.sparse.realsize``; the ustar name is the placeholder ``GNUSparseFile.0/<base name>``; the
+member's data is the map (decimal ``count`` then ``offset``/``length`` pairs, one per line,
+padded to a block) followed by the data segments back to back, and a file ending in a hole
+ends its map with ``(size, 0)`` (what GNU tar needs to set the size). It is the one sparse
+encoding every reader here takes: GNU tar, Go's archive/tar (umoci, containerd, skopeo) and
+Python's tarfile; GNU's old ``S`` type header is read by tarfile and GNU tar but Go hands it to
+unpackers as type ``S``, which umoci and containerd refuse. A dense file stays a plain entry.
+Data segments go by sendfile(2) from their offsets. The map comes from the filesystem's
+extents, so the bytes are deterministic for an unchanged file (a frozen layer).
+
 Times: one formatter, :func:`format_ns`, writes the PAX ``mtime`` as the exact decimal
 of the nanoseconds (``-0.000000001`` for -1 ns: a reader adds the fraction with the
 sign), whenever the time is not a whole non-negative second; :func:`parse_ns` reads it
@@ -20,12 +33,15 @@ Writing (:class:`LayerTarWriter`): ``add(fs_path, arcname)``, ``add_whiteout(pat
 from tarfile's encoder; file data goes to a real file descriptor with sendfile(2) (no
 copy through Python), padded to the announced size if the file shrank meanwhile. A
 :class:`TarSizer` sink counts the stream's bytes without reading any file data (what a
-``diff_size`` needs).
+``diff_size`` needs; a sparse file's extents are looked up, not read).
 
 Applying (:class:`LayerTarApplier`, :func:`apply_tar`): members onto a root directory.
 It refuses names that leave the root (absolute, ``..``) or pass through a symlink or any
 other non-directory, never follows a symlink, honours whiteouts and opaque markers, and
-sets directory mtimes last (deepest first). A layer store with its own on-disk form of
+sets directory mtimes last (deepest first). A sparse member (any encoding tarfile reads:
+PAX 0.0/0.1/1.0, old GNU) gets its data segments written at their offsets and the file
+truncated to its size: the holes stay unallocated. Its map is checked first (ascending,
+non-overlapping, inside the size, no more data than the member carries). A layer store with its own on-disk form of
 deletions (an overlay upper dir) subclasses it and overrides the hooks
 :meth:`~LayerTarApplier.whiteout`, :meth:`~LayerTarApplier.opaque`,
 :meth:`~LayerTarApplier.clear`, :meth:`~LayerTarApplier.make_dir`,
@@ -42,6 +58,7 @@ import shutil
 import stat
 import tarfile
 from decimal import Decimal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -55,6 +72,8 @@ _COPY_CHUNK = 1 << 20
 _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"
 _NS = 10**9
+SPARSE_DIR = "GNUSparseFile.0"
+_SPARSE_NAME_MAX = 80
 
 
 def format_ns(ns: int) -> str:
@@ -113,6 +132,70 @@ def tarinfo_for(fs_path: str | os.PathLike[str], arcname: str, st: os.stat_resul
     for name, value in read_xattrs(fs_path).items():
         info.pax_headers[XATTR_PREFIX + name] = value.decode(_ENCODING, _ERRORS)
     return info
+
+
+def _extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """``(offset, length)`` of each data extent of ``fd`` below ``size``."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # nothing but a hole is left
+                return
+            raise
+        if start >= size or end <= start:
+            return
+        offset = min(end, size)
+        yield start, offset - start
+
+
+def data_segments(path: str | os.PathLike[str], size: int) -> list[tuple[int, int]] | None:
+    """``[(offset, length)]`` of the data extents of the regular file ``path`` when it has
+    holes (the extents add up to less than ``size``); None for a dense file or a filesystem
+    without ``SEEK_DATA``. (csi.host.treecopy.copy_sparse walks extents the same way, to copy.)"""
+    if size == 0:
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        segments = list(_extents(fd, size))
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
+    finally:
+        os.close(fd)
+    return segments if sum(length for _, length in segments) < size else None
+
+
+def sparse_map(segments: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """The map a sparse member carries: the data segments, plus ``(size, 0)`` when the file
+    ends in a hole."""
+    last = segments[-1][0] + segments[-1][1] if segments else 0
+    return segments + [(size, 0)] if last < size else list(segments)
+
+
+def _sparse_map_bytes(entries: list[tuple[int, int]]) -> bytes:
+    text = f"{len(entries)}\n" + "".join(f"{offset}\n{length}\n" for offset, length in entries)
+    return text.encode("ascii").ljust(_padded(len(text)), b"\0")
+
+
+def make_sparse(info: tarfile.TarInfo, entries: list[tuple[int, int]]) -> bytes:
+    """Turn the regular-file ``info`` into a PAX 1.0 sparse member with map ``entries``;
+    returns the map block(s) that start its data."""
+    name = info.name
+    base = name.rpartition("/")[2]
+    if not base.isascii() or len(base) > _SPARSE_NAME_MAX or not base.isprintable():
+        base = "file"
+    info.pax_headers.update({
+        "GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": name,
+        "GNU.sparse.realsize": str(info.size),
+    })
+    info.name = f"{SPARSE_DIR}/{base}"
+    head = _sparse_map_bytes(entries)
+    info.size = len(head) + sum(length for _, length in entries)
+    return head
 
 
 def header_bytes(info: tarfile.TarInfo) -> bytes:
@@ -198,6 +281,35 @@ class LayerTarWriter:
                     left -= len(chunk)
             self._emit(bytes(left + _padded(size) - size))
 
+    def _segments(self, path: str | os.PathLike[str], entries: list[tuple[int, int]], stored: int) -> None:
+        """The data segments ``entries`` of ``path`` back to back, then padding of the member's
+        ``stored`` bytes (the map block already written) to a block."""
+        data = sum(length for _, length in entries)
+        if self._sizer is not None:
+            self._sizer.count += _padded(stored) - (stored - data)
+            self._written += _padded(stored) - (stored - data)
+            return
+        source = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for offset, length in entries:
+                done = 0
+                while done < length:
+                    if self._fd is not None:
+                        n = os.sendfile(self._fd, source, offset + done, min(length - done, 1 << 30))
+                        self._written += n
+                    else:
+                        chunk = os.pread(source, min(length - done, _COPY_CHUNK), offset + done)
+                        n = len(chunk)
+                        if n:
+                            self._emit(chunk)
+                    if n == 0:  # the file shrank: zeros keep the announced size
+                        self._emit(bytes(length - done))
+                        break
+                    done += n
+        finally:
+            os.close(source)
+        self._emit(bytes(_padded(stored) - stored))
+
     def add_info(self, info: tarfile.TarInfo) -> None:
         """Write a member without data (anything but a regular file with content)."""
         self._emit(header_bytes(info))
@@ -219,6 +331,15 @@ class LayerTarWriter:
             self._inodes[(st.st_dev, st.st_ino)] = arcname
         info = tarinfo_for(fs_path, arcname, st)
         if info is None:
+            return
+        segments = data_segments(fs_path, info.size) if info.type == tarfile.REGTYPE and info.size else None
+        if segments is not None:
+            self.content_bytes += info.size
+            entries = sparse_map(segments, info.size)
+            head = make_sparse(info, entries)
+            self.add_info(info)
+            self._emit(head)
+            self._segments(fs_path, entries, info.size)
             return
         self.add_info(info)
         if info.type == tarfile.REGTYPE and info.size:
@@ -372,12 +493,45 @@ class LayerTarApplier:
             self._dir_times.append((rel, parse_ns(member)))
 
     def _write_file(self, tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> None:
+        if member.sparse is not None:
+            self._write_sparse(tar, member, path)
+            return
         source = tar.extractfile(member)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as out:
             if source is not None:
                 shutil.copyfileobj(source, out, _COPY_CHUNK)
         self.bytes_written += member.size
+
+    def _write_sparse(self, tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> None:
+        """The data segments at their offsets, then the size: holes stay unallocated."""
+        size = _sparse_size(member)
+        entries = _checked_map(member, size)
+        carried = tar.offset - member.offset_data  # where the next header starts
+        if sum(length for _, length in entries) > carried:
+            raise InvalidArgument(f"tar member {member.name!r}: its sparse map names more data than it carries")
+        assert tar.fileobj is not None
+        tar.fileobj.seek(member.offset_data)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            for offset, length in entries:
+                done = 0
+                while done < length:
+                    chunk = tar.fileobj.read(min(length - done, _COPY_CHUNK))
+                    if not chunk:
+                        raise InvalidArgument(f"tar member {member.name!r} ends inside its sparse data")
+                    written = 0
+                    while written < len(chunk):
+                        written += os.pwrite(fd, chunk[written:], offset + done + written)
+                    done += len(chunk)
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            if exc.errno in (errno.EFBIG, errno.EINVAL):
+                raise InvalidArgument(f"tar member {member.name!r}: sparse size {size} is impossible here: {exc}") from exc
+            raise
+        finally:
+            os.close(fd)
+        self.bytes_written += size
 
     def _set_metadata(self, path: Path, member: tarfile.TarInfo, *, replace_xattrs: bool) -> None:
         os.chown(path, member.uid, member.gid, follow_symlinks=False)
@@ -410,6 +564,29 @@ class LayerTarApplier:
                 os.utime(path, ns=(ns, ns), follow_symlinks=False)
         self._dir_times.clear()
         return self.bytes_written
+
+
+def _sparse_size(member: tarfile.TarInfo) -> int:
+    """A sparse member's real size (tarfile lets a PAX ``size`` record, written when the
+    stored data passes 8 GiB, override ``GNU.sparse.realsize``)."""
+    for key in ("GNU.sparse.realsize", "GNU.sparse.size"):
+        text = member.pax_headers.get(key)
+        if text is not None:
+            if not text.isdigit():
+                raise InvalidArgument(f"tar member {member.name!r}: sparse size {text[:40]!r} is not a number")
+            return int(text)
+    return member.size
+
+
+def _checked_map(member: tarfile.TarInfo, size: int) -> list[tuple[int, int]]:
+    """The member's sparse map, refused unless ascending, non-overlapping and inside the size."""
+    entries = [(int(offset), int(length)) for offset, length in member.sparse or ()]
+    end = 0
+    for offset, length in entries:
+        if offset < end or length < 0 or offset + length > size:
+            raise InvalidArgument(f"tar member {member.name!r} has a malformed sparse map")
+        end = offset + length
+    return entries
 
 
 def apply_tar(root: str | os.PathLike[str], stream: IO[bytes], applier: LayerTarApplier | None = None) -> int:
