@@ -35,6 +35,18 @@ while ``get_block`` refuses filesystem layers. Frozen copies and children of a b
 are block layers (a child must ask for ``block=True``; a mismatch is InvalidArgument).
 Elsewhere ``block=True``, ``get_block`` and ``block_device`` raise Unsupported.
 
+Block metadata (changed-block tracking; CSI SnapshotMetadata), where the driver sets
+``supports_block_metadata``::
+
+    allocated_blocks(id) -> BlockMap          the blocks of block layer id that hold data
+    changed_blocks(base_id, id) -> BlockMap   the blocks whose content differs between base_id
+                                              and id (written, overwritten or discarded since)
+
+Both answer from the storage's own bookkeeping (a thin pool's mappings), never by reading
+the data. ``changed_blocks`` raises FailedPrecondition when the two layers cannot be
+compared (unrelated content, not block layers, a base larger than the layer); elsewhere
+both raise Unsupported naming the driver.
+
 This module holds types only: no storage, no I/O. The shared machinery is
 :mod:`csi.graphdriver.layered`; records are :mod:`csi.graphdriver.metastore`.
 """
@@ -52,7 +64,8 @@ from typing import IO, Any, ClassVar
 from csi.errors import Unsupported
 
 __all__ = [
-    "Capacity", "Change", "ChangeKind", "CreateOpts", "Driver", "Layer", "LayerKind", "LayerState", "Reconciliation",
+    "BlockMap", "Capacity", "Change", "ChangeKind", "CreateOpts", "Driver", "Layer", "LayerKind", "LayerState",
+    "Reconciliation",
 ]
 
 
@@ -126,6 +139,23 @@ class Capacity:
 
 
 @dataclass(frozen=True)
+class BlockMap:
+    """Where a block layer's data is (:meth:`Driver.allocated_blocks`) or differs from a
+    base (:meth:`Driver.changed_blocks`), in whole blocks of the storage.
+
+    ``extents``: ascending, non-overlapping, non-adjacent ``(offset, length)`` in bytes,
+    each a multiple of ``block_size`` and within ``capacity_bytes`` (the layer's size)."""
+
+    block_size: int
+    capacity_bytes: int
+    extents: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def mapped_bytes(self) -> int:
+        return sum(length for _, length in self.extents)
+
+
+@dataclass(frozen=True)
 class Reconciliation:
     """What a start-up sweep (:meth:`Driver.reconcile`) did, or would do with ``dry_run``.
 
@@ -161,6 +191,20 @@ class Driver(ABC):
     # around it. False where ``freeze`` works in the filesystem itself (a btrfs snapshot, a
     # copy), which a frozen filesystem would block.
     snapshot_below_filesystem: ClassVar[bool] = False
+    # allocated_blocks / changed_blocks answer from the storage's own block bookkeeping
+    supports_block_metadata: bool = False
+
+    def allocated_blocks(self, layer_id: str) -> BlockMap:
+        """The blocks of block layer ``layer_id`` that hold data (see the module docstring).
+        The default: Unsupported, naming the driver."""
+        raise Unsupported(f"the {self.name} layered driver keeps no block map: changed-block tracking "
+                          "needs devicemapper block volumes")
+
+    def changed_blocks(self, base_id: str, layer_id: str) -> BlockMap:
+        """The blocks whose content differs between ``base_id`` and ``layer_id``. The
+        default: Unsupported, naming the driver."""
+        raise Unsupported(f"the {self.name} layered driver keeps no block map: changed-block tracking "
+                          "needs devicemapper block volumes")
 
     def modify(self, layer_id: str, properties: Mapping[str, str]) -> None:
         """Change mutable properties of a writable layer (new writes follow them). The

@@ -29,7 +29,7 @@ from typing import IO, ClassVar
 from csi.errors import AlreadyExists, Busy, FailedPrecondition, InvalidArgument, NotFound, StrataError, Unsupported
 from csi.graphdriver.diff.naive import NaiveDiffer
 from csi.graphdriver.driver import (
-    Capacity, Change, CreateOpts, Driver, Layer, LayerKind, LayerState, Reconciliation,
+    BlockMap, Capacity, Change, CreateOpts, Driver, Layer, LayerKind, LayerState, Reconciliation,
 )
 from csi.graphdriver.metastore import LayerStore
 from csi.host import mount as mnt
@@ -128,6 +128,16 @@ class LayerDriver(Driver):
     def _block_path(self, layer: Layer) -> Path:
         """The device node of an active layer (drivers that set ``supports_block``)."""
         raise Unsupported(self._no_block())
+
+    def _allocated_blocks(self, layer: Layer) -> BlockMap:
+        """The data blocks of a block layer (drivers that set ``supports_block_metadata``)."""
+        raise Unsupported(f"the {self.name} layered driver keeps no block map: changed-block tracking "
+                          "needs devicemapper block volumes")
+
+    def _changed_blocks(self, base: Layer, layer: Layer) -> BlockMap:
+        """The blocks that differ between two related block layers (``supports_block_metadata``)."""
+        raise Unsupported(f"the {self.name} layered driver keeps no block map: changed-block tracking "
+                          "needs devicemapper block volumes")
 
     def _no_block(self) -> str:
         return (f"the {self.name} layered driver has no block device per layer: block volumes need "
@@ -521,6 +531,47 @@ class LayerDriver(Driver):
         for layer in self.store.all():
             if layer.hidden:
                 self._free_if_orphaned(layer.id)
+
+    # ------------------------------------------------------------------ block metadata
+
+    def _lineage(self, layer: Layer) -> set[str]:
+        """The layer, the volume it was frozen from, and the same for each ancestor: two
+        layers sharing any of these hold versions of one volume's blocks."""
+        seen: set[str] = set()
+        current: Layer | None = layer
+        while current is not None and current.id not in seen and len(seen) < 20_000:
+            seen.add(current.id)
+            if current.origin:
+                seen.add(current.origin)
+            current = self.store.get(current.parent) if current.parent else None
+        return seen
+
+    def _block_layer(self, layer_id: str, what: str) -> Layer:
+        layer = self._visible(layer_id, what)
+        if not layer.block:
+            raise FailedPrecondition(f"{what} {layer_id} holds a filesystem, not a raw block device: "
+                                     "changed-block tracking is for block volumes")
+        return layer
+
+    def allocated_blocks(self, layer_id: str) -> BlockMap:
+        if not self.supports_block_metadata:
+            return super().allocated_blocks(layer_id)
+        check_layer_id(layer_id)
+        with self._locked(layer_id):
+            return self._allocated_blocks(self._block_layer(layer_id, "layer"))
+
+    def changed_blocks(self, base_id: str, layer_id: str) -> BlockMap:
+        if not self.supports_block_metadata:
+            return super().changed_blocks(base_id, layer_id)
+        check_layer_id(base_id, "base layer id")
+        check_layer_id(layer_id)
+        with self._locked(base_id, layer_id):
+            base = self._block_layer(base_id, "base layer")
+            layer = self._block_layer(layer_id, "layer")
+            if not self._lineage(base) & self._lineage(layer):
+                raise FailedPrecondition(f"layers {base_id} and {layer_id} hold unrelated content (neither comes "
+                                         "from the other's volume, snapshot or clone): no block delta between them")
+            return self._changed_blocks(base, layer)
 
     # ------------------------------------------------------------------ diffs (naive default)
 

@@ -31,7 +31,7 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
                               context: grpc.ServicerContext) -> csi_pb2.GetPluginCapabilitiesResponse:
         caps = [csi_pb2.PluginCapability(service=_Service(type=t))
                 for t in (_Service.CONTROLLER_SERVICE, _Service.GROUP_CONTROLLER_SERVICE,
-                          _Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)]
+                          _Service.VOLUME_ACCESSIBILITY_CONSTRAINTS) + ((_Service.SNAPSHOT_METADATA_SERVICE,) if self.plugin.driver.supports_block_metadata else ())]
         caps.append(csi_pb2.PluginCapability(volume_expansion=_Expansion(type=_Expansion.ONLINE)))
         return csi_pb2.GetPluginCapabilitiesResponse(capabilities=caps)
 
