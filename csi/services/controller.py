@@ -5,8 +5,17 @@ CreateVolume (empty)        ``driver.create(vol, None, size)``
 CreateVolume from snapshot  ``driver.create(vol, parent=snapshot layer)`` — restore
 CreateVolume from volume    ``driver.freeze(source, base)``, ``driver.create(vol, parent=base)``,
                             ``driver.remove(base)`` (hidden until the clone goes) — clone
-CreateSnapshot              ``driver.freeze(volume, snap)``
-Delete*                     ``driver.remove`` (deferred by the driver while children exist)
+CreateVolume from another   the source's missing layers pulled (another node's snapshot or
+node or from a backup       volume, an ``oci://…@sha256:…`` / ``oci-layout:…`` backup) and
+                            imported as frozen ``oci-<ChainID>`` layers, then
+                            ``driver.create(vol, parent=top)``: :mod:`csi.services.sources`
+                            (a pull that outlasts the call goes on in the background; the
+                            repeated call is ABORTED until it is done)
+CreateSnapshot              ``driver.freeze(volume, snap)``; with a ``backupTarget``
+                            parameter also an upload in the background (``ready_to_use``
+                            false until it is done; the record keeps the reference)
+Delete*                     ``driver.remove`` (deferred by the driver while children exist);
+                            DeleteSnapshot also removes the backup's tag
 ControllerExpandVolume      ``driver.resize``; where the driver cannot enforce sizes
                             (``Unsupported``) the new capacity is recorded only. Infeasible
                             (OUT_OF_RANGE, nothing changed, so Kubernetes can recover):
@@ -39,28 +48,41 @@ as :mod:`csi.errors` types for the seam (:mod:`csi.services.status`) to answer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import logging
+from collections.abc import Callable, Mapping
+from contextlib import closing
+from datetime import datetime, timezone
 from typing import TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from csi.errors import AlreadyExists, Busy, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Unsupported
+from csi.backup import parse_reference, read_artifact
+from csi.backup.media import ANNOTATION_CREATED
+from csi.backup.targets import open_target
+from csi.errors import (Aborted, AlreadyExists, Busy, FailedPrecondition, InvalidArgument, NotFound, OutOfRange,
+                        StrataError, Unsupported)
 from csi.graphdriver.driver import CreateOpts, Driver
 from csi.ids import new_layer_id
 from csi.proto import csi_pb2, csi_pb2_grpc
 from csi.services.plugin import Plugin
-from csi.services.requests import (MUTABLE_PARAMETERS, check_snapshot_parameters, fits, issue_token, read_token,
-                                   requested_size, require)
+from csi.services.requests import (MUTABLE_PARAMETERS, check_snapshot_parameters, docker_config_of, fits,
+                                   is_backup_reference, issue_token, read_token, requested_size, require)
+from csi.services.sources import LOCAL, Pulled, Source, classify
 from csi.services.volume_ids import CLONE_BASE_PREFIX, SNAPSHOT_PREFIX, VOLUME_PREFIX, make_id, parse_id, parse_local
-from csi.state.store import RecordState, SnapshotRecord, VolumeRecord
+from csi.state.store import BACKUP_FAILED, BACKUP_UPLOADING, RecordState, SnapshotRecord, VolumeRecord
 
+log = logging.getLogger("strata.controller")
 Record = TypeVar("Record", VolumeRecord, SnapshotRecord)
 _Cap = csi_pb2.ControllerServiceCapability.RPC
 CAPABILITIES = (_Cap.CREATE_DELETE_VOLUME, _Cap.CREATE_DELETE_SNAPSHOT, _Cap.CLONE_VOLUME, _Cap.LIST_VOLUMES,
                 _Cap.LIST_SNAPSHOTS, _Cap.GET_CAPACITY, _Cap.EXPAND_VOLUME, _Cap.GET_VOLUME,
                 _Cap.VOLUME_CONDITION, _Cap.SINGLE_NODE_MULTI_WRITER, _Cap.GET_SNAPSHOT, _Cap.MODIFY_VOLUME)
 _USE_WORDS = {"stage": "staged", "publish": "published"}
+# volume_context keys of a volume made from a source elsewhere (shown in the PersistentVolume)
+CONTEXT_RESTORED_FROM = "strata.csi.dev/restored-from"
+CONTEXT_NOTE = "strata.csi.dev/restore-note"
 
 
 def _access(block: bool) -> str:
@@ -98,18 +120,19 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise NotFound(f"snapshot {snapshot_id} does not exist")
         return record
 
-    def _volume_message(self, v: VolumeRecord) -> csi_pb2.Volume:
+    def _volume_message(self, v: VolumeRecord, context: dict[str, str] | None = None) -> csi_pb2.Volume:
         source = None
         if v.source_kind == "snapshot":
             source = csi_pb2.VolumeContentSource(snapshot={"snapshot_id": v.source_id})
         elif v.source_kind == "volume":
             source = csi_pb2.VolumeContentSource(volume={"volume_id": v.source_id})
         return csi_pb2.Volume(volume_id=self._vid(v.layer), capacity_bytes=v.capacity, content_source=source,
+                              volume_context=context or {},
                               accessible_topology=[csi_pb2.Topology(segments=self.plugin.topology())])
 
     def _snapshot_message(self, s: SnapshotRecord) -> csi_pb2.Snapshot:
         return csi_pb2.Snapshot(snapshot_id=self._vid(s.layer), source_volume_id=self._vid(s.source_layer),
-                                size_bytes=s.size, creation_time=timestamp(s.created), ready_to_use=True,
+                                size_bytes=s.size, creation_time=timestamp(s.created), ready_to_use=s.ready_to_use,
                                 group_snapshot_id=self._vid(s.group_id) if s.group_id else "")
 
     # ------------------------------------------------------------------ volumes
@@ -120,14 +143,15 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         require(request.volume_capabilities, "volume_capabilities")
         source_kind = request.volume_content_source.WhichOneof("type") or ""
         source_id = ""
+        source: Source | None = None
         if source_kind == "snapshot":
             source_id = request.volume_content_source.snapshot.snapshot_id
             require(source_id, "volume_content_source.snapshot.snapshot_id")
-            self._snapshot(source_id)  # the object exists before the shape of the rest is judged
+            source = self._source("snapshot", source_id)  # exists before the shape of the rest is judged
         elif source_kind == "volume":
             source_id = request.volume_content_source.volume.volume_id
             require(source_id, "volume_content_source.volume.volume_id")
-            self._volume(source_id)
+            source = self._source("volume", source_id)
         block = self.plugin.check_capabilities(request.volume_capabilities)
         parameters = self.plugin.check_parameters(request.parameters)
         mutable = {k: v for k, v in parameters.items() if k in MUTABLE_PARAMETERS}
@@ -146,14 +170,54 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                     raise AlreadyExists(f"volume {request.name!r} exists with {_access(existing.block)} access, "
                                         f"not {_access(block)}")
                 return csi_pb2.CreateVolumeResponse(volume=self._volume_message(existing))
+            if source is not None and source.remote:
+                return self._create_from_elsewhere(request, source, size, parameters, block, mutable)
             record = self._create(request.name, size, parameters, source_kind, source_id, request.capacity_range,
                                   block, mutable)
             return csi_pb2.CreateVolumeResponse(volume=self._volume_message(record))
 
+    def _source(self, kind: str, source_id: str) -> Source:
+        """The content source, classified; a local one must exist (NOT_FOUND otherwise), and
+        another node's only when this plugin has a channel to other nodes."""
+        source = classify(kind, source_id, self.plugin.node_id)
+        if source.kind == LOCAL:
+            if kind == "snapshot":
+                self._snapshot(source_id)
+            else:
+                self._volume(source_id)
+        elif source.owner and self.plugin.dialer is None:
+            raise NotFound(f"{kind} {source_id} is owned by node {source.owner}, and this plugin has no channel to "
+                           "other nodes to pull it from (the node-to-node channel is not configured)")
+        return source
+
+    def _create_from_elsewhere(self, request: csi_pb2.CreateVolumeRequest, source: Source, size: int,
+                               parameters: dict[str, str], block: bool,
+                               mutable: dict[str, str]) -> csi_pb2.CreateVolumeResponse:
+        if block:
+            raise InvalidArgument(f"{source.source_id} is pulled as filesystem layers: a block volume cannot be "
+                                  "restored or cloned from another node or from a backup")
+        pulled: Pulled = self.plugin.sources.obtain(request.name, source, request.secrets, parameters)
+        try:
+            record = self._create(request.name, size, parameters, request.volume_content_source.WhichOneof("type"),
+                                  source.source_id, request.capacity_range, block, mutable, pulled)
+        finally:
+            self.plugin.sources.finished(request.name)
+        if pulled.cleanup is not None:
+            pulled.cleanup()
+        context = {CONTEXT_RESTORED_FROM: pulled.origin}
+        if pulled.note:
+            context[CONTEXT_NOTE] = pulled.note
+        log.info("volume %s (%s) made from %s on layer %s%s", self._vid(record.layer), request.name, pulled.origin,
+                 pulled.layer_id, f": {pulled.note}" if pulled.note else "")
+        return csi_pb2.CreateVolumeResponse(volume=self._volume_message(record, context))
+
     def _create(self, name: str, size: int, parameters: dict[str, str], source_kind: str, source_id: str,
-                range_: csi_pb2.CapacityRange, block: bool, mutable: dict[str, str]) -> VolumeRecord:
+                range_: csi_pb2.CapacityRange, block: bool, mutable: dict[str, str],
+                pulled: Pulled | None = None) -> VolumeRecord:
         parent = base = None
-        if source_kind == "snapshot":
+        if pulled is not None:
+            parent, size = pulled.layer_id, self._at_least(size, pulled.min_bytes, range_, source_kind)
+        elif source_kind == "snapshot":
             snap = self._snapshot(source_id)
             self._same_access(self.driver.layer(snap.layer).block, block, "snapshot", source_id)
             parent, size = snap.layer, self._at_least(size, snap.size, range_, "snapshot")
@@ -339,25 +403,43 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         made = self.store.snapshot_by_name(request.name)
         if made is None or self._vid(made.source_layer) != request.source_volume_id:
             self._volume(request.source_volume_id)  # exists, before the shape of the parameters
-        check_snapshot_parameters(request.parameters)
+        wanted = check_snapshot_parameters(request.parameters, allow_backup=True)
+        credentials = docker_config_of(request.secrets) if wanted.target else None
         with self.plugin.locks.hold(f"snapshot-name:{request.name}", f"source:{request.source_volume_id}"):
             existing = self.store.snapshot_by_name(request.name)
             if existing is not None:
                 if existing.state is not RecordState.READY \
                         or self._vid(existing.source_layer) != request.source_volume_id:
                     raise AlreadyExists(f"snapshot {request.name!r} exists for another source volume")
+                if existing.backup_target != wanted.target:
+                    raise AlreadyExists(f"snapshot {request.name!r} exists with backup target "
+                                        f"{existing.backup_target or 'none'}, not {wanted.target or 'none'}")
+                if existing.backup_state in (BACKUP_FAILED, BACKUP_UPLOADING) \
+                        and not self.plugin.uploads.running(existing.layer):
+                    # a failed upload, or one a restart interrupted: the repeated call starts it again
+                    self._upload(existing, wanted.compression, credentials)
+                    existing = self.store.snapshot(existing.layer) or existing
                 return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot_message(existing))
             source = self._volume(request.source_volume_id)
             layer = new_layer_id(SNAPSHOT_PREFIX)
             try:
                 self.driver.freeze(source.layer, layer)
-                record = self.store.add_snapshot(SnapshotRecord(layer=layer, name=request.name,
-                                                                source_layer=source.layer, size=source.capacity,
-                                                                state=RecordState.READY))
+                record = self.store.add_snapshot(SnapshotRecord(
+                    layer=layer, name=request.name, source_layer=source.layer, size=source.capacity,
+                    state=RecordState.READY, backup_target=wanted.target,
+                    backup_state=BACKUP_UPLOADING if wanted.target else ""))
             except BaseException:
                 self.driver.remove(layer)
                 raise
+            if wanted.target:
+                self._upload(record, wanted.compression, credentials)
             return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot_message(record))
+
+    def _upload(self, record: SnapshotRecord, compression: str, credentials: object) -> None:
+        log.info("snapshot %s (%s): uploading to %s in the background", self._vid(record.layer), record.name,
+                 record.backup_target)
+        self.plugin.uploads.start(record.layer, self._vid(record.layer), record.name, record.backup_target,
+                                  compression, record.size, credentials)  # type: ignore[arg-type]
 
     def DeleteSnapshot(self, request: csi_pb2.DeleteSnapshotRequest,
                        context: grpc.ServicerContext) -> csi_pb2.DeleteSnapshotResponse:
@@ -373,6 +455,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             if record.group_id:
                 raise FailedPrecondition(f"snapshot {request.snapshot_id} belongs to group snapshot "
                                          f"{self._vid(record.group_id)}: delete the group (DeleteVolumeGroupSnapshot)")
+            if record.backup_target:
+                if self.plugin.uploads.running(layer):
+                    raise Aborted(f"snapshot {request.snapshot_id} is being uploaded to {record.backup_target}: "
+                                  "retry when the upload is done")
+                # the tag first: if the target cannot be reached, nothing changed and the call is retried
+                self.plugin.uploads.delete_tag(record.backup_target, layer, docker_config_of(request.secrets))
             self.store.set_snapshot(layer, state=RecordState.REMOVING)
             self.driver.remove(layer)  # hidden while restored volumes use it
             self.store.delete_snapshot(layer)
@@ -380,6 +468,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     def ListSnapshots(self, request: csi_pb2.ListSnapshotsRequest,
                       context: grpc.ServicerContext) -> csi_pb2.ListSnapshotsResponse:
+        if request.snapshot_id and is_backup_reference(request.snapshot_id):
+            entries = [csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._backup_message(request.snapshot_id,
+                                                                                          request.secrets))]
+            return csi_pb2.ListSnapshotsResponse(entries=entries if not request.starting_token else [])
         snapshots = self.store.snapshots(state=RecordState.READY)
         if request.snapshot_id:
             try:
@@ -401,7 +493,31 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def GetSnapshot(self, request: csi_pb2.GetSnapshotRequest,
                     context: grpc.ServicerContext) -> csi_pb2.GetSnapshotResponse:
         require(request.snapshot_id, "snapshot_id")
+        if is_backup_reference(request.snapshot_id):
+            return csi_pb2.GetSnapshotResponse(snapshot=self._backup_message(request.snapshot_id, request.secrets))
         return csi_pb2.GetSnapshotResponse(snapshot=self._snapshot_message(self._snapshot(request.snapshot_id)))
+
+    def _backup_message(self, snapshot_id: str, secrets: Mapping[str, str]) -> csi_pb2.Snapshot:
+        """A backup named as a snapshot handle (a statically provisioned VolumeSnapshotContent):
+        ready, since its content is fixed by digest; its size is the capacity the backup records.
+        NOT_FOUND when the target answers that it does not have it."""
+        source = classify("snapshot", snapshot_id, self.plugin.node_id)
+        assert source.reference is not None
+        size, created = 0, 0.0
+        try:
+            with closing(open_target(source.reference, credentials=docker_config_of(secrets))) as target:
+                art = read_artifact(target, source.reference.require_digest())
+                size = art.facts.capacity_bytes or 0
+                data, _ = target.get_manifest(art.manifest_digest)
+            stamp = json.loads(data).get("annotations", {}).get(ANNOTATION_CREATED, "")
+            if stamp:
+                created = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+        except NotFound:
+            raise
+        except (StrataError, ValueError) as exc:
+            log.warning("backup %s: cannot read its facts now (%s); answering it as ready", snapshot_id, exc)
+        return csi_pb2.Snapshot(snapshot_id=snapshot_id, size_bytes=size, creation_time=timestamp(created),
+                                ready_to_use=True)
 
 
 __all__ = ["ControllerService"]

@@ -10,6 +10,15 @@ false) until its owner has run start-up recovery (:func:`csi.services.recovery.r
 called by :func:`csi.services.server.start_server` before the socket is served) and set
 :attr:`Plugin.ready`. Request validation itself lives in :mod:`csi.services.requests`;
 the methods here bind it to this node's driver.
+
+Content sources that live elsewhere (another node's snapshot or volume, an OCI backup) are
+pulled through ``dialer`` (:class:`csi.peers.dial.PeerDialer`, built by the server from the
+node-to-node channel's settings; ``None``: this plugin cannot reach other nodes, and such a
+source is UNAVAILABLE) and imported into the driver with the node's export cache
+(``index``, ``<driver home>/backup-index.json``, shared with ``strata backup`` and the Diff
+export service). ``transfer_wait_seconds`` is how long a CreateVolume waits for such a pull
+before answering ABORTED (operation pending) while it goes on in the background
+(``STRATA_TRANSFER_WAIT_SECONDS`` overrides the default).
 """
 
 from __future__ import annotations
@@ -21,14 +30,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from csi.backup.index import ExportIndex
 from csi.errors import ResourceExhausted
 from csi.graphdriver.driver import Driver
-from csi.graphdriver.registry import Selection, new_driver
+from csi.graphdriver.registry import Selection, home_of, new_driver
+from csi.peers.dial import PeerDialer
 from csi.proto import csi_pb2
 from csi.services import requests
 from csi.services.listen import DEFAULT_DRIVER_NAME
 from csi.services.locks import KeyLocks
 from csi.services.requests import MountRequest
+from csi.services.sources import ContentSources, Uploads
 from csi.services.volume_ids import check_node_id
 from csi.state.store import StateStore
 
@@ -43,10 +55,16 @@ class PluginConfig:
     driver_name: str = DEFAULT_DRIVER_NAME
     driver_options: Mapping[str, str] = field(default_factory=dict)
     max_volumes_per_node: int = 0
+    transfer_wait_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("STRATA_TRANSFER_WAIT_SECONDS", DEFAULT_TRANSFER_WAIT)))
+
+
+DEFAULT_TRANSFER_WAIT = 8.0  # below external-provisioner's default --timeout (10 s)
+INDEX_NAME = "backup-index.json"
 
 
 class Plugin:
-    def __init__(self, config: PluginConfig) -> None:
+    def __init__(self, config: PluginConfig, dialer: PeerDialer | None = None) -> None:
         check_node_id(config.node_id)
         self.config = config
         self.root = Path(config.root)
@@ -56,6 +74,11 @@ class Plugin:
                                                config.driver_options)
         self.driver: Driver = self.selection.driver
         self.store = StateStore(self.root)
+        self.dialer = dialer
+        self.index = ExportIndex(home_of(self.root, self.driver.name) / INDEX_NAME)
+        self.sources = ContentSources(self.driver, self.store, config.node_id, dialer, self.index,
+                                      config.transfer_wait_seconds)
+        self.uploads = Uploads(self.driver, self.store, config.node_id, self.index)
         self.locks = KeyLocks()
         self.ready = threading.Event()  # set once start-up recovery has run
         self.paging_key = os.urandom(32)  # signs paging tokens (requests.issue_token); new per start

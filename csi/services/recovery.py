@@ -18,7 +18,14 @@ through its contract (:class:`csi.graphdriver.driver.Driver`: ``references`` /
    Inline volumes whose publication is gone are removed.
 3. Layers with strata's prefixes (``vol-``, ``snap-``, ``base-``) that no record knows of
    are removed (a crash between layer work and commit).
-4. Each layer's mount reference count is set to the number of ``ready`` stagings of it
+4. Pulls of content sources (``transfers`` rows: a CreateVolume from another node or a
+   backup) died with the process: their rows are rolled back. Layers they imported whole
+   are verified ``oci-<ChainID>`` layers and stay (the node's cache: the repeated
+   CreateVolume resumes from the first missing one); a half-imported layer is an
+   ``ocitmp-`` layer, removed by the start-up sweep (:func:`csi.backup.sweep_temporaries`).
+   Backup uploads that were running are marked ``failed``; the repeated CreateSnapshot,
+   which carries the registry credentials, starts them again.
+5. Each layer's mount reference count is set to the number of ``ready`` stagings of it
    (plus its inline publication), and every ``ready`` staging and publication whose
    mount is gone is mounted again. A block volume's staging mounts nothing (its
    reference keeps the device active); its publication binds the device node again.
@@ -27,12 +34,13 @@ through its contract (:class:`csi.graphdriver.driver.Driver`: ``references`` /
 from __future__ import annotations
 
 import logging
+import time
 
 from csi.graphdriver.driver import Driver
 from csi.host import mount as mnt
 from csi.services.targets import bind, prepare_file, remove_target
 from csi.services.volume_ids import CLONE_BASE_PREFIX, SNAPSHOT_PREFIX, VOLUME_PREFIX
-from csi.state.store import PUBLISH, STAGE, GroupRecord, RecordState, StateStore
+from csi.state.store import BACKUP_FAILED, BACKUP_UPLOADING, PUBLISH, STAGE, GroupRecord, RecordState, StateStore
 
 log = logging.getLogger("strata.recovery")
 PREFIXES = (VOLUME_PREFIX, SNAPSHOT_PREFIX, CLONE_BASE_PREFIX)
@@ -93,7 +101,18 @@ def recover(store: StateStore, driver: Driver) -> None:
             log.info("recovery: removing orphan layer %s", layer.id)
             driver.release(layer.id)
 
-    # 4. reference counts and mounts
+    # 4. pulls and uploads the process was running
+    for transfer in store.transfers():
+        log.info("recovery: rolling back the pull of %s for volume %r (started %.0f s ago); a retried "
+                 "CreateVolume resumes it", transfer.source_id, transfer.name, time.time() - transfer.started)
+        store.delete_transfer(transfer.name)
+    for snapshot in store.snapshots():
+        if snapshot.backup_state == BACKUP_UPLOADING:
+            log.info("recovery: the upload of snapshot %s to %s was interrupted; the next CreateSnapshot "
+                     "starts it again", snapshot.layer, snapshot.backup_target)
+            store.set_snapshot_backup(snapshot.layer, backup_state=BACKUP_FAILED)
+
+    # 5. reference counts and mounts
     pubs = store.publications()
     for layer in driver.layers():
         wanted = sum(1 for p in pubs if p.layer == layer.id and (p.kind == STAGE or p.layer in ephemeral))

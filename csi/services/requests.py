@@ -9,8 +9,13 @@ shape is judged the same everywhere.
 
 * :func:`require`, :func:`check_path` — required fields, absolute normalised paths.
 * :func:`requested_size`, :func:`fits` — capacity ranges.
-* :func:`check_parameters` — StorageClass parameters (``layeredDriver`` and
-  ``csi.storage.k8s.io/*``), :func:`check_snapshot_parameters` — snapshot class ones.
+* :func:`check_parameters` — StorageClass parameters (``layeredDriver``, ``compression``,
+  ``backupTarget`` and ``csi.storage.k8s.io/*``), :func:`check_snapshot_parameters` —
+  VolumeSnapshotClass ones (``backupTarget``, ``backupCompression`` where a backup may be
+  made: :class:`BackupRequest`).
+* :func:`is_backup_reference` / :func:`docker_config_of` — a snapshot handle that names an
+  OCI backup, and the registry credentials in a request's ``secrets``
+  (``.dockerconfigjson``, as a ``kubernetes.io/dockerconfigjson`` Secret holds them).
 * :func:`mount_request`, :func:`check_capabilities` — VolumeCapability -> :class:`MountRequest`:
   mount access everywhere; block access (volumeMode Block) only where the layered driver
   ``supports_block`` (devicemapper: the volume's thin device is the block device), else
@@ -40,6 +45,8 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from csi.backup.auth import DockerConfig, parse_docker_config
+from csi.backup.reference import LAYOUT_SCHEME, REGISTRY_SCHEME, parse_reference
 from csi.errors import Aborted, FailedPrecondition, InvalidArgument, OutOfRange
 from csi.proto import csi_pb2
 
@@ -49,7 +56,13 @@ PARAM_LAYERED_DRIVER = "layeredDriver"
 # parameters a driver may be able to change on a live volume (Driver.mutable_properties):
 # StorageClass parameters at CreateVolume, VolumeAttributesClass ones at Create/ModifyVolume
 MUTABLE_PARAMETERS = ("compression",)
-KNOWN_PARAMETERS = (PARAM_LAYERED_DRIVER, *MUTABLE_PARAMETERS)
+# where snapshots are backed up (a VolumeSnapshotClass parameter); on a StorageClass, where a
+# restore looks for a snapshot's backup when its owner node cannot be reached
+PARAM_BACKUP_TARGET = "backupTarget"
+PARAM_BACKUP_COMPRESSION = "backupCompression"
+BACKUP_COMPRESSIONS = ("none", "zstd")
+DOCKER_CONFIG_KEY = ".dockerconfigjson"
+KNOWN_PARAMETERS = (PARAM_LAYERED_DRIVER, *MUTABLE_PARAMETERS, PARAM_BACKUP_TARGET)
 # flags a bind mount can honour (others are refused with their names)
 BIND_FLAGS = frozenset({"ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime", "atime",
                         "defaults"})
@@ -131,14 +144,68 @@ def check_parameters(parameters: Mapping[str, str], driver_name: str,
                               f"{driver_name!r} layered driver")
     check_mutable_parameters({k: v for k, v in parameters.items() if k in MUTABLE_PARAMETERS}, driver_name,
                              driver_mutable)
+    if PARAM_BACKUP_TARGET in parameters:
+        check_backup_target(parameters[PARAM_BACKUP_TARGET])
     return {k: v for k, v in parameters.items() if not k.startswith(KUBERNETES_PREFIX)}
 
 
-def check_snapshot_parameters(parameters: Mapping[str, str]) -> None:
-    unknown = sorted(k for k in parameters if not k.startswith(KUBERNETES_PREFIX))
+@dataclass(frozen=True)
+class BackupRequest:
+    """A VolumeSnapshotClass's backup parameters: ``target`` "" for no backup."""
+
+    target: str = ""
+    compression: str = "none"
+
+
+def check_backup_target(value: str) -> str:
+    """A backup target: ``oci://host[:port]/repository`` or ``oci-layout:/dir`` (no tag, no digest)."""
+    if not value.startswith((REGISTRY_SCHEME, LAYOUT_SCHEME)):
+        raise InvalidArgument(f"parameter {PARAM_BACKUP_TARGET}={value[:120]!r} must be {REGISTRY_SCHEME}HOST/REPOSITORY "
+                              f"or {LAYOUT_SCHEME}/DIRECTORY")
+    try:
+        ref = parse_reference(f"{value}:probe")
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"parameter {PARAM_BACKUP_TARGET}: {exc}") from None
+    if ref.tag != "probe" or ref.digest is not None:
+        raise InvalidArgument(f"parameter {PARAM_BACKUP_TARGET}={value[:120]!r} names a tag or digest: give the "
+                              "repository only (each snapshot is tagged with its own ID)")
+    return value
+
+
+def check_snapshot_parameters(parameters: Mapping[str, str], allow_backup: bool = False) -> BackupRequest:
+    """VolumeSnapshotClass parameters; the backup keys only where a backup can be made
+    (``allow_backup``: CreateSnapshot, not group snapshots)."""
+    known = (PARAM_BACKUP_TARGET, PARAM_BACKUP_COMPRESSION) if allow_backup else ()
+    unknown = sorted(k for k in parameters if k not in known and not k.startswith(KUBERNETES_PREFIX))
     if unknown:
-        raise InvalidArgument(f"unknown snapshot parameter(s) {', '.join(unknown)}; only "
+        accepted = f"{', '.join(known)} and " if known else "only "
+        raise InvalidArgument(f"unknown snapshot parameter(s) {', '.join(unknown)}; {accepted}"
                               f"{KUBERNETES_PREFIX}* keys are accepted")
+    target = parameters.get(PARAM_BACKUP_TARGET, "")
+    compression = parameters.get(PARAM_BACKUP_COMPRESSION, "none")
+    if compression not in BACKUP_COMPRESSIONS:
+        raise InvalidArgument(f"parameter {PARAM_BACKUP_COMPRESSION}={compression[:40]!r} is not one of "
+                              f"{', '.join(BACKUP_COMPRESSIONS)}")
+    if PARAM_BACKUP_COMPRESSION in parameters and not target:
+        raise InvalidArgument(f"parameter {PARAM_BACKUP_COMPRESSION} needs {PARAM_BACKUP_TARGET}")
+    return BackupRequest(check_backup_target(target) if target else "", compression)
+
+
+def is_backup_reference(value: str) -> bool:
+    """Whether a snapshot handle names an OCI backup rather than a strata snapshot."""
+    return value.startswith((REGISTRY_SCHEME, LAYOUT_SCHEME))
+
+
+def docker_config_of(secrets: Mapping[str, str]) -> DockerConfig | None:
+    """Registry credentials from a request's ``secrets`` (never logged: the CSI fields are
+    ``csi_secret`` and :class:`~csi.backup.auth.Credentials` hides its values)."""
+    raw = secrets.get(DOCKER_CONFIG_KEY)
+    if raw is None:
+        return None
+    try:
+        return parse_docker_config(raw)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"secret key {DOCKER_CONFIG_KEY}: {exc}") from None
 
 
 def mount_request(capability: csi_pb2.VolumeCapability, driver_name: str, supports_block: bool) -> MountRequest:

@@ -6,7 +6,9 @@ On-disk layout: ``<root>/state.db`` (WAL journal; durability: :mod:`csi.host.wal
             source_kind TEXT, source_id TEXT, base_layer TEXT, created REAL, state TEXT,
             ephemeral INTEGER, block INTEGER, mutable TEXT)
     snapshots(layer TEXT PRIMARY KEY, name TEXT UNIQUE, source_layer TEXT, size INTEGER,
-              created REAL, state TEXT, group_id TEXT)
+              created REAL, state TEXT, group_id TEXT,
+              backup_target TEXT, backup_state TEXT, backup_ref TEXT)
+    transfers(name TEXT PRIMARY KEY, source_id TEXT, owner TEXT, started REAL, state TEXT)
     groups(group_id TEXT PRIMARY KEY, name TEXT UNIQUE, created REAL, state TEXT,
            members TEXT, sources TEXT)
     publications(layer TEXT, kind TEXT, path TEXT, readonly INTEGER, flags TEXT,
@@ -26,6 +28,20 @@ On-disk layout: ``<root>/state.db`` (WAL journal; durability: :mod:`csi.host.wal
   transaction. A kill in between leaves a ``pending`` group: recovery removes the layers
   it names and the row — all members or none.
 * Any row is marked ``removing`` before its undo starts (forget first), then deleted.
+
+* A snapshot made with a backup target (``backup_target``: ``oci://host/repo`` or
+  ``oci-layout:/dir``) is ``ready`` locally at once; ``backup_state`` tells where its upload
+  is (``uploading``, ``done``, ``failed``; "" for no backup) and ``backup_ref`` is the
+  immutable reference (``…@sha256:…``) once ``done``. No credential is ever stored: an
+  upload a restart interrupted is started again by the next CreateSnapshot (which carries
+  the secrets).
+* A ``transfers`` row is a content source being pulled for the CreateVolume of ``name``
+  (from another node, ``owner``, or from a backup: ``owner`` "") — written before the
+  first byte moves, deleted when the volume's record commits or the pull fails. The pull
+  imports verified frozen layers one at a time (``oci-<ChainID>``), so a row a restart
+  finds is rolled back (the row goes; layers already verified stay as the node's cache,
+  a half-imported one is an ``ocitmp-`` layer the start-up sweep removes) and the repeated
+  CreateVolume resumes from the first missing layer.
 
 Start-up recovery (:mod:`csi.services.recovery`) rolls ``pending`` rows back and finishes
 ``removing`` ones. A publication's ``kind`` is ``stage`` (staging path) or ``publish``
@@ -69,7 +85,12 @@ CREATE TABLE IF NOT EXISTS volumes(
     ephemeral INTEGER NOT NULL, block INTEGER NOT NULL DEFAULT 0, mutable TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS snapshots(
     layer TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, source_layer TEXT NOT NULL,
-    size INTEGER NOT NULL, created REAL NOT NULL, state TEXT NOT NULL, group_id TEXT NOT NULL DEFAULT '');
+    size INTEGER NOT NULL, created REAL NOT NULL, state TEXT NOT NULL, group_id TEXT NOT NULL DEFAULT '',
+    backup_target TEXT NOT NULL DEFAULT '', backup_state TEXT NOT NULL DEFAULT '',
+    backup_ref TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS transfers(
+    name TEXT PRIMARY KEY, source_id TEXT NOT NULL, owner TEXT NOT NULL, started REAL NOT NULL,
+    state TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS groups(
     group_id TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, created REAL NOT NULL, state TEXT NOT NULL,
     members TEXT NOT NULL, sources TEXT NOT NULL);
@@ -111,6 +132,30 @@ class SnapshotRecord:
     created: float = field(default_factory=time.time)
     state: RecordState = RecordState.PENDING
     group_id: str = ""  # the volume group snapshot it belongs to ("" for none)
+    backup_target: str = ""  # where its backup goes (oci://host/repo, oci-layout:/dir); "" none
+    backup_state: str = ""  # "", BACKUP_UPLOADING, BACKUP_DONE, BACKUP_FAILED
+    backup_ref: str = ""  # the backup's immutable reference (…@sha256:…) once done
+
+    @property
+    def ready_to_use(self) -> bool:
+        """CSI's ready_to_use: the local cut exists and any backup asked for is uploaded."""
+        return self.state is RecordState.READY and self.backup_state in ("", BACKUP_DONE)
+
+
+BACKUP_UPLOADING = "uploading"
+BACKUP_DONE = "done"
+BACKUP_FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class TransferRecord:
+    """A content source being pulled for the CreateVolume of ``name`` (see the module docstring)."""
+
+    name: str
+    source_id: str
+    owner: str = ""  # the node the layers come from ("" for a backup)
+    started: float = field(default_factory=time.time)
+    state: RecordState = RecordState.PENDING
 
 
 @dataclass(frozen=True)
@@ -158,8 +203,10 @@ class StateStore:
                 self._db.execute("ALTER TABLE volumes ADD COLUMN block INTEGER NOT NULL DEFAULT 0")
             if "mutable" not in columns:
                 self._db.execute("ALTER TABLE volumes ADD COLUMN mutable TEXT NOT NULL DEFAULT '{}'")
-            if "group_id" not in {row[1] for row in self._db.execute("PRAGMA table_info(snapshots)")}:
-                self._db.execute("ALTER TABLE snapshots ADD COLUMN group_id TEXT NOT NULL DEFAULT ''")
+            snapshot_columns = {row[1] for row in self._db.execute("PRAGMA table_info(snapshots)")}
+            for column in ("group_id", "backup_target", "backup_state", "backup_ref"):
+                if column not in snapshot_columns:
+                    self._db.execute(f"ALTER TABLE snapshots ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
             if "mode" not in {row[1] for row in self._db.execute("PRAGMA table_info(publications)")}:
                 self._db.execute("ALTER TABLE publications ADD COLUMN mode INTEGER NOT NULL DEFAULT 0")
             self._sync = WalSync(self._db, self.path)
@@ -259,16 +306,27 @@ class StateStore:
 
     # ------------------------------------------------------------------ snapshots
 
-    _SNAPSHOT_COLUMNS = "layer, name, source_layer, size, created, state, group_id"
+    _SNAPSHOT_COLUMNS = ("layer, name, source_layer, size, created, state, group_id, backup_target, backup_state, "
+                         "backup_ref")
 
     @staticmethod
     def _snapshot(row: tuple[Any, ...]) -> SnapshotRecord:
-        return SnapshotRecord(row[0], row[1], row[2], row[3], row[4], RecordState(row[5]), row[6])
+        return SnapshotRecord(row[0], row[1], row[2], row[3], row[4], RecordState(row[5]), row[6], row[7], row[8],
+                              row[9])
 
     def add_snapshot(self, s: SnapshotRecord) -> SnapshotRecord:
-        self._run(f"INSERT INTO snapshots({self._SNAPSHOT_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
-                  (s.layer, s.name, s.source_layer, s.size, s.created, s.state.value, s.group_id))
+        self._run(f"INSERT INTO snapshots({self._SNAPSHOT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                  (s.layer, s.name, s.source_layer, s.size, s.created, s.state.value, s.group_id, s.backup_target,
+                   s.backup_state, s.backup_ref))
         return s
+
+    def set_snapshot_backup(self, layer: str, *, backup_state: str, backup_ref: str | None = None) -> None:
+        """Record where a snapshot's backup upload is (and its reference once done)."""
+        if backup_ref is None:
+            self._run("UPDATE snapshots SET backup_state=? WHERE layer=?", (backup_state, layer))
+        else:
+            self._run("UPDATE snapshots SET backup_state=?, backup_ref=? WHERE layer=?",
+                      (backup_state, backup_ref, layer))
 
     def snapshot(self, layer: str) -> SnapshotRecord | None:
         rows = self._run(f"SELECT {self._SNAPSHOT_COLUMNS} FROM snapshots WHERE layer=?", (layer,))
@@ -290,6 +348,22 @@ class StateStore:
 
     def delete_snapshot(self, layer: str) -> None:
         self._run("DELETE FROM snapshots WHERE layer=?", (layer,))
+
+    # ------------------------------------------------------------------ transfers
+
+    _TRANSFER_COLUMNS = "name, source_id, owner, started, state"
+
+    def add_transfer(self, t: TransferRecord) -> TransferRecord:
+        self._run(f"INSERT OR REPLACE INTO transfers({self._TRANSFER_COLUMNS}) VALUES (?,?,?,?,?)",
+                  (t.name, t.source_id, t.owner, t.started, t.state.value))
+        return t
+
+    def transfers(self) -> list[TransferRecord]:
+        rows = self._run(f"SELECT {self._TRANSFER_COLUMNS} FROM transfers ORDER BY started, name")
+        return [TransferRecord(r[0], r[1], r[2], r[3], RecordState(r[4])) for r in rows]
+
+    def delete_transfer(self, name: str) -> None:
+        self._run("DELETE FROM transfers WHERE name=?", (name,))
 
     # ------------------------------------------------------------------ group snapshots
 
