@@ -462,7 +462,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 # the tag first: if the target cannot be reached, nothing changed and the call is retried
                 self.plugin.uploads.delete_tag(record.backup_target, layer, docker_config_of(request.secrets))
             self.store.set_snapshot(layer, state=RecordState.REMOVING)
-            self.driver.remove(layer)  # hidden while restored volumes use it
+            try:
+                self.driver.remove(layer)  # hidden while restored volumes use it
+            except Busy:  # in use (e.g. another node is pulling it): nothing changed, the call is retried
+                self.store.set_snapshot(layer, state=record.state)
+                raise
             self.store.delete_snapshot(layer)
         return csi_pb2.DeleteSnapshotResponse()
 

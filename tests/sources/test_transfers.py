@@ -15,6 +15,8 @@ from layertree import assert_same_tree
 from conftest import MiB, Node
 from test_cross_node import snapshot_source
 
+from csi.proto import csi_pb2 as pb
+
 BIG_FILES = 6
 BIG_FILE = 32 * MiB
 
@@ -108,3 +110,35 @@ def test_owner_gone_is_unavailable_naming_it(nodes: Callable[..., Node]) -> None
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "node node-a" in err.value.details() and snap in err.value.details()
     assert not [l for l in b.layers() if l.startswith(("vol-", "ocitmp-"))]
+
+
+def test_snapshot_deleted_on_the_owner_while_pulled(nodes: Callable[..., Node]) -> None:
+    """The pull completes (the owner kept the layer long enough) or is rolled back (NOT_FOUND
+    after): never a corrupt or half-imported volume."""
+    a = nodes("node-a", "vfs")
+    b = nodes("node-b", "vfs", {"STRATA_TRANSFER_WAIT_SECONDS": "0"})
+    a.start(), b.start()
+    snap, mount = big_snapshot(a)
+    with pytest.raises(grpc.RpcError):
+        b.create_volume("pvc-copy", size=512 * MiB, source=snapshot_source(snap))
+    wait_for(lambda: importing(b), "an import in progress on node-b")
+    try:
+        a.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap))
+        deleted = True
+    except grpc.RpcError as exc:  # the owner refuses while its export holds the layer: nothing changed
+        assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "in use" in exc.details(), exc
+        listed = a.controller.ListSnapshots(pb.ListSnapshotsRequest(snapshot_id=snap)).entries
+        assert [e.snapshot.snapshot_id for e in listed] == [snap], "a refused delete must leave the snapshot"
+        deleted = False
+    try:
+        volume, _ = b.create_until_done("pvc-copy", snapshot_source(snap), size=512 * MiB)
+    except grpc.RpcError as exc:
+        assert exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE), exc
+        wait_for(lambda: not importing(b), "the half import on node-b to be removed", timeout=10)
+        assert not [l for l in b.layers() if l.startswith("vol-")]
+    else:
+        assert_same_tree(mount, b.mounted(volume.volume_id, "pod-copy"))
+    assert not importing(b)
+    if not deleted:  # the retried delete goes through once the pull is over
+        a.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap))
+        assert not a.controller.ListSnapshots(pb.ListSnapshotsRequest(snapshot_id=snap)).entries
