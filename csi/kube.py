@@ -6,8 +6,8 @@
 * :func:`resolve_driver` — the whole start-up decision: an explicit ``--driver`` (or
   ``STRATA_DRIVER``) wins; with ``auto`` and ``STRATA_NODE_DRIVER_LABEL`` set, the label's
   value (when present); else ``auto`` (the registry's priority list).
-* :func:`node_internal_ip` — the Node's InternalIP, where ``strata controller`` reaches
-  the node plugin's forward listener.
+* :func:`node_internal_ip` — the Node's InternalIP, where other strata processes reach a
+  node plugin's peer listener (:class:`csi.peers.kubedial.KubernetesDialer`).
 
 The client is configured in-cluster (service-account token and CA under
 ``/var/run/secrets/kubernetes.io/serviceaccount``, ``KUBERNETES_SERVICE_HOST/PORT``); outside

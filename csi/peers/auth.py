@@ -11,7 +11,8 @@ Contract:
 * :class:`TokenAuthInterceptor` is a server interceptor for every handler kind: no or a
   malformed ``authorization`` -> :class:`~csi.errors.Unauthenticated`; a token the API
   rejects -> Unauthenticated; then ``authorize(caller, method)`` (an optional callback, e.g.
-  :func:`allow_service_accounts`) may raise :class:`~csi.errors.PermissionDenied`. The
+  :func:`allow_service_accounts`, or :func:`by_method` for a listener with several services)
+  may raise :class:`~csi.errors.PermissionDenied`. The
   handler receives a context whose :func:`caller_of` is the Caller, for per-request
   decisions (:class:`AccessReviewer`). Refusals are raised *inside* the wrapped handler, so
   the server's error seam (:class:`csi.services.rpclog.RpcInterceptor`, outermost) maps and
@@ -32,7 +33,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,6 +169,25 @@ def allow_service_accounts(*accounts: str) -> Authorizer:
     def authorize(caller: Caller, method: str) -> None:
         if caller.service_account not in allowed:
             raise PermissionDenied(f"{caller.username} may not call {method}")
+
+    return authorize
+
+
+def by_method(rules: Sequence[tuple[str, Authorizer | None]]) -> Authorizer:
+    """One authorizer for a listener serving several services: the first rule whose prefix
+    starts the full method name (``/package.Service/Method``) decides — ``None`` admits any
+    authenticated caller (the handler then decides per object), an authorizer is called;
+    a method no rule names is refused (PermissionDenied), so a service added later is closed
+    until someone says who may call it."""
+    table = tuple(rules)
+
+    def authorize(caller: Caller, method: str) -> None:
+        for prefix, rule in table:
+            if method.startswith(prefix):
+                if rule is not None:
+                    rule(caller, method)
+                return
+        raise PermissionDenied(f"{caller.username} may not call {method} on this listener")
 
     return authorize
 

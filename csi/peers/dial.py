@@ -5,25 +5,34 @@ to that node's TCP listener (TLS, this process's ServiceAccount token on every c
 :func:`csi.peers.tls.client_channel`). Channels are cached per node; ``forget(node)`` drops
 the cached address and channel after a call failed, so the next ``dial`` looks it up again.
 
+* :class:`CachingDialer` — the shared machinery: a ``resolve(node) -> HOST:PORT`` function,
+  an address and a channel cached per node, both dropped by ``forget``.
 * :class:`StaticDialer` — addresses given up front (tests, a cluster without the API).
-* The Kubernetes-backed dialer (node addresses from the API) lives beside it.
+* :class:`csi.peers.kubedial.KubernetesDialer` — the Node's InternalIP from the API.
+* :func:`call_node` — one unary call to a node through a dialer: a channel failure
+  (UNAVAILABLE) forgets the node and retries once with a fresh lookup; what the node
+  answers is relayed (:class:`csi.errors.Relayed`) naming the node; a node that still cannot
+  be reached is :class:`csi.errors.Unavailable` naming it.
 
 Callers raise :class:`csi.errors.Unavailable` naming the node when it cannot be reached.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import grpc
 
-from csi.errors import Unavailable
+from csi.errors import Relayed, Unavailable
 from csi.peers.tls import client_channel
 
 TokenSource = Callable[[], str]
+T = TypeVar("T")
+log = logging.getLogger("strata.peers.dial")
 
 
 class PeerDialer(Protocol):
@@ -34,32 +43,40 @@ class PeerDialer(Protocol):
         """A call to ``node_id`` failed: drop its cached channel and address."""
 
 
-class StaticDialer:
-    """Node ID -> ``HOST:PORT`` given up front; TLS trusting ``ca``; ``token`` on every call."""
+class CachingDialer:
+    """Node ID -> ``resolve(node)`` (``HOST:PORT``, cached); TLS trusting ``ca`` (checking
+    ``server_name`` in the node's certificate when given, else the address); ``token`` on
+    every call. ``resolve`` raises :class:`~csi.errors.Unavailable` naming the node."""
 
-    def __init__(self, addresses: Mapping[str, str], ca: Path | bytes, token: TokenSource | None,
+    def __init__(self, resolve: Callable[[str], str], ca: Path | bytes, token: TokenSource | None,
                  server_name: str | None = None) -> None:
-        self._addresses = dict(addresses)
-        self._ca, self._token, self._server_name = ca, token, server_name
+        self._resolve = resolve
+        self._ca, self._token, self._server_name = ca, token, server_name or None
+        self._addresses: dict[str, str] = {}
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
     def address(self, node_id: str) -> str:
-        try:
-            return self._addresses[node_id]
-        except KeyError:
-            raise Unavailable(f"node {node_id} has no known address") from None
+        with self._lock:
+            known = self._addresses.get(node_id)
+        if known is not None:
+            return known
+        address = self._resolve(node_id)  # outside the lock: may ask the API server
+        with self._lock:
+            return self._addresses.setdefault(node_id, address)
 
     def dial(self, node_id: str) -> grpc.Channel:
+        address = self.address(node_id)
         with self._lock:
             channel = self._channels.get(node_id)
             if channel is None:
-                channel = self._channels[node_id] = client_channel(self.address(node_id), self._ca, self._token,
+                channel = self._channels[node_id] = client_channel(address, self._ca, self._token,
                                                                    server_name=self._server_name)
             return channel
 
     def forget(self, node_id: str) -> None:
         with self._lock:
+            self._addresses.pop(node_id, None)
             channel = self._channels.pop(node_id, None)
         if channel is not None:
             channel.close()
@@ -67,5 +84,42 @@ class StaticDialer:
     def close(self) -> None:
         with self._lock:
             channels, self._channels = list(self._channels.values()), {}
+            self._addresses.clear()
         for channel in channels:
             channel.close()
+
+
+class StaticDialer(CachingDialer):
+    """Node ID -> ``HOST:PORT`` given up front; TLS trusting ``ca``; ``token`` on every call."""
+
+    def __init__(self, addresses: Mapping[str, str], ca: Path | bytes, token: TokenSource | None,
+                 server_name: str | None = None) -> None:
+        table = dict(addresses)
+
+        def resolve(node_id: str) -> str:
+            try:
+                return table[node_id]
+            except KeyError:
+                raise Unavailable(f"node {node_id} has no known address") from None
+
+        super().__init__(resolve, ca, token, server_name)
+
+
+def call_node(dialer: PeerDialer, node_id: str, call: Callable[[grpc.Channel], T], *, retries: int = 1) -> T:
+    """``call(channel)`` on ``node_id`` (see the module docstring). For unary calls; a streaming
+    call's errors arrive while iterating, where the caller handles them the same way."""
+    attempt = 0
+    while True:
+        channel = dialer.dial(node_id)  # Unavailable naming the node when it has no address
+        try:
+            return call(channel)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+            details = (exc.details() if hasattr(exc, "details") else "") or ""
+            if code != grpc.StatusCode.UNAVAILABLE:
+                raise Relayed(code.name, f"node {node_id}: {details}") from exc
+            dialer.forget(node_id)  # the address may have changed: look it up again
+            if attempt >= retries:
+                raise Unavailable(f"node {node_id} cannot be reached: {details}") from exc
+            attempt += 1
+            log.info("node %s unreachable (%s); looking its address up again", node_id, details)

@@ -50,8 +50,9 @@ Contract:
   VolumeSnapshot and the caller needs ``get`` on it (SubjectAccessReview); ImportDiff only for
   the ServiceAccounts listed as importers (strata's own).
 
-Wiring (``strata serve``): :func:`add_export_service` on the CSI server's unix socket sibling
-and, optionally, :func:`start_tcp_export` (see their docstrings).
+Wiring (``strata serve``): :func:`start_unix_export` on the CSI server's unix socket sibling
+and, with ``--peer-listen``, the node's one TCP listener :func:`start_tcp_export`, shared with
+the node-to-node channel (see their docstrings; :class:`ChannelAccess` is its policy).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -73,13 +74,16 @@ from csi.errors import (AlreadyExists, DigestMismatch, FailedPrecondition, Inval
                         PermissionDenied, Unauthenticated)
 from csi.graphdriver.driver import ChangeKind, Driver, Layer
 from csi.ids import is_layer_id
-from csi.peers.auth import AccessReviewer, TokenAuthInterceptor, TokenReviewer, caller_of
+from csi.peers.auth import (AccessReviewer, Authorizer, TokenAuthInterceptor, TokenReviewer, allow_service_accounts,
+                             by_method, caller_of)
 from csi.peers.snapshots import GROUP as SNAPSHOT_GROUP, SNAPSHOTS, SnapshotResolver, check_object_name
 from csi.peers.tls import TlsFiles, listen_tls
 from csi.proto import export_pb2, export_pb2_grpc
 from csi.services.listen import listen_unix, new_server
+from csi.services.rpclog import Observer
 from csi.services.volume_ids import SNAPSHOT_PREFIX, VOLUME_PREFIX, make_id, parse_id
 
+DIFF_EXPORT_SERVICE = "strata.export.v1.DiffExport"  # the full service name, as in method paths
 log = logging.getLogger("strata.export")
 
 CHUNK = 1 << 20
@@ -570,26 +574,79 @@ def start_unix_export(backend: ExportBackend, path: Path, *, workers: int = 8,
 
 @dataclass(frozen=True)
 class TcpExportConfig:
+    """The node's one TCP listener (``strata serve --peer-listen``): see :func:`start_tcp_export`."""
+
     address: str  # HOST:PORT (port 0: any)
     tls: TlsFiles
     audiences: tuple[str, ...] = ()  # token audiences asked of TokenReview ("" none)
     importers: tuple[str, ...] = ()  # ServiceAccounts namespace/name allowed to ImportDiff
     driver_name: str = ""  # VolumeSnapshotContents must belong to this CSI driver
+    peers: tuple[str, ...] = ()  # strata's node ServiceAccounts: trusted peers (see ChannelAccess)
+    controllers: tuple[str, ...] = ()  # strata's controller ServiceAccounts: the strata-internal services
 
 
-def start_tcp_export(backend: ExportBackend, config: TcpExportConfig, api_client: Any, *,
-                     workers: int = 8) -> tuple[grpc.Server, int]:
-    """A started TLS server with the service behind token authentication; returns it and its port.
-    ``api_client`` is a ``kubernetes.client.ApiClient`` (or a callable returning one)."""
+class ChannelAccess(KubernetesAccess):
+    """The TCP listener's policy: strata's own node ServiceAccounts (``peers``) are trusted
+    peers — they may name any snapshot of this node by its handle or a GetChain layer ID (as
+    a node pulling a chain for a cross-node restore does) or as a VolumeSnapshot (no
+    SubjectAccessReview), and may ImportDiff; every other caller gets :class:`KubernetesAccess`
+    (a VolumeSnapshot they may ``get``; ImportDiff only as a listed importer)."""
+
+    allow_layer_ids = True  # only ever used for a peer's request: others resolve to a handle (checked below)
+
+    def __init__(self, resolver: SnapshotResolver, reviewer: AccessReviewer, importers: Iterable[str] = (),
+                 peers: Iterable[str] = ()) -> None:
+        self.peers = {tuple(a.split("/", 1)) for a in peers}
+        super().__init__(resolver, reviewer, [*importers, *peers])
+
+    def _is_peer(self, context: grpc.ServicerContext) -> bool:
+        caller = caller_of(context)
+        return caller is not None and caller.service_account in self.peers
+
+    def snapshot_id(self, context: grpc.ServicerContext, ref: export_pb2.SnapshotRef) -> str:
+        if self._is_peer(context):
+            if ref.snapshot_id:
+                if ref.namespace or ref.name:
+                    raise InvalidArgument("name the snapshot by snapshot_id or by namespace/name, not both")
+                return ref.snapshot_id
+            return self.resolver.handle(ref.namespace, ref.name)
+        handle = super().snapshot_id(context, ref)
+        parse_id(handle)  # a handle from the API, never a raw layer ID (NotFound otherwise)
+        return handle
+
+
+def start_tcp_export(backend: ExportBackend, config: TcpExportConfig, api_client: Any, *, workers: int = 8,
+                     services: Iterable[tuple[str, Callable[[grpc.Server], None]]] = (),
+                     observer: Observer | None = None) -> tuple[grpc.Server, int]:
+    """The node's one TCP listener for everything that crosses the network; returns the started
+    server and its port. ``api_client`` is a ``kubernetes.client.ApiClient`` (or a callable
+    returning one).
+
+    TLS (:func:`csi.peers.tls.listen_tls`, certificates reloaded on rotation) and every call's
+    ServiceAccount token checked with a TokenReview for ``config.audiences``
+    (:class:`~csi.peers.auth.TokenAuthInterceptor`), inside the one error seam. On it: the
+    Diff export service for any authenticated caller, decided per request by
+    :class:`ChannelAccess`; and ``services`` — ``(method prefix, add(server))`` pairs of
+    strata-internal services (the forwarded Controller calls, :mod:`csi.services.forwarder`)
+    — for strata's own accounts only (``peers`` and ``controllers``). A method no rule names
+    is PERMISSION_DENIED (:func:`csi.peers.auth.by_method`)."""
     reviewer = TokenReviewer(api_client, config.audiences)
-    server = new_server(workers, "export-tcp", interceptors=[TokenAuthInterceptor(reviewer)])
-    access = KubernetesAccess(SnapshotResolver(api_client, config.driver_name), AccessReviewer(api_client),
-                              config.importers)
+    services = tuple(services)
+    own = allow_service_accounts(*config.peers, *config.controllers)
+    rules: list[tuple[str, Authorizer | None]] = [(f"/{DIFF_EXPORT_SERVICE}/", None)]
+    rules += [(prefix, own) for prefix, _ in services]
+    server = new_server(workers, "peer-tcp", interceptors=[TokenAuthInterceptor(reviewer, by_method(rules))],
+                        observer=observer)
+    access = ChannelAccess(SnapshotResolver(api_client, config.driver_name), AccessReviewer(api_client),
+                           config.importers, config.peers)
     export_pb2_grpc.add_DiffExportServicer_to_server(DiffExportService(backend, access), server)
+    for _, add in services:
+        add(server)
     port = listen_tls(server, config.address, config.tls)
     server.start()
     return server, port
 
 
-__all__ = ["Access", "ChainEntry", "DiffExportService", "ExportBackend", "KubernetesAccess", "LocalAccess",
+__all__ = ["Access", "ChainEntry", "ChannelAccess", "DiffExportService", "ExportBackend", "KubernetesAccess",
+           "LocalAccess",
            "TcpExportConfig", "export_socket_path", "start_tcp_export", "start_unix_export"]

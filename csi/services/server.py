@@ -5,6 +5,10 @@ Usage::
     strata serve [--endpoint unix:///PATH/csi.sock] [--node-id NAME] [--root DIR]
                  [--driver auto|vfs|overlay|aufs|btrfs|devicemapper] [--driver-name strata.csi.dev]
                  [--max-volumes N] [--storage-opt KEY=VALUE ...] [--metrics-address :9840]
+                 [--peer-listen HOST:PORT --tls-cert F --tls-key F [--peer-audience A ...]
+                  [--peer-account NS/NAME ...] [--controller-account NS/NAME ...] [--export-importer NS/NAME ...]]
+                 [--tls-ca F --token-file F [--peer-server-name NAME] [--peer-port N]
+                  [--node-address NODE=HOST:PORT ...]]
                  [--log-level info] [--version]
 
 Defaults work on a laptop: root ``./strata-data``, the socket inside it, node ID the
@@ -16,6 +20,27 @@ that name picks the driver (:func:`csi.kube.resolve_driver`), read once at start
 The socket is created owner-only (0600). SIGTERM or SIGINT stop accepting calls, let
 in-flight calls finish (up to ``--grace`` seconds) and exit 0.
 
+The node-to-node channel, one TCP listener for everything that crosses the network
+(:func:`csi.services.export.start_tcp_export`):
+
+* ``--peer-listen HOST:PORT`` with ``--tls-cert``/``--tls-key`` (PEM, reloaded when the
+  Secret rotates them): TLS, and every call's ServiceAccount token checked with a
+  TokenReview for the ``--peer-audience`` audiences (repeatable; default ``strata-peer`` and
+  ``strata-export``). On it: the Diff export service — backup agents authorized per
+  VolumeSnapshot (SubjectAccessReview), strata's node ServiceAccounts (``--peer-account``)
+  as trusted peers (any snapshot of this node, and ImportDiff), ``--export-importer``
+  accounts may ImportDiff — and the forwarded ``ControllerExpandVolume`` /
+  ``ControllerModifyVolume`` (:mod:`csi.services.forwarder`) for ``--peer-account`` and
+  ``--controller-account`` only. The former ``--export-listen``, ``--export-tls-cert``,
+  ``--export-tls-key`` and ``--export-audience`` are accepted as aliases.
+* Dialing other nodes (the plugin's :class:`~csi.peers.dial.PeerDialer`, used to restore
+  another node's snapshot): ``--tls-ca`` (the CA bundle of the peers' certificates) and
+  ``--token-file`` (this pod's projected ServiceAccount token) enable it; addresses from
+  the Node's InternalIP (:class:`~csi.peers.kubedial.KubernetesDialer`) with ``--peer-port``
+  (default: the port of ``--peer-listen``), or ``--node-address NODE=HOST:PORT``
+  (repeatable) without an API server; ``--peer-server-name`` is the name checked in the
+  peers' certificate (the chart's shared peer certificate).
+
 For programs (tests, benchmarks, the demo)::
 
     handle = start_server(ServeConfig(root=..., endpoint="unix:///tmp/x/csi.sock"))
@@ -23,8 +48,9 @@ For programs (tests, benchmarks, the demo)::
     handle.stop()
 
 :func:`start_server` is the start-up order: build the :class:`Plugin` (driver selection,
-state store), run start-up recovery (:func:`csi.services.recovery.recover`), start the
-forward listener if asked, bind the socket, serve, and only then report ready (Probe).
+state store, the peer dialer), run start-up recovery (:func:`csi.services.recovery.recover`),
+start the metrics endpoint, the export socket and the peer listener if asked, bind the
+socket, serve, and only then report ready (Probe).
 :func:`build_server` turns a :class:`ServeConfig` and a :class:`Plugin` into a
 ``grpc.Server`` with the services behind the one error seam (:func:`csi.services.listen.new_server`);
 :func:`add_listeners` binds the endpoint. Extend :class:`ServeConfig` and
@@ -45,11 +71,14 @@ import grpc
 from csi import __version__
 from csi.backup import ExportIndex, sweep_temporaries
 from csi.graphdriver.registry import DRIVER_CLASSES, home_of
+from csi.errors import InvalidArgument
 from csi.kube import incluster_api_client, resolve_driver
-from csi.peers.tls import TlsFiles
+from csi.peers.dial import CachingDialer, StaticDialer
+from csi.peers.kubedial import KubernetesDialer
+from csi.peers.tls import TlsFiles, token_from_file
 from csi.proto import csi_pb2_grpc
 from csi.services.controller import ControllerService
-from csi.services.forwarder import start_forward_listener
+from csi.services.forwarder import forwarded_controller
 from csi.services.group import GroupControllerService
 from csi.services.identity import IdentityService
 from csi.services.export import (ExportBackend, TcpExportConfig, export_socket_path, start_tcp_export,
@@ -63,6 +92,7 @@ from csi.services.recovery import recover
 
 log = logging.getLogger("strata.serve")
 DEFAULT_ROOT = Path("strata-data")
+DEFAULT_AUDIENCES = ("strata-peer", "strata-export")  # strata-export: tokens made before the channel was one
 
 
 @dataclass(frozen=True)
@@ -75,15 +105,20 @@ class ServeConfig:
     max_volumes_per_node: int = 0
     workers: int = 16
     grace_seconds: float = 30.0
-    forward_listen: str = ""  # HOST:PORT of the expansion forward listener (csi.services.forwarder); "" = none
-    forward_token_file: str = ""
     storage_opts: tuple[tuple[str, str], ...] = ()  # layered driver options (--storage-opt KEY=VALUE)
     metrics_address: str = ""  # HOST:PORT or :PORT of the Prometheus endpoint; "" = off
-    export_listen: str = ""  # HOST:PORT of the Diff export service over TLS with tokens; "" = unix socket only
-    export_tls_cert: str = ""
-    export_tls_key: str = ""
-    export_audiences: tuple[str, ...] = ("strata-export",)
-    export_importers: tuple[str, ...] = ()  # namespace/name of ServiceAccounts allowed to ImportDiff
+    peer_listen: str = ""  # HOST:PORT of the node's one TCP listener (TLS + tokens); "" = unix sockets only
+    tls_cert: str = ""  # PEM certificate of the peer listener
+    tls_key: str = ""
+    peer_audiences: tuple[str, ...] = DEFAULT_AUDIENCES  # token audiences asked of TokenReview
+    peer_accounts: tuple[str, ...] = ()  # namespace/name of strata's node ServiceAccounts (trusted peers)
+    controller_accounts: tuple[str, ...] = ()  # namespace/name of strata's controller ServiceAccounts
+    export_importers: tuple[str, ...] = ()  # more ServiceAccounts allowed to ImportDiff
+    tls_ca: str = ""  # CA bundle of the peers' certificates (dialing other nodes); "" = no dialer
+    token_file: str = ""  # this process's projected ServiceAccount token (dialing other nodes)
+    peer_server_name: str = ""  # name checked in the peers' certificate ("" = the address)
+    peer_port: int = 0  # peers' listener port (0: the port of peer_listen)
+    node_addresses: tuple[tuple[str, str], ...] = ()  # static NODE -> HOST:PORT instead of the API
 
     def socket_path(self) -> Path:
         return socket_path(self.endpoint or f"unix://{Path(self.root).resolve() / 'csi.sock'}")
@@ -103,21 +138,51 @@ def build_server(config: ServeConfig, plugin: Plugin, metrics: Metrics | None = 
     return server
 
 
-def start_exports(config: ServeConfig, plugin: Plugin) -> list[grpc.Server]:
-    """The Diff export service: always on ``export.sock`` beside the CSI socket (0600, for a
-    sidecar in the pod), and with ``export_listen`` on TCP with TLS and ServiceAccount tokens."""
+def peer_port(config: ServeConfig) -> int:
+    """The port other nodes listen on: ``peer_port``, else the port of ``peer_listen``."""
+    if config.peer_port:
+        return config.peer_port
+    _, _, port = config.peer_listen.rpartition(":")
+    return int(port) if port.isdigit() else 0
+
+
+def build_dialer(config: ServeConfig) -> CachingDialer | None:
+    """How this node reaches the others, or None when ``tls_ca``/``token_file`` are not set."""
+    if not (config.tls_ca and config.token_file):
+        return None
+    try:
+        ca = Path(config.tls_ca).read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read CA bundle {config.tls_ca}: {exc.strerror}") from exc
+    token = token_from_file(config.token_file)
+    if config.node_addresses:
+        return StaticDialer(dict(config.node_addresses), ca, token, config.peer_server_name)
+    port = peer_port(config)
+    if not port:
+        raise InvalidArgument("dialing other nodes needs --peer-port (or --peer-listen HOST:PORT)")
+    return KubernetesDialer(port, ca, token, config.peer_server_name)
+
+
+def start_exports(config: ServeConfig, plugin: Plugin, metrics: Metrics | None = None) -> list[grpc.Server]:
+    """The Diff export service on ``export.sock`` beside the CSI socket (0600, for a sidecar in
+    the pod), and with ``peer_listen`` the node's one TCP listener: TLS, ServiceAccount tokens,
+    the Diff export service and the forwarded Controller calls."""
     index = ExportIndex(home_of(plugin.root, plugin.driver.name) / "backup-index.json")
     backend = ExportBackend(plugin.driver, config.node_id, index)
     servers = [start_unix_export(backend, export_socket_path(config.socket_path()))[0]]
-    if config.export_listen:
+    if config.peer_listen:
         try:
-            tcp, _ = start_tcp_export(backend, TcpExportConfig(
-                config.export_listen, TlsFiles(Path(config.export_tls_cert), Path(config.export_tls_key)),
-                audiences=config.export_audiences, importers=config.export_importers,
-                driver_name=config.driver_name), incluster_api_client)
+            tcp, port = start_tcp_export(backend, TcpExportConfig(
+                config.peer_listen, TlsFiles(Path(config.tls_cert), Path(config.tls_key)),
+                audiences=config.peer_audiences, importers=config.export_importers, driver_name=config.driver_name,
+                peers=config.peer_accounts, controllers=config.controller_accounts), incluster_api_client,
+                services=[forwarded_controller(ControllerService(plugin))],
+                observer=metrics.observe_rpc if metrics else None)
         except BaseException:
             servers[0].stop(0)
             raise
+        log.info("peer listener on %s (port %d): TLS, tokens for %s", config.peer_listen, port,
+                 ", ".join(config.peer_audiences))
         servers.append(tcp)
     return servers
 
@@ -135,7 +200,6 @@ class ServerHandle:
     plugin: Plugin
     server: grpc.Server
     endpoint: str
-    forward_server: grpc.Server | None = None
     metrics: Metrics | None = None
     metrics_endpoint: MetricsEndpoint | None = None
     export_servers: tuple[grpc.Server, ...] = ()
@@ -147,10 +211,11 @@ class ServerHandle:
         for export in self.export_servers:
             export.stop(self.config.grace_seconds if grace is None else grace).wait()
         export_socket_path(self.config.socket_path()).unlink(missing_ok=True)
-        if self.forward_server is not None:
-            self.forward_server.stop(self.config.grace_seconds if grace is None else grace).wait()
         self.server.stop(self.config.grace_seconds if grace is None else grace).wait()
         self.plugin.close()
+        close = getattr(self.plugin.dialer, "close", None)
+        if close is not None:
+            close()
         try:
             self.config.socket_path().unlink()
         except FileNotFoundError:
@@ -159,8 +224,8 @@ class ServerHandle:
 
 def start_server(config: ServeConfig) -> ServerHandle:
     """Build the plugin (driver selection), recover, then serve ``config.endpoint``."""
-    plugin = Plugin(config.plugin_config())
-    forward_server = None
+    dialer = build_dialer(config)
+    plugin = Plugin(config.plugin_config(), dialer=dialer)
     metrics = Metrics(config.node_id) if config.metrics_address else None
     endpoint_metrics: MetricsEndpoint | None = None
     exports: list[grpc.Server] = []
@@ -170,29 +235,34 @@ def start_server(config: ServeConfig) -> ServerHandle:
         recover(plugin.store, plugin.driver)
         sweep_temporaries(plugin.driver)  # layers a killed import left (csi.backup.index)
         server = build_server(config, plugin, metrics)
-        if config.forward_listen:  # before the socket exists, so a bad listener fails start-up cleanly
-            forward_server = start_forward_listener(config.forward_listen, Path(config.forward_token_file),
-                                                    ControllerService(plugin))
-        if metrics is not None:  # before the socket too: a port in use fails start-up cleanly
+        if metrics is not None:  # before the socket: a port in use fails start-up cleanly
             metrics.watch(plugin.root, plugin.driver)
             endpoint_metrics = serve_metrics(config.metrics_address, metrics.registry)
-        exports = start_exports(config, plugin)
+        exports = start_exports(config, plugin, metrics)  # before the socket too: a bad listener fails cleanly
         endpoint = add_listeners(server, config)
         server.start()
         os.chmod(config.socket_path(), 0o600)
     except BaseException:
-        if forward_server is not None:
-            forward_server.stop(0)
         if endpoint_metrics is not None:
             endpoint_metrics.stop()
         for export in exports:
             export.stop(0)
         plugin.close()
+        if dialer is not None:
+            dialer.close()
         raise
     plugin.ready.set()
     log.info("serving CSI %s %s on %s (node %s, driver %s chosen by %s)", config.driver_name, __version__, endpoint,
              config.node_id, plugin.driver.name, plugin.selection.reason)
-    return ServerHandle(config, plugin, server, endpoint, forward_server, metrics, endpoint_metrics, tuple(exports))
+    return ServerHandle(config, plugin, server, endpoint, metrics, endpoint_metrics, tuple(exports))
+
+
+def _accounts(parser: argparse.ArgumentParser, flag: str, values: list[str]) -> tuple[str, ...]:
+    for value in values:
+        namespace, sep, name = value.partition("/")
+        if not sep or not namespace or not name or "/" in name:
+            parser.error(f"{flag} {value!r} must be NAMESPACE/NAME")
+    return tuple(values)
 
 
 def parse_args(argv: list[str]) -> tuple[ServeConfig, str]:
@@ -207,26 +277,44 @@ def parse_args(argv: list[str]) -> tuple[ServeConfig, str]:
                         help="layered driver option, repeatable (e.g. dm.thinpooldev=/dev/mapper/POOL)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds to drain calls on SIGTERM")
     add_common_flags(parser)
-    parser.add_argument("--forward-listen", default="",
-                        help="HOST:PORT to accept ControllerExpandVolume forwarded by `strata controller`")
-    parser.add_argument("--forward-token-file", default="", help="shared token file for --forward-listen")
-    parser.add_argument("--export-listen", default="",
-                        help="HOST:PORT for the Diff export service over TLS with ServiceAccount tokens "
-                             "(default: only export.sock beside the CSI socket)")
-    parser.add_argument("--export-tls-cert", default="", help="TLS certificate for --export-listen")
-    parser.add_argument("--export-tls-key", default="", help="TLS key for --export-listen")
-    parser.add_argument("--export-audience", action="append", default=[],
-                        help="token audience asked of TokenReview (repeatable; default strata-export)")
-    parser.add_argument("--export-importer", action="append", default=[], metavar="NAMESPACE/NAME",
-                        help="ServiceAccount allowed to ImportDiff over TCP (repeatable)")
+    peer = parser.add_argument_group("node-to-node channel (one TCP listener: TLS + ServiceAccount tokens)")
+    peer.add_argument("--peer-listen", "--export-listen", dest="peer_listen", default="", metavar="HOST:PORT",
+                      help="serve the Diff export service and the forwarded Controller calls here "
+                           "(default: only export.sock beside the CSI socket)")
+    peer.add_argument("--tls-cert", "--export-tls-cert", dest="tls_cert", default="",
+                      help="PEM certificate for --peer-listen")
+    peer.add_argument("--tls-key", "--export-tls-key", dest="tls_key", default="", help="PEM key for --peer-listen")
+    peer.add_argument("--peer-audience", "--export-audience", dest="peer_audience", action="append", default=[],
+                      help="token audience asked of TokenReview (repeatable; default strata-peer, strata-export)")
+    peer.add_argument("--peer-account", action="append", default=[], metavar="NAMESPACE/NAME",
+                      help="strata's node ServiceAccount: a trusted peer (repeatable)")
+    peer.add_argument("--controller-account", action="append", default=[], metavar="NAMESPACE/NAME",
+                      help="strata controller's ServiceAccount: may call the forwarded Controller calls (repeatable)")
+    peer.add_argument("--export-importer", action="append", default=[], metavar="NAMESPACE/NAME",
+                      help="another ServiceAccount allowed to ImportDiff over TCP (repeatable)")
+    peer.add_argument("--tls-ca", default="", help="CA bundle of the peers' certificates (enables dialing peers)")
+    peer.add_argument("--token-file", default="",
+                      help="this pod's projected ServiceAccount token, sent to peers (re-read per call)")
+    peer.add_argument("--peer-server-name", default="", help="name checked in the peers' certificate")
+    peer.add_argument("--peer-port", type=int, default=0, help="peers' listener port (default: --peer-listen's)")
+    peer.add_argument("--node-address", action="append", default=[], metavar="NODE=HOST:PORT",
+                      help="a peer's address instead of its Node's InternalIP (repeatable)")
     parser.add_argument("--metrics-address", default="",
                         help="HOST:PORT or :PORT to serve Prometheus metrics on /metrics (default: off)")
     parser.add_argument("--version", action="version", version=f"strata {__version__}")
     args = parser.parse_args(argv)
-    if args.forward_listen and not args.forward_token_file:
-        parser.error("--forward-listen needs --forward-token-file")
-    if args.export_listen and not (args.export_tls_cert and args.export_tls_key):
-        parser.error("--export-listen needs --export-tls-cert and --export-tls-key")
+    if args.peer_listen and not (args.tls_cert and args.tls_key):
+        parser.error("--peer-listen needs --tls-cert and --tls-key")
+    if bool(args.tls_ca) != bool(args.token_file):
+        parser.error("dialing peers needs both --tls-ca and --token-file")
+    if not 0 <= args.peer_port < 65536:
+        parser.error("--peer-port must be 1-65535")
+    table = []
+    for entry in args.node_address:
+        node, sep, address = entry.partition("=")
+        if not sep or not node or ":" not in address:
+            parser.error(f"--node-address {entry!r} must be NODE=HOST:PORT")
+        table.append((node, address))
     storage_opts = []
     for opt in args.storage_opt:
         key, sep, value = opt.partition("=")
@@ -235,12 +323,15 @@ def parse_args(argv: list[str]) -> tuple[ServeConfig, str]:
         storage_opts.append((key.strip(), value.strip()))
     config = ServeConfig(root=Path(args.root), endpoint=args.endpoint, node_id=args.node_id, driver=args.driver,
                          driver_name=args.driver_name, max_volumes_per_node=args.max_volumes,
-                         grace_seconds=args.grace, forward_listen=args.forward_listen,
-                         forward_token_file=args.forward_token_file, storage_opts=tuple(storage_opts),
-                         metrics_address=args.metrics_address, export_listen=args.export_listen,
-                         export_tls_cert=args.export_tls_cert, export_tls_key=args.export_tls_key,
-                         export_audiences=tuple(args.export_audience) or ("strata-export",),
-                         export_importers=tuple(args.export_importer))
+                         grace_seconds=args.grace, storage_opts=tuple(storage_opts),
+                         metrics_address=args.metrics_address, peer_listen=args.peer_listen,
+                         tls_cert=args.tls_cert, tls_key=args.tls_key,
+                         peer_audiences=tuple(args.peer_audience) or DEFAULT_AUDIENCES,
+                         peer_accounts=_accounts(parser, "--peer-account", args.peer_account),
+                         controller_accounts=_accounts(parser, "--controller-account", args.controller_account),
+                         export_importers=_accounts(parser, "--export-importer", args.export_importer),
+                         tls_ca=args.tls_ca, token_file=args.token_file, peer_server_name=args.peer_server_name,
+                         peer_port=args.peer_port, node_addresses=tuple(table))
     return config, args.log_level
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from csi.errors import FailedPrecondition, InvalidArgument, NotFound
-from csi.services.forwarder import KubernetesAddresses
+from csi.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from csi.peers.kubedial import KubernetesDialer, host_port
 from csi.kube import ENV_LABEL, driver_from_node_label, node_internal_ip, resolve_driver
 
 RESPONSES = Path(__file__).parent / "api_responses"
@@ -130,21 +130,27 @@ def test_outside_a_cluster_there_is_no_in_cluster_config(monkeypatch: pytest.Mon
         driver_from_node_label("node-a")
 
 
-def test_internal_ip_for_the_forwarder(api_server: FakeApiServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_internal_ip_for_the_peer_dialer(api_server: FakeApiServer) -> None:
     api = api_server.api_client()
     assert node_internal_ip("node-labelled", api) == "10.0.3.17"
     assert node_internal_ip("node-plain", api) == "fd00:10::17"
     with pytest.raises(NotFound, match="no InternalIP"):
         node_internal_ip("node-typo", api)
-    # KubernetesAddresses formats HOST:PORT, bracketing IPv6.
-    import csi.kube
-
-    monkeypatch.setattr(csi.kube, "incluster_api_client", lambda: api)
-    assert KubernetesAddresses(9820)("node-labelled") == "10.0.3.17:9820"
-    assert KubernetesAddresses(9820)("node-plain") == "[fd00:10::17]:9820"
-    with pytest.raises(NotFound):
-        KubernetesAddresses(9820)("node-gone")
-
+    # the dialer formats HOST:PORT, bracketing IPv6, caches, and reads the Node again after forget()
+    assert host_port("10.0.3.17", 9839) == "10.0.3.17:9839" and host_port("fd00:10::17", 9839) == "[fd00:10::17]:9839"
+    dialer = KubernetesDialer(9839, b"", None, api_client=api)
+    before = len(api_server.requests)
+    assert dialer.address("node-labelled") == "10.0.3.17:9839"
+    assert dialer.address("node-labelled") == "10.0.3.17:9839"
+    assert dialer.address("node-plain") == "[fd00:10::17]:9839"
+    assert len(api_server.requests) == before + 2
+    dialer.forget("node-labelled")
+    assert dialer.address("node-labelled") == "10.0.3.17:9839"
+    assert len(api_server.requests) == before + 3
+    # a Node that is gone, or has no address, cannot be reached: Unavailable naming it
+    for node in ("node-gone", "node-typo"):
+        with pytest.raises(Unavailable, match=node):
+            dialer.address(node)
 
 
 def kubeconfig_for(api_server: FakeApiServer, path: Path) -> Path:
