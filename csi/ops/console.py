@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from csi.graphdriver.registry import DRIVER_CLASSES
+
 import argparse
 import json
 import logging
@@ -18,7 +20,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["DEFAULT_ROOT", "add_common_flags", "setup_logging", "JsonFormatter", "Progress", "emit_json"]
+__all__ = ["DEFAULT_ROOT", "JsonFormatter", "Progress", "add_common_flags", "add_driver_flag", "add_storage_opt_flag",
+           "emit_json", "setup_logging", "storage_opts"]
 
 DEFAULT_ROOT = Path("strata-data")  # `strata serve --root`'s default (csi.services.server.DEFAULT_ROOT)
 
@@ -30,6 +33,28 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="log lines as text (terminals) or one JSON object per line (pods)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning")
+
+
+def add_driver_flag(parser: argparse.ArgumentParser, what: str, default: str | None = None) -> None:
+    """``--driver``: which layered driver the command works on."""
+    choices = sorted(DRIVER_CLASSES) if default is None else [default, *sorted(DRIVER_CLASSES)]
+    parser.add_argument("--driver", default=default, choices=choices, help=what)
+
+
+def add_storage_opt_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="driver option, as strata serve's (repeatable; devicemapper needs its pool's)")
+
+
+def storage_opts(parser: argparse.ArgumentParser, values: list[str]) -> dict[str, str]:
+    """``--storage-opt KEY=VALUE`` values as a dict; a malformed one is a usage error."""
+    options = {}
+    for opt in values:
+        key, sep, value = opt.partition("=")
+        if not sep or not key:
+            parser.error(f"--storage-opt {opt!r}: expected KEY=VALUE")
+        options[key.strip()] = value.strip()
+    return options
 
 
 class JsonFormatter(logging.Formatter):

@@ -33,10 +33,11 @@ from typing import Any
 from csi.errors import DriverUnavailable, StrataError
 from csi.graphdriver.btrfs import ioctl as ioc
 from csi.graphdriver.devicemapper import ioctl as dm
-from csi.graphdriver.registry import DRIVER_CLASSES, PRIORITY, driver_class, holds_state, home_of, new_driver
+from csi.graphdriver.registry import PRIORITY, driver_class, holds_state, home_of, new_driver
 from csi.host.fsinfo import existing_ancestor, kernel_has, mount_of
 from csi.host.treecopy import FICLONE
-from csi.ops.console import add_common_flags, emit_json, setup_logging
+from csi.ops.console import (add_common_flags, add_driver_flag, add_storage_opt_flag, emit_json, setup_logging,
+                             storage_opts)
 
 log = logging.getLogger("strata.doctor")
 
@@ -220,20 +221,12 @@ def to_json(report: Report) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="strata doctor", description=__doc__.split("\n\n")[0])
     add_common_flags(parser)
-    parser.add_argument("--driver", default="auto", choices=["auto", *sorted(DRIVER_CLASSES)],
-                        help="check this driver as `strata serve --driver` would (default: auto)")
-    parser.add_argument("--storage-opt", action="append", default=[], metavar="KEY=VALUE",
-                        help="driver option, as strata serve's (repeatable)")
+    add_driver_flag(parser, "check this driver as `strata serve --driver` would (default: auto)", "auto")
+    add_storage_opt_flag(parser)
     parser.add_argument("--json", action="store_true", help="the report as JSON on stdout")
     args = parser.parse_args(argv)
     setup_logging(args.log_format, args.log_level)
-    options = {}
-    for opt in args.storage_opt:
-        key, sep, value = opt.partition("=")
-        if not sep or not key:
-            parser.error(f"--storage-opt {opt!r}: expected KEY=VALUE")
-        options[key.strip()] = value.strip()
-    report = diagnose(args.root, args.driver, options)
+    report = diagnose(args.root, args.driver, storage_opts(parser, args.storage_opt))
     if args.json:
         emit_json(to_json(report))
     else:

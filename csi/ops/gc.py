@@ -30,8 +30,9 @@ from typing import Any
 
 from csi.errors import StrataError
 from csi.graphdriver.driver import Reconciliation
-from csi.graphdriver.registry import DRIVER_CLASSES, driver_class, home_of
-from csi.ops.console import Progress, add_common_flags, emit_json, setup_logging
+from csi.graphdriver.registry import driver_class, home_of
+from csi.ops.console import (Progress, add_common_flags, add_driver_flag, add_storage_opt_flag, emit_json,
+                             setup_logging, storage_opts)
 from csi.ops.records import drivers_with_state, plugin_serving, socket_of
 
 FOUND = 3
@@ -73,15 +74,13 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="strata gc", description=__doc__.split("\n\n")[0])
     add_common_flags(parser)
     parser.add_argument("--dry-run", action="store_true", help="only report what would be collected")
-    parser.add_argument("--driver", choices=sorted(DRIVER_CLASSES),
-                        help="the driver to sweep (default: the one holding state under the root)")
-    parser.add_argument("--storage-opt", action="append", default=[], metavar="KEY=VALUE",
-                        help="driver option, as strata serve's (devicemapper needs its pool's)")
+    add_driver_flag(parser, "the driver to sweep (default: the one holding state under the root)")
+    add_storage_opt_flag(parser)
     parser.add_argument("--json", action="store_true", help="the Reconciliation as JSON on stdout")
     args = parser.parse_args(argv)
     setup_logging(args.log_format, args.log_level)
     root = args.root.absolute()
-    options = dict(o.partition("=")[::2] for o in args.storage_opt)
+    options = storage_opts(parser, args.storage_opt)
     sock = socket_of(root, args.endpoint)
     serving = plugin_serving(sock)
     if serving and not args.dry_run:

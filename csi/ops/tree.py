@@ -15,8 +15,7 @@ import sys
 from typing import Any
 
 from csi.errors import StrataError
-from csi.graphdriver.registry import DRIVER_CLASSES
-from csi.ops.console import add_common_flags, emit_json, setup_logging
+from csi.ops.console import add_common_flags, add_driver_flag, emit_json, setup_logging
 from csi.ops.inventory import Node, forest, gather
 from csi.ops.ls import human
 
@@ -64,8 +63,7 @@ def as_json(node: Node) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="strata tree", description=__doc__.split("\n\n")[0])
     add_common_flags(parser)
-    parser.add_argument("--driver", choices=sorted(DRIVER_CLASSES), help="the driver whose layers to read "
-                        "(default: the one holding state under the root)")
+    add_driver_flag(parser, "the driver whose layers to read (default: the one holding state under the root)")
     parser.add_argument("--json", action="store_true", help="the trees as JSON on stdout")
     args = parser.parse_args(argv)
     setup_logging(args.log_format, args.log_level)
