@@ -6,8 +6,9 @@ On-disk layout::
     <dir>/index.json              an image index; a tagged manifest carries the annotation
                                   org.opencontainers.image.ref.name = <tag>
     <dir>/blobs/sha256/<hex>      blobs and manifests, by digest
-    <dir>/blobs/.strata-tmp-*     a blob being written (removed on failure; a leftover of a
-                                  kill is swept by the next writer, never read)
+    <dir>/blobs/.strata-tmp-*     a blob being written, flock-ed by its writer while it is (removed
+                                  on failure; one no process holds — a kill's leftover — is swept
+                                  by the next writer, never read)
 
 Crash safety: a blob is streamed into a temporary file in ``blobs/`` while it is hashed,
 fsynced, checked against the expected digest (when one was given), then renamed to its digest
@@ -40,7 +41,7 @@ from csi.host.fsinfo import fsync_dir
 REF_NAME = "org.opencontainers.image.ref.name"
 _TMP_PREFIX = ".strata-tmp-"
 _CHUNK = 1 << 20
-_STALE_TMP_SECONDS = 24 * 3600
+_STALE_TMP_SECONDS = 3600  # a write_atomic temporary (unlocked, written in one go) this old is a leftover
 
 
 class LayoutTarget:
@@ -98,13 +99,41 @@ class LayoutTarget:
         write_atomic(self.dir / "index.json", json.dumps(index, sort_keys=True, indent=1).encode(), tmp_prefix=_TMP_PREFIX)
 
     def _sweep_tmp(self) -> None:
-        cutoff = time.time() - _STALE_TMP_SECONDS
+        """Remove blob temporaries no writer holds (their writer died), and old unlocked
+        temporaries of manifest writes."""
         for path in (self.dir / "blobs").glob(f"{_TMP_PREFIX}*"):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    path.unlink()
+            except (BlockingIOError, FileNotFoundError):
+                pass  # a live writer holds it, or it is gone
+            finally:
+                os.close(fd)
+        cutoff = time.time() - _STALE_TMP_SECONDS
+        for path in self.blobs.glob(f"{_TMP_PREFIX}*"):
             try:
                 if path.stat().st_mtime < cutoff:
                     path.unlink()
             except FileNotFoundError:
                 pass
+
+    def _locked_tmp(self) -> tuple[Path, int]:
+        """A new blob temporary, flock-ed (a sweeper that got to it first makes us take another)."""
+        while True:
+            tmp = self.dir / "blobs" / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                    return tmp, fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
 
     # ------------------------------------------------------------------ blobs
 
@@ -118,19 +147,19 @@ class LayoutTarget:
         if expected is not None and self.has_blob(expected):
             return expected, self._blob_path(expected).stat().st_size
         self._sweep_tmp()
-        tmp = self.dir / "blobs" / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
+        tmp, fd = self._locked_tmp()
         h, size = hashlib.sha256(), 0
+        f = open(fd, "wb")  # closed (and the lock dropped) only after the rename
         try:
-            with open(tmp, "wb") as f:
-                while True:
-                    chunk = stream.read(_CHUNK)
-                    if not chunk:
-                        break
-                    h.update(chunk)
-                    f.write(chunk)
-                    size += len(chunk)
-                f.flush()
-                os.fsync(f.fileno())
+            while True:
+                chunk = stream.read(_CHUNK)
+                if not chunk:
+                    break
+                h.update(chunk)
+                f.write(chunk)
+                size += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
             digest = "sha256:" + h.hexdigest()
             if expected is not None and digest != expected:
                 raise DigestMismatch(f"blob written to {self.dir} hashes to {digest}, expected {expected}")
@@ -143,6 +172,8 @@ class LayoutTarget:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        finally:
+            f.close()
         return digest, size
 
     def open_blob(self, digest: str, size: int | None = None) -> IO[bytes]:

@@ -3,7 +3,8 @@
 Usage::
 
     strata backup push SNAPSHOT_ID --to oci://HOST/REPO[:TAG] | oci-layout:/DIR[:TAG]
-                       [--docker-config FILE] [--compression none|zstd] [--root DIR] [--endpoint unix://…]
+                       [--docker-config FILE] [--compression none|zstd] [--max-layer-bytes SIZE]
+                       [--root DIR] [--endpoint unix://…]
     strata backup restore REF@sha256:… [--volume-name NAME] [--node-id ID] [--root DIR] [--endpoint unix://…]
 
 ``SNAPSHOT_ID`` is the CSI snapshot handle (``snap-<hex>@<node>``, a VolumeSnapshotContent's
@@ -31,7 +32,13 @@ Two ways to reach the node's layers, chosen by what runs:
   :func:`csi.backup.restore` on it with the node's export cache (``<driver home>/backup-index.json``);
   ``restore --volume-name`` then creates a writable layer on the restored chain and records it
   as a CSI volume of that name in ``<root>/state.db`` (its ID, ``vol-…@<node-id>``, is printed:
-  a static PersistentVolume's ``volumeHandle``).
+  a static PersistentVolume's ``volumeHandle``). Direct commands on one root run one at a time
+  (an flock on ``<root>/backup-direct.lock``), and each first releases the mount references that
+  a killed one's diff streams left on frozen layers (:func:`csi.backup.index.release_stream_references`;
+  a plugin's start-up recovery does the same when it serves the root again).
+
+``--max-layer-bytes`` splits a layer whose diff is larger into several artifact layers
+(:mod:`csi.backup.split`), for registries with a layer size limit.
 
 Exit status: 0 done, 1 failed (the message says why), 2 bad usage.
 """
@@ -39,6 +46,7 @@ Exit status: 0 done, 1 failed (the message says why), 2 bad usage.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import logging
@@ -46,7 +54,7 @@ import os
 import socket
 import sys
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -54,12 +62,13 @@ import grpc
 
 from csi.backup import (DockerConfig, ExportIndex, VolumeFacts, backup, load_docker_config, open_target,
                         parse_reference, read_artifact, renderer_for, restore)
-from csi.backup.index import ExportRecord
+from csi.backup.index import ExportRecord, release_stream_references
 from csi.backup.media import LAYER_TAR
 from csi.backup.progress import Meter, ProgressCallback
 from csi.errors import AlreadyExists, DigestMismatch, InvalidArgument, NotFound, Relayed, StrataError, Unavailable
 from csi.graphdriver.driver import CreateOpts, Driver, Layer, LayerKind, LayerState
 from csi.graphdriver.registry import DRIVER_CLASSES, home_of, new_driver
+from csi.host.fsinfo import parse_size
 from csi.ids import check_layer_id, new_layer_id
 from csi.ops.console import add_common_flags, setup_logging
 from csi.ops.records import drivers_with_state, plugin_serving, socket_of
@@ -71,6 +80,7 @@ from csi.state.store import RecordState, StateStore, VolumeRecord
 log = logging.getLogger("strata.backup")
 
 INDEX_NAME = "backup-index.json"
+DIRECT_LOCK = "backup-direct.lock"
 CHUNK = 1 << 20
 RESUME_ATTEMPTS = 5
 
@@ -228,7 +238,7 @@ def _node_index(root: Path, driver_name: str) -> ExportIndex | None:
 
 
 def push_remote(channel: grpc.Channel, root: Path, snapshot_id: str, ref_text: str, *, credentials: DockerConfig | None,
-                compression: str, progress: ProgressCallback) -> dict[str, Any]:
+                compression: str, progress: ProgressCallback, max_layer_bytes: int | None = None) -> dict[str, Any]:
     stub = export_pb2_grpc.DiffExportStub(channel)
     chain = RemoteChain(stub, snapshot_id)
     ref = parse_reference(ref_text)
@@ -236,7 +246,7 @@ def push_remote(channel: grpc.Channel, root: Path, snapshot_id: str, ref_text: s
     with closing(open_target(ref, credentials=credentials, create=True)) as target:
         result = backup(chain, chain.top, target, tag=ref.tag, facts=facts,  # type: ignore[arg-type]
                         index=ChainIndex(chain, _node_index(root, chain.name)),  # type: ignore[arg-type]
-                        compression=compression, progress=progress)
+                        compression=compression, progress=progress, max_layer_bytes=max_layer_bytes)
     return _push_answer(result)
 
 
@@ -312,15 +322,28 @@ def open_driver(root: Path, name: str | None, options: dict[str, str]) -> Driver
     return new_driver(root, name, options).driver
 
 
+@contextmanager
+def direct_session(root: Path, drv: Driver) -> Iterator[None]:
+    """One direct command at a time on ``root`` (an exclusive flock on ``<root>/backup-direct.lock``);
+    on entry, the mount references a killed direct command's diff streams left are released."""
+    with open(root / DIRECT_LOCK, "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            release_stream_references(drv)
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
 def push_direct(drv: Driver, root: Path, snapshot_id: str, ref_text: str, *, credentials: DockerConfig | None,
-                compression: str, progress: ProgressCallback) -> dict[str, Any]:
+                compression: str, progress: ProgressCallback, max_layer_bytes: int | None = None) -> dict[str, Any]:
     ref = parse_reference(ref_text)
     layer = _layer_id(snapshot_id)
     facts = VolumeFacts(driver=drv.name, source_names={"snapshot": snapshot_id})
     with closing(open_target(ref, credentials=credentials, create=True)) as target:
         result = backup(drv, layer, target, tag=ref.tag, facts=facts,
                         index=ExportIndex(home_of(root, drv.name) / INDEX_NAME), compression=compression,
-                        progress=progress)
+                        progress=progress, max_layer_bytes=max_layer_bytes)
     return _push_answer(result)
 
 
@@ -377,6 +400,8 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("snapshot", metavar="SNAPSHOT_ID", help="CSI snapshot handle (snap-…@node) or layer ID")
     push.add_argument("--to", required=True, help="oci://HOST/REPO[:TAG] or oci-layout:/DIR[:TAG]")
     push.add_argument("--compression", choices=("none", "zstd"), default="none")
+    push.add_argument("--max-layer-bytes", default=None, metavar="SIZE",
+                      help="split a layer whose diff is larger than this into several (a registry's layer limit)")
     rest = sub.add_parser("restore", help="import a backup's layers (and create a volume on them)")
     rest.add_argument("reference", metavar="REF", help="oci://HOST/REPO@sha256:… or oci-layout:/DIR@sha256:…")
     rest.add_argument("--volume-name", default="", help="also create a CSI volume of this name on the restored chain")
@@ -403,6 +428,7 @@ def main(argv: list[str]) -> int:
     progress = renderer_for(sys.stderr)
     try:
         credentials = _credentials(args.docker_config)
+        max_layer = parse_size(args.max_layer_bytes) if getattr(args, "max_layer_bytes", None) else None
         if plugin_serving(csi_sock) or plugin_serving(export_sock):
             if not plugin_serving(export_sock):
                 print(f"strata backup: a plugin serves {csi_sock} but no export service answers on {export_sock}",
@@ -412,7 +438,7 @@ def main(argv: list[str]) -> int:
             with grpc.insecure_channel(f"unix://{export_sock}") as channel:
                 if args.action == "push":
                     answer = push_remote(channel, root, args.snapshot, args.to, credentials=credentials,
-                                         compression=args.compression, progress=progress)
+                                         compression=args.compression, progress=progress, max_layer_bytes=max_layer)
                 else:
                     with grpc.insecure_channel(f"unix://{csi_sock}") as csi_channel:
                         answer = restore_remote(channel, csi_channel, args.reference, credentials=credentials,
@@ -422,12 +448,13 @@ def main(argv: list[str]) -> int:
             drv = open_driver(root, args.driver, options)
             log.info("directly on %s (driver %s)", root, drv.name)
             # no drv.cleanup() afterwards: it would release the mounts of volumes pods still use
-            if args.action == "push":
-                answer = push_direct(drv, root, args.snapshot, args.to, credentials=credentials,
-                                     compression=args.compression, progress=progress)
-            else:
-                answer = restore_direct(drv, root, args.reference, credentials=credentials,
-                                        volume_name=args.volume_name, node_id=args.node_id, progress=progress)
+            with direct_session(root, drv):
+                if args.action == "push":
+                    answer = push_direct(drv, root, args.snapshot, args.to, credentials=credentials,
+                                         compression=args.compression, progress=progress, max_layer_bytes=max_layer)
+                else:
+                    answer = restore_direct(drv, root, args.reference, credentials=credentials,
+                                            volume_name=args.volume_name, node_id=args.node_id, progress=progress)
     except StrataError as exc:
         print(f"strata backup {args.action}: {exc}", file=sys.stderr)
         return 1
