@@ -6,7 +6,7 @@
 The chart is rendered offline through Helm v4's Go SDK (helm-python-sdk) with release
 ``strata`` in namespace ``strata-system`` and :data:`STATIC_VALUES`; the objects are
 ordered so that ``kubectl apply -f deploy/strata.yaml`` creates what others refer to first.
-The expansion token is not generated here (a token committed to the repository would be
+The peer certificate is not generated here (a key committed to the repository would be
 public): create the Secret named in STATIC_VALUES first, as deploy/README.md shows.
 """
 
@@ -25,15 +25,16 @@ CHART = DEPLOY.parent / "charts" / "strata"
 OUTPUT = DEPLOY / "strata.yaml"
 RELEASE = "strata"
 NAMESPACE = "strata-system"
-STATIC_VALUES: dict[str, Any] = {"forwardToken": {"create": False, "existingSecret": "strata-forward-token"}}
+STATIC_VALUES: dict[str, Any] = {"peers": {"tls": {"existingSecret": "strata-peer-tls"}}}
 KIND_ORDER = ("Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
-              "Secret", "CSIDriver", "StorageClass", "VolumeSnapshotClass", "Service", "DaemonSet",
+              "Secret", "Issuer", "Certificate", "CSIDriver", "StorageClass", "VolumeSnapshotClass",
+              "VolumeGroupSnapshotClass", "Service", "DaemonSet",
               "Deployment", "ServiceMonitor")
 HEADER = """\
 # strata: static manifests for kubectl, generated from charts/strata by deploy/render.py.
 # Do not edit: change the chart (or STATIC_VALUES in deploy/render.py) and run
 #   .venv/bin/python deploy/render.py
-# Before applying, create the expansion token Secret (see deploy/README.md).
+# Before applying, create the peer certificate Secret strata-peer-tls (see deploy/README.md).
 """
 
 

@@ -1,8 +1,11 @@
 """JSON schemas for the custom-resource kinds strata ships, which kubernetes-validate lacks.
 
 Written for these tests from the CRDs' published APIs (not copied from them):
-``snapshot.storage.k8s.io/v1`` VolumeSnapshotClass and VolumeSnapshot (kubernetes-csi
-external-snapshotter v8) and ``monitoring.coreos.com/v1`` ServiceMonitor (prometheus-operator).
+``snapshot.storage.k8s.io/v1`` VolumeSnapshotClass and VolumeSnapshot and
+``groupsnapshot.storage.k8s.io/v1beta1`` VolumeGroupSnapshotClass and VolumeGroupSnapshot
+(kubernetes-csi external-snapshotter v8), ``monitoring.coreos.com/v1`` ServiceMonitor
+(prometheus-operator), and ``cert-manager.io/v1`` Certificate and Issuer (cert-manager v1.x:
+the fields of CertificateSpec and IssuerSpec strata's templates can use).
 They cover the fields those APIs define at the levels strata's manifests use and refuse
 unknown fields there, so a typo in a template or an example fails.
 """
@@ -80,7 +83,88 @@ SERVICE_MONITOR = _object("monitoring.coreos.com/v1", "ServiceMonitor", {
     },
 }, ["spec"])
 
+VOLUME_GROUP_SNAPSHOT_CLASS = _object("groupsnapshot.storage.k8s.io/v1beta1", "VolumeGroupSnapshotClass", {
+    "driver": {"type": "string", "minLength": 1},
+    "deletionPolicy": {"enum": ["Delete", "Retain"]},
+    "parameters": {"type": "object", "additionalProperties": {"type": "string"}},
+}, ["driver", "deletionPolicy"])
+
+VOLUME_GROUP_SNAPSHOT = _object("groupsnapshot.storage.k8s.io/v1beta1", "VolumeGroupSnapshot", {
+    "spec": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["source"],
+        "properties": {
+            "volumeGroupSnapshotClassName": {"type": "string", "minLength": 1},
+            "source": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "selector": {"type": "object", "additionalProperties": False, "properties": {
+                        "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "matchExpressions": {"type": "array"}}},
+                    "volumeGroupSnapshotContentName": {"type": "string"}},
+                "oneOf": [{"required": ["selector"]}, {"required": ["volumeGroupSnapshotContentName"]}],
+            },
+        },
+    },
+}, ["spec"])
+
+_DURATION = {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(h|m|s|ms))+$"}
+_ISSUER_REF = {"type": "object", "additionalProperties": False, "required": ["name"],
+               "properties": {"name": {"type": "string", "minLength": 1}, "kind": {"type": "string"},
+                              "group": {"type": "string"}}}
+_USAGES = ["signing", "digital signature", "content commitment", "key encipherment", "key agreement",
+           "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any", "server auth",
+           "client auth", "code signing", "email protection", "s/mime", "ipsec end system", "ipsec tunnel",
+           "ipsec user", "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc"]
+CERTIFICATE = _object("cert-manager.io/v1", "Certificate", {
+    "spec": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["secretName", "issuerRef"],
+        "properties": {
+            "secretName": _NAME,
+            "issuerRef": _ISSUER_REF,
+            "commonName": {"type": "string", "maxLength": 64},
+            "dnsNames": {"type": "array", "items": {"type": "string"}},
+            "ipAddresses": {"type": "array", "items": {"type": "string"}},
+            "duration": _DURATION,
+            "renewBefore": _DURATION,
+            "isCA": {"type": "boolean"},
+            "usages": {"type": "array", "items": {"enum": _USAGES}},
+            "privateKey": {"type": "object", "additionalProperties": False, "properties": {
+                "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                "size": {"type": "integer"},
+                "encoding": {"enum": ["PKCS1", "PKCS8"]},
+                "rotationPolicy": {"enum": ["Never", "Always"]}}},
+            "secretTemplate": {"type": "object", "additionalProperties": False, "properties": {
+                "labels": {"type": "object"}, "annotations": {"type": "object"}}},
+        },
+        "anyOf": [{"required": ["commonName"]}, {"required": ["dnsNames"]}, {"required": ["ipAddresses"]}],
+    },
+}, ["spec"])
+
+ISSUER = _object("cert-manager.io/v1", "Issuer", {
+    "spec": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "selfSigned": {"type": "object", "additionalProperties": False,
+                           "properties": {"crlDistributionPoints": {"type": "array"}}},
+            "ca": {"type": "object", "additionalProperties": False, "required": ["secretName"],
+                   "properties": {"secretName": _NAME, "crlDistributionPoints": {"type": "array"},
+                                  "ocspServers": {"type": "array"}}},
+        },
+        "oneOf": [{"required": ["selfSigned"]}, {"required": ["ca"]}],
+    },
+}, ["spec"])
+
 SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("groupsnapshot.storage.k8s.io/v1beta1", "VolumeGroupSnapshotClass"): VOLUME_GROUP_SNAPSHOT_CLASS,
+    ("groupsnapshot.storage.k8s.io/v1beta1", "VolumeGroupSnapshot"): VOLUME_GROUP_SNAPSHOT,
+    ("cert-manager.io/v1", "Certificate"): CERTIFICATE,
+    ("cert-manager.io/v1", "Issuer"): ISSUER,
     ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"): VOLUME_SNAPSHOT_CLASS,
     ("snapshot.storage.k8s.io/v1", "VolumeSnapshot"): VOLUME_SNAPSHOT,
     ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR,

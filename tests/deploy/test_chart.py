@@ -8,6 +8,7 @@ the per-node driver groups.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import helm_python as helm
@@ -40,11 +41,16 @@ MATRIX: dict[str, dict[str, Any]] = {
         "driverName": "layers.example.org",
         "rootDir": "/mnt/layers",
         "kubeletDir": "/var/snap/microk8s/common/var/lib/kubelet",
-        "forwardToken": {"create": False, "existingSecret": "my-token"},
-        "node": {"healthPort": 19808, "forwardPort": 19820},
+        "peers": {"port": 19820, "audience": "layers-peer", "tls": {"existingSecret": "my-peer-tls"}},
+        "node": {"healthPort": 19808},
     },
+    "cert-manager": {"peers": {"tls": {"certManager": {"enabled": True}}},
+                     "volumeGroupSnapshotClass": {"isDefault": True, "deletionPolicy": "Retain"}},
+    "cert-manager-own-issuer": {"peers": {"tls": {"certManager": {
+        "enabled": True, "issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}}}}},
     "no-expansion-no-metrics": {"controller": {"enabled": False}, "metrics": {"enabled": False},
-                                "storageClass": {"create": False}, "volumeSnapshotClass": {"create": False}},
+                                "storageClass": {"create": False}, "volumeSnapshotClass": {"create": False},
+                                "volumeGroupSnapshotClass": {"create": False}},
 }
 CASES = list(MATRIX.items())
 IDS = list(MATRIX)
@@ -103,9 +109,40 @@ def test_values_schema_refuses_bad_values() -> None:
             render(bad)
 
 
-def test_forward_token_needs_a_secret() -> None:
-    with pytest.raises(helm.HelmError, match="forwardToken"):
-        render({"forwardToken": {"create": False, "existingSecret": ""}})
+def test_chart_made_peer_certificate_serves_tls_for_the_peer_name(tmp_path: Path) -> None:
+    """The Secret genCA/genSignedCert make is usable as it is: a real TLS listener serves it and
+    a client trusting its ca.crt and checking the peer name connects; with another name it fails."""
+    import base64
+
+    import grpc
+
+    from csi.peers.tls import TlsFiles, client_channel, listen_tls
+    from csi.services.listen import new_server
+
+    objs = objects({})
+    secret = one(objs, "Secret", "strata-peer-tls")
+    assert secret["type"] == "kubernetes.io/tls"
+    for key in ("tls.crt", "tls.key", "ca.crt"):
+        (tmp_path / key).write_bytes(base64.b64decode(secret["data"][key]))
+    server = new_server(2, "t")
+    port = listen_tls(server, "127.0.0.1:0", TlsFiles(tmp_path / "tls.crt", tmp_path / "tls.key"))
+    server.start()
+    try:
+        for name, ok in (("strata-peer.strata-system.svc", True), ("someone-else.example", False)):
+            channel = client_channel(f"127.0.0.1:{port}", tmp_path / "ca.crt", server_name=name)
+            try:
+                grpc.channel_ready_future(channel).result(timeout=5)
+                connected = True
+            except grpc.FutureTimeoutError:
+                connected = False
+            finally:
+                channel.close()
+            assert connected is ok, name
+    finally:
+        server.stop(0)
+    # a second render (no cluster: lookup finds nothing) makes a new CA; in a cluster lookup keeps it
+    template = (CHART / "templates" / "peer-tls.yaml").read_text()
+    assert 'lookup "v1" "Secret" .Release.Namespace $secret' in template
 
 
 @pytest.mark.parametrize("case", IDS)
@@ -284,51 +321,91 @@ def test_csidriver_object(rendered: dict[str, list[Obj]]) -> None:
 
 
 @pytest.mark.parametrize("case", IDS)
-def test_expansion_controller_and_forwarding_agree(case: str, rendered: dict[str, list[Obj]]) -> None:
+def test_peer_channel_settings_agree(case: str, rendered: dict[str, list[Obj]]) -> None:
+    """Every strata pod: the same peer Secret and port, a projected token for the audience the
+    listener asks for, the accounts the listener admits are the ones the pods run as."""
     values = values_of(case)
     objs = rendered[case]
+    peers = values["peers"]
+    peer_name = "strata-peer.strata-system.svc"
+    secret_name = peers["tls"]["existingSecret"] or "strata-peer-tls"
+
+    def mounted(owner: Obj, c: Obj, volume_name: str) -> tuple[str, Obj]:
+        mount = next(m for m in c["volumeMounts"] if m["name"] == volume_name)
+        assert mount["readOnly"] is True
+        return mount["mountPath"], next(v for v in owner["spec"]["template"]["spec"]["volumes"]
+                                        if v["name"] == volume_name)
+
+    def token_of(owner: Obj, c: Obj) -> str:
+        path, volume = mounted(owner, c, "peer-token")
+        (source,) = volume["projected"]["sources"]
+        sat = source["serviceAccountToken"]
+        assert sat["audience"] == peers["audience"]
+        assert sat["expirationSeconds"] == peers["tokenExpirationSeconds"]
+        return f"{path}/{sat['path']}"
+
+    for ds in of_kind(objs, "DaemonSet"):
+        c = container(ds, "strata")
+        assert flag(c, "peer-listen") == f"$(NODE_IP):{peers['port']}"
+        assert {e["name"]: e for e in c["env"]}["NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+        assert {"name": "peer", "containerPort": peers["port"], "protocol": "TCP"} in c["ports"]
+        tls_dir, volume = mounted(ds, c, "peer-tls")
+        assert volume["secret"]["secretName"] == secret_name
+        assert flag(c, "tls-cert") == f"{tls_dir}/tls.crt" and flag(c, "tls-key") == f"{tls_dir}/tls.key"
+        assert flag(c, "tls-ca") == f"{tls_dir}/ca.crt"
+        assert flag(c, "token-file") == token_of(ds, c)
+        assert flag(c, "peer-audience") == peers["audience"]
+        assert flag(c, "peer-server-name") == peer_name
+        assert flag(c, "peer-account") == f"strata-system/{ds['spec']['template']['spec']['serviceAccountName']}"
+        assert flag(c, "forward-listen") is None and flag(c, "forward-token-file") is None
+        assert flag(c, "controller-account") == ("strata-system/strata-controller"
+                                                 if values["controller"]["enabled"] else None)
     deployments = of_kind(objs, "Deployment")
     if not values["controller"]["enabled"]:
         assert deployments == []
-        for ds in of_kind(objs, "DaemonSet"):
-            assert flag(container(ds, "strata"), "forward-listen") is None
         assert all(sc.get("allowVolumeExpansion") is False for sc in of_kind(objs, "StorageClass"))
-        return
-    (deployment,) = deployments
-    forwarder = container(deployment, "strata-controller")
-    resizer = container(deployment, "csi-resizer")
-    assert forwarder["command"] == ["strata", "controller"]
-    assert flag(forwarder, "endpoint") == "unix:///csi/csi.sock"
-    assert flag(resizer, "csi-address") == "/csi/csi.sock"
-    assert flag(forwarder, "driver-name") == values["driverName"]
-    assert flag(resizer, "leader-election") == "true"
-    assert flag(resizer, "handle-volume-inuse-error") == "false"  # strata expands online
-    port = values["node"]["forwardPort"]
-    assert flag(forwarder, "forward-port") == str(port)
-    secret_of = {}
-    for owner, c in ((deployment, forwarder), *((ds, container(ds, "strata")) for ds in of_kind(objs, "DaemonSet"))):
-        mount = next(m for m in c["volumeMounts"] if m["name"] == "forward-token")
-        assert mount["readOnly"] is True
-        assert flag(c, "forward-token-file") == f"{mount['mountPath']}/token"
-        volume = next(v for v in owner["spec"]["template"]["spec"]["volumes"] if v["name"] == "forward-token")
-        secret_of[owner["metadata"]["name"]] = volume["secret"]["secretName"]
-        if c["name"] == "strata":
-            assert flag(c, "forward-listen") == f"$(NODE_IP):{port}"
-            env = {e["name"]: e for e in c["env"]}
-            assert env["NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
-    assert len(set(secret_of.values())) == 1, secret_of
-    secret_name = next(iter(secret_of.values()))
-    if values["forwardToken"]["existingSecret"]:
-        assert secret_name == values["forwardToken"]["existingSecret"]
-        assert of_kind(objs, "Secret") == []
     else:
+        (deployment,) = deployments
+        forwarder = container(deployment, "strata-controller")
+        resizer = container(deployment, "csi-resizer")
+        assert forwarder["command"] == ["strata", "controller"]
+        assert flag(forwarder, "endpoint") == "unix:///csi/csi.sock"
+        assert flag(resizer, "csi-address") == "/csi/csi.sock"
+        assert flag(forwarder, "driver-name") == values["driverName"]
+        assert flag(resizer, "leader-election") == "true"
+        assert flag(resizer, "handle-volume-inuse-error") == "false"  # strata expands online
+        assert flag(forwarder, "peer-port") == str(peers["port"])
+        assert flag(forwarder, "peer-server-name") == peer_name
+        assert flag(forwarder, "token-file") == token_of(deployment, forwarder)
+        ca_dir, volume = mounted(deployment, forwarder, "peer-ca")
+        assert volume["secret"]["secretName"] == secret_name
+        assert volume["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]  # never the node's key
+        assert flag(forwarder, "tls-ca") == f"{ca_dir}/ca.crt"
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for c in pod["containers"]:
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    # where the certificate comes from
+    certificates = of_kind(objs, "Certificate")
+    if peers["tls"]["existingSecret"]:
+        assert of_kind(objs, "Secret") == [] and certificates == []
+    elif peers["tls"]["certManager"]["enabled"]:
+        assert of_kind(objs, "Secret") == []
+        peer = one(objs, "Certificate", "strata-peer")
+        assert peer["spec"]["secretName"] == secret_name and peer["spec"]["dnsNames"] == [peer_name]
+        assert set(peer["spec"]["usages"]) == {"server auth", "client auth"}
+        issuer = peers["tls"]["certManager"]["issuerRef"]
+        if issuer:
+            assert peer["spec"]["issuerRef"]["name"] == issuer["name"] and of_kind(objs, "Issuer") == []
+        else:
+            ca_issuer = one(objs, "Issuer", peer["spec"]["issuerRef"]["name"])
+            ca = one(objs, "Certificate", "strata-peer-ca")
+            assert ca["spec"]["isCA"] is True and ca_issuer["spec"]["ca"]["secretName"] == ca["spec"]["secretName"]
+            assert "selfSigned" in one(objs, "Issuer", ca["spec"]["issuerRef"]["name"])["spec"]
+    else:
+        assert certificates == []
         secret = one(objs, "Secret", secret_name)
-        assert len(secret["data"]["token"]) >= 48
-    # The forwarder needs no privileges.
-    pod = deployment["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    for c in pod["containers"]:
-        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt"}
 
 
 # RBAC: what each component calls, from the sidecars' own RBAC files (versions and the
@@ -345,14 +422,25 @@ PROVISIONER: Rules = {
     ("", "nodes"): {"get", "list", "watch"},
     ("storage.k8s.io", "csistoragecapacities"): {"get", "list", "watch", "create", "update", "patch", "delete"},
     ("", "pods"): {"get"},  # capacity owner (--capacity-ownerref-level=0)
+    ("storage.k8s.io", "volumeattributesclasses"): {"get", "list", "watch"},
 }
 SNAPSHOTTER: Rules = {
     ("", "events"): {"list", "watch", "create", "update", "patch"},
     ("snapshot.storage.k8s.io", "volumesnapshotclasses"): {"get", "list", "watch"},
     ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"create", "get", "list", "watch", "update", "patch"},
     ("snapshot.storage.k8s.io", "volumesnapshotcontents/status"): {"update", "patch"},
+    # group snapshots (--feature-gates=CSIVolumeGroupSnapshot=true)
+    ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses"): {"get", "list", "watch"},
+    ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents"): {"get", "list", "watch", "update", "patch"},
+    ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents/status"): {"update", "patch"},
 }
-STRATA_NODE: Rules = {("", "nodes"): {"get"}}  # the driver label
+STRATA_NODE: Rules = {
+    ("", "nodes"): {"get"},  # the driver label; other nodes' InternalIP (the peer dialer)
+    ("authentication.k8s.io", "tokenreviews"): {"create"},  # the peer listener's callers
+    ("authorization.k8s.io", "subjectaccessreviews"): {"create"},  # per-VolumeSnapshot export checks
+    ("snapshot.storage.k8s.io", "volumesnapshots"): {"get"},  # VolumeSnapshot -> handle
+    ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"get"},
+}
 RESIZER: Rules = {  # pods left out: only for --handle-volume-inuse-error, which is off
     ("", "persistentvolumes"): {"get", "list", "watch", "patch"},
     ("", "persistentvolumeclaims"): {"get", "list", "watch"},
@@ -435,6 +523,17 @@ def test_classes(case: str, rendered: dict[str, list[Obj]]) -> None:
     for vsc in snapshot_classes:
         assert vsc["driver"] == values["driverName"]
         assert vsc["deletionPolicy"] == values["volumeSnapshotClass"]["deletionPolicy"]
+    group_classes = of_kind(objs, "VolumeGroupSnapshotClass")
+    assert len(group_classes) == (1 if values["volumeGroupSnapshotClass"]["create"] else 0)
+    for vgsc in group_classes:
+        assert vgsc["apiVersion"] == "groupsnapshot.storage.k8s.io/v1beta1"
+        assert vgsc["driver"] == values["driverName"]
+        assert vgsc["deletionPolicy"] == values["volumeGroupSnapshotClass"]["deletionPolicy"]
+        default = vgsc["metadata"].get("annotations", {}).get("groupsnapshot.storage.kubernetes.io/is-default-class")
+        assert default == ("true" if values["volumeGroupSnapshotClass"]["isDefault"] else None)
+    # the node's csi-snapshotter serves group snapshots through the gate (no deprecated flag)
+    for ds in of_kind(objs, "DaemonSet"):
+        assert flag(container(ds, "csi-snapshotter"), "feature-gates") == "CSIVolumeGroupSnapshot=true"
 
 
 def test_metrics_and_service_monitor(rendered: dict[str, list[Obj]]) -> None:

@@ -56,16 +56,17 @@ def test_static_manifests_are_valid_and_complete(static: list[Obj]) -> None:
     namespace = static[0]["metadata"]["name"]
     for obj in static:
         if obj["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding", "CSIDriver", "StorageClass",
-                               "VolumeSnapshotClass"):
+                               "VolumeSnapshotClass", "VolumeGroupSnapshotClass"):
             assert obj["metadata"]["namespace"] == namespace, obj["metadata"]["name"]
     kinds = {o["kind"] for o in static}
     assert {"CSIDriver", "DaemonSet", "Deployment", "StorageClass", "VolumeSnapshotClass"} <= kinds
-    # No generated token in the repository: the Secret is created by the user.
+    # No generated key in the repository: the peer certificate Secret is created by the user.
     assert of_kind(static, "Secret") == []
     volume = next(v for v in one(static, "Deployment")["spec"]["template"]["spec"]["volumes"]
-                  if v["name"] == "forward-token")
-    assert volume["secret"]["secretName"] == "strata-forward-token"
-    assert "strata-forward-token" in (DEPLOY / "README.md").read_text()
+                  if v["name"] == "peer-ca")
+    assert volume["secret"]["secretName"] == "strata-peer-tls"
+    readme = (DEPLOY / "README.md").read_text()
+    assert "strata-peer-tls" in readme and "strata-peer.strata-system.svc" in readme
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
@@ -101,3 +102,7 @@ def test_examples_use_what_the_manifests_create(static: list[Obj]) -> None:
         size[original["spec"]["resources"]["requests"]["storage"]]
     sc = one(static, "StorageClass")
     assert sc["allowVolumeExpansion"] is True and sc["volumeBindingMode"] == "WaitForFirstConsumer"
+    vac = one(example("volume-attributes-class.yaml"), "VolumeAttributesClass")
+    assert vac["driverName"] == driver and vac["parameters"] == {"compression": "zstd"}
+    group = one(example("group-snapshot.yaml"), "VolumeGroupSnapshot")
+    assert group["spec"]["volumeGroupSnapshotClassName"] == one(static, "VolumeGroupSnapshotClass")["metadata"]["name"]

@@ -33,15 +33,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "strata.nodeServiceAccount" -}}{{ include "strata.fullname" . }}-node{{- end -}}
 {{- define "strata.controllerServiceAccount" -}}{{ include "strata.fullname" . }}-controller{{- end -}}
 
-{{- define "strata.forwardTokenSecret" -}}
-{{- if .Values.forwardToken.existingSecret -}}
-{{- .Values.forwardToken.existingSecret -}}
-{{- else if .Values.forwardToken.create -}}
-{{- include "strata.fullname" . }}-forward-token
-{{- else -}}
-{{- fail "forwardToken: set create: true or name an existingSecret holding key 'token'" -}}
+{{/* The Secret with the peer certificate (tls.crt, tls.key, ca.crt). */}}
+{{- define "strata.peerTlsSecret" -}}
+{{- .Values.peers.tls.existingSecret | default (printf "%s-peer-tls" (include "strata.fullname" .)) -}}
 {{- end -}}
-{{- end -}}
+
+{{/* The name in the peer certificate, checked by every dialer (all nodes present one certificate). */}}
+{{- define "strata.peerName" -}}{{ include "strata.fullname" . }}-peer.{{ .Release.Namespace }}.svc{{- end -}}
+
+{{/* Where strata's pods find the peer Secret and their projected token. */}}
+{{- define "strata.peerTlsDir" -}}/etc/strata/peer-tls{{- end -}}
+{{- define "strata.peerTokenDir" -}}/var/run/secrets/strata{{- end -}}
 
 {{/* Socket of the plugin on the host, as kubelet reaches it. */}}
 {{- define "strata.pluginDir" -}}{{ .Values.kubeletDir }}/plugins/{{ .Values.driverName }}{{- end -}}
