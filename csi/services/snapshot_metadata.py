@@ -24,23 +24,38 @@ available for these snapshots (a filesystem volume's snapshot, a driver without 
 maps, unrelated or reversed snapshots) → FAILED_PRECONDITION, so the client falls back to
 a full backup. The block map is computed before the first response; the stream itself
 holds no lock, so a snapshot deleted while its map streams does not disturb the call.
+
+Across nodes: Kubernetes' external-snapshot-metadata sidecar has one CSI address per
+driver, so it talks to ``strata controller``, whose :class:`RelayingSnapshotMetadata`
+sends each call to the node that owns the (target) snapshot over the node-to-node channel
+(a :class:`csi.peers.dial.PeerDialer`) and streams the node's answer back as it comes. A
+node that cannot be reached before the first response is looked up again once, then
+UNAVAILABLE naming it; any status the node answers (before or mid-stream) is relayed as it
+is (:class:`csi.errors.Relayed`), naming the node. The node serves the calls on its peer
+listener through :func:`peer_service`, for strata's own accounts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TypeVar
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import grpc
 
-from csi.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Unsupported
+from csi.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Relayed, Unavailable, Unsupported
 from csi.graphdriver.driver import BlockMap
 from csi.proto import csi_pb2, csi_pb2_grpc
 from csi.services.plugin import Plugin
-from csi.services.volume_ids import SNAPSHOT_PREFIX, parse_id, parse_local
+from csi.peers.dial import PeerDialer
+from csi.services.volume_ids import SNAPSHOT_PREFIX, owner_node, parse_id, parse_local
 from csi.state.store import RecordState
 
-__all__ = ["DEFAULT_MAX_RESULTS", "MAX_RESULTS", "SnapshotMetadataService", "pages"]
+__all__ = ["DEFAULT_MAX_RESULTS", "MAX_RESULTS", "SNAPSHOT_METADATA_SERVICE", "RelayingSnapshotMetadata",
+           "SnapshotMetadataService", "pages", "peer_service", "relay_stream"]
+
+log = logging.getLogger("strata.snapshot_metadata")
+SNAPSHOT_METADATA_SERVICE = "csi.v1.SnapshotMetadata"
 
 DEFAULT_MAX_RESULTS = 1024
 MAX_RESULTS = 16384  # ~200 KiB per response, well under gRPC's 4 MiB message limit
@@ -134,3 +149,65 @@ class SnapshotMetadataService(csi_pb2_grpc.SnapshotMetadataServicer):
             raise NotFound(f"snapshot {request.base_snapshot_id} or {request.target_snapshot_id} "
                            "does not exist") from exc
         yield from pages(found, request.starting_offset, request.max_results, csi_pb2.GetMetadataDeltaResponse)
+
+
+def peer_service(plugin: Plugin) -> tuple[str, Callable[[grpc.Server], None]]:
+    """``(method prefix, add(server))`` for the node's peer listener
+    (:func:`csi.services.export.start_tcp_export`): this node's SnapshotMetadata service."""
+
+    def add(server: grpc.Server) -> None:
+        csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(SnapshotMetadataService(plugin), server)
+
+    return f"/{SNAPSHOT_METADATA_SERVICE}/", add
+
+
+def relay_stream(dialer: PeerDialer, node_id: str, call: Callable[[grpc.Channel], Iterator[Any]], *,
+                 retries: int = 1) -> Iterator[Any]:
+    """The responses of the server-streaming ``call(channel)`` on ``node_id``, as they come.
+    UNAVAILABLE before the first response: the node is forgotten and dialed again (``retries``
+    times), then :class:`Unavailable` naming it; any other status, or any status once
+    responses flowed, is :class:`Relayed` naming the node."""
+    attempt = 0
+    while True:
+        channel = dialer.dial(node_id)  # Unavailable naming the node when it has no address
+        received = False
+        try:
+            for response in call(channel):
+                received = True
+                yield response
+            return
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+            details = (exc.details() if hasattr(exc, "details") else "") or ""
+            if code != grpc.StatusCode.UNAVAILABLE or received:
+                raise Relayed(code.name, f"node {node_id}: {details}") from exc
+            dialer.forget(node_id)
+            if attempt >= retries:
+                raise Unavailable(f"node {node_id} cannot be reached: {details}") from exc
+            attempt += 1
+            log.info("node %s unreachable (%s); looking its address up again", node_id, details)
+
+
+class RelayingSnapshotMetadata(csi_pb2_grpc.SnapshotMetadataServicer):
+    """SnapshotMetadata of ``strata controller``: each call streamed from the node that owns
+    the snapshot (the target's owner for a delta; a base elsewhere is that node's
+    FAILED_PRECONDITION). ``timeout``: seconds a whole stream may take."""
+
+    def __init__(self, dialer: PeerDialer, timeout: float = 600.0) -> None:
+        self._dialer, self._timeout = dialer, timeout
+
+    def GetMetadataAllocated(self, request: csi_pb2.GetMetadataAllocatedRequest,  # noqa: N802
+                             context: grpc.ServicerContext) -> Iterator[csi_pb2.GetMetadataAllocatedResponse]:
+        if not request.snapshot_id:
+            raise InvalidArgument("snapshot_id is required")
+        node = owner_node(request.snapshot_id)  # NotFound when the ID is not strata's
+        yield from relay_stream(self._dialer, node, lambda channel: csi_pb2_grpc.SnapshotMetadataStub(
+            channel).GetMetadataAllocated(request, timeout=self._timeout))
+
+    def GetMetadataDelta(self, request: csi_pb2.GetMetadataDeltaRequest,  # noqa: N802
+                         context: grpc.ServicerContext) -> Iterator[csi_pb2.GetMetadataDeltaResponse]:
+        if not request.target_snapshot_id:
+            raise InvalidArgument("target_snapshot_id is required")
+        node = owner_node(request.target_snapshot_id)
+        yield from relay_stream(self._dialer, node, lambda channel: csi_pb2_grpc.SnapshotMetadataStub(
+            channel).GetMetadataDelta(request, timeout=self._timeout))
