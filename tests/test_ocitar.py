@@ -153,3 +153,68 @@ def test_naive_differ_compares_content_when_metadata_matches(ext4_dir: Path) -> 
             drv.apply_diff("base", None, io.BytesIO())
         with pytest.raises(InvalidArgument):  # the parent must be the layer's own
             drv.apply_diff("x", None, io.BytesIO())
+
+
+def _counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    from csi.graphdriver.diff import naive
+
+    read: list[str] = []
+    real = naive._same_content
+
+    def counted(a: Path, b: Path) -> bool:
+        read.append(a.name)
+        return real(a, b)
+
+    monkeypatch.setattr(naive, "_same_content", counted)
+    return read
+
+
+@pytest.mark.parametrize("driver_name", ["btrfs", "vfs"])
+def test_on_btrfs_shared_extents_stand_for_equal_content(btrfs_dir: Path, driver_name: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """btrfs snapshots and vfs's reflinked copies share the parent's extents: an unchanged
+    file is not read; a byte overwritten in place (size and mtime kept) is still found."""
+    from csi.graphdriver.diff.extents import shares_extents
+    from csi.graphdriver.registry import driver_class
+
+    read = _counting_reads(monkeypatch)
+    with open_driver(driver_class(driver_name), btrfs_dir / driver_name) as drv:
+        drv.create("v0")
+        root = drv.get("v0")
+        (root / "same").write_bytes(os.urandom(3 << 20))
+        (root / "poked").write_bytes(os.urandom(3 << 20))
+        os.sync()
+        drv.put("v0")
+        drv.freeze("v0", "s0")
+        drv.create("v1", "s0")
+        root = drv.get("v1")
+        before = os.stat(root / "poked")
+        with open(root / "poked", "r+b") as f:
+            f.seek(1 << 20)
+            f.write(b"X")
+        os.utime(root / "poked", ns=(before.st_atime_ns, before.st_mtime_ns))
+        os.sync()
+        drv.put("v1")
+        drv.freeze("v1", "s1")
+        old, new = drv.get("s0"), drv.get("s1")
+        try:
+            assert shares_extents(new / "same", old / "same")
+            assert not shares_extents(new / "poked", old / "poked")
+        finally:
+            drv.put("s0")
+            drv.put("s1")
+        changes = {c.path: c.kind for c in drv.changes("s1", "s0")}
+        assert changes == {"/poked": ChangeKind.MODIFIED}
+        assert "same" not in read and "poked" in read
+
+
+def test_on_ext4_equal_files_are_read(ext4_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    read = _counting_reads(monkeypatch)
+    with open_driver(VfsDriver, ext4_dir / "vfs") as drv:
+        drv.create("v0")
+        (drv.get("v0") / "same").write_bytes(b"z" * 10000)
+        drv.put("v0")
+        drv.freeze("v0", "s0")
+        drv.create("v1", "s0")
+        drv.freeze("v1", "s1")
+        assert drv.changes("s1", "s0") == [] and read == ["same"]

@@ -8,7 +8,10 @@ deleted directory are implied, not listed) or *modified*: a different type, mode
 uid/gid, device number, size, mtime (ns), xattr set, symlink target, hard-link group
 (the paths sharing the inode), or — when all of that is equal — different content
 (``verify_content``, on by default: copies keep mtimes and timestamps can be coarse, so
-size+mtime alone may miss an overwrite; ``False`` gives an rsync-like quick check).
+size+mtime alone may miss an overwrite; ``False`` gives an rsync-like quick check). When both
+trees lie on one btrfs filesystem, two files with identical extent maps (a snapshot's or a
+reflinked copy's shared data) are equal without being read
+(:mod:`csi.graphdriver.diff.extents`), so a diff after a small change reads about the change.
 A directory with changes below it is listed as modified too (as Docker does), so its
 metadata travels with the diff. A directory counts as *replaced* when the parent had
 entries in it and none of their names is left: the tar then carries an opaque marker
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import IO
 
 from csi.errors import InvalidArgument
+from csi.graphdriver.diff.extents import same_btrfs, shares_extents
 from csi.graphdriver.diff.ocitar import LayerTarWriter, TarSizer, apply_tar, read_xattrs
 from csi.graphdriver.driver import Change, ChangeKind, Driver
 from csi.host.pipestream import pipe_stream
@@ -104,6 +108,7 @@ class NaiveDiffer:
     def __init__(self, driver: Driver, *, verify_content: bool = True) -> None:
         self.driver = driver
         self.verify_content = verify_content
+        self._cow = False  # the two trees being compared share one btrfs filesystem
 
     # ------------------------------------------------------------------ contract
 
@@ -174,6 +179,7 @@ class NaiveDiffer:
         Iterative, so nesting depth is not limited by Python's recursion limit."""
         kinds: dict[str, str] = {}
         changed_below: set[str] = set()
+        self._cow = new.root is not None and old.root is not None and same_btrfs(new.root, old.root)
 
         def mark(rel: str) -> None:  # rel and its ancestors contain changes
             while rel not in changed_below:
@@ -240,6 +246,8 @@ class NaiveDiffer:
         if read_xattrs(new.path(rel)) != read_xattrs(old.path(rel)):
             return True
         if stat.S_ISREG(mode) and self.verify_content and (st.st_dev, st.st_ino) != (ost.st_dev, ost.st_ino):
+            if self._cow and shares_extents(new.path(rel), old.path(rel)):
+                return False
             return not _same_content(new.path(rel), old.path(rel))
         return False
 
