@@ -182,3 +182,35 @@ def test_quick_scale_part_reports_curves_and_goals(bench_scratch: Path, tmp_path
     assert any("restart to ready Probe" in s for s in subjects)
     assert all(v in ("PASS", "MISS") for v in subjects.values())
     _assert_nothing_left(bench_scratch)
+
+
+def test_quick_backup_part_reports_baselines_and_goals(bench_scratch: Path, tmp_path: Path) -> None:
+    """``--parts backup`` on every driver: a real docker-registry started and removed by the
+    bench, export vs tar -c (and zstd), backup/restore vs skopeo copy, the incremental backup
+    after a 1 MiB change moving about that much, and the restore next to the parent importing
+    only the new layer; the goals are computed from the figures; nothing is left behind."""
+    from csi.bench.backup import missing_tools
+
+    if missing_tools():
+        pytest.skip(f"backup part: {missing_tools()}")
+    report = tmp_path / "backup.json"
+    run = _bench("--quick", "--parts", "backup", "--scratch", str(bench_scratch), "--json", str(report))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Full backup and restore through a local docker-registry vs skopeo copy" in run.stdout
+    part = next(s for s in json.loads(report.read_text())["sections"] if s["name"] == "Backup")
+    cases = {c["case"]: c for c in part["figures"]["cases"]}
+    assert {"vfs on ext4", "overlay on ext4"} <= set(cases)
+    for case in cases.values():
+        assert case["error"] is None
+        f = case["figures"]
+        assert f["export_bytes"] >= f["size"] and f["tar_s"] > 0 and f["zstd_tool_s"] > 0
+        assert f["push_bytes"] >= f["size"] and f["restore_bytes"] >= f["size"] and f["skopeo_push_s"] > 0
+        assert 1 << 20 <= f["incr_bytes"] <= 2 << 20 and f["incr_blobs_sent"] == 1
+        assert f["incr_restore_layers"] == 1 and f["incr_restore_bytes"] <= 2 << 20
+    subjects = {g["subject"]: g["verdict"] for g in part["goals"]}
+    assert "backup overlay on ext4: bytes sent after a 1 MiB change" in subjects
+    assert not any(s.startswith("backup vfs") and "bytes sent" in s for s in subjects)
+    assert all(v in ("PASS", "MISS") for v in subjects.values())
+    processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    assert str(bench_scratch) not in processes  # the registry (its config lies in the scratch) is stopped
+    _assert_nothing_left(bench_scratch)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from csi import __version__
+from csi.bench import backup as backup_bench
 from csi.bench import drivers as driver_bench
 from csi.bench import lifecycle as csi_bench
 from csi.bench import scale as scale_bench
@@ -39,7 +40,7 @@ from csi.bench.report import Section
 DEFAULT_SIZES = "64M,256M,1G"
 QUICK_SIZES = "1M,2M"
 ALL_DRIVERS = ("vfs", "overlay", "btrfs")
-PARTS = ("drivers", "csi", "scale")
+PARTS = ("drivers", "csi", "scale", "backup")
 DEFAULT_PARTS = ("drivers", "csi")
 
 
@@ -64,6 +65,9 @@ class BenchOptions:
             return scale_bench.ScaleConfig(volumes=200, snapshots=50, probe=10, checkpoints=4, cycles=200)
         return scale_bench.ScaleConfig()
 
+    def backup_config(self) -> backup_bench.BackupConfig:
+        return backup_bench.BackupConfig(max(self.sizes))
+
     def csi_config(self) -> csi_bench.LifecycleConfig:
         if self.quick:
             return csi_bench.LifecycleConfig(self.sizes, rounds=5, concurrent_creates=16)
@@ -79,7 +83,7 @@ def parse_args(argv: list[str]) -> BenchOptions:
     parser.add_argument("--sizes", help=f"data sizes, comma separated (default {DEFAULT_SIZES}; {QUICK_SIZES} with --quick)")
     parser.add_argument("--drivers", default=",".join(ALL_DRIVERS), help="drivers to measure (default: all)")
     parser.add_argument("--parts", default=",".join(DEFAULT_PARTS),
-                        help="drivers, csi, scale, comma separated (default drivers,csi; scale takes minutes per driver)")
+                        help="drivers, csi, scale, backup, comma separated (default drivers,csi; scale takes minutes per driver)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few rounds (smoke test)")
     parser.add_argument("--json", dest="json_path", type=Path, metavar="FILE", help="also write the figures as JSON to FILE")
     parser.add_argument("--scratch", type=Path, default=Path("/var/tmp"), metavar="DIR", help="where the scratch directory goes")
@@ -152,6 +156,12 @@ def run(options: BenchOptions) -> tuple[list[Section], str]:
             results_scale, skipped_scale = scale_bench.run(fs.backings, fs.unavailable, config_scale, options.drivers,
                                                            _progress)
             sections.append(scale_bench.section(results_scale, skipped_scale, config_scale))
+            print("\n" + sections[-1].render(), flush=True)
+        if "backup" in options.parts:
+            config_backup = options.backup_config()
+            results_backup, skipped_backup = backup_bench.run(fs.backings, fs.unavailable, config_backup,
+                                                              options.drivers, _progress)
+            sections.append(backup_bench.section(results_backup, skipped_backup, config_backup))
             print("\n" + sections[-1].render(), flush=True)
     return sections, header
 
