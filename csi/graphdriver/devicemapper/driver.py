@@ -184,6 +184,9 @@ class DevmapperDriver(LayerDriver):
                 dm.resume(name)
         self.block_sectors = dm.pool_block_sectors(self.pool)
         self._reconcile_transaction()
+        if thinmeta.release_leftover(self.pool):
+            log.warning("released the metadata snapshot of thin pool %s, left held by an interrupted "
+                        "changed-block query", self.pool)
 
     def reconcile(self, dry_run: bool = False) -> Reconciliation:
         """Base reconciliation, then deactivate thin devices nothing holds (crash leftovers)."""

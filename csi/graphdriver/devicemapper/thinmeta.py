@@ -154,6 +154,18 @@ def metadata_device(pool: str) -> Path:
     raise StrataError(f"thin pool {pool}: metadata device {numbers} has no DEVNAME")
 
 
+def release_leftover(pool: str) -> bool:
+    """Release a metadata snapshot the pool holds (one a killed process left: strata holds
+    one only inside :func:`metadata_snapshot`); whether there was one. Status field 4 is
+    the held metadata root, ``-`` for none."""
+    _, _, params = dm.table(pool, status=True)
+    fields = params.split()
+    if len(fields) > 3 and fields[3] not in ("-", "0"):
+        dm.message(pool, "release_metadata_snap")
+        return True
+    return False
+
+
 @contextmanager
 def metadata_snapshot(pool: str, lock: threading.Lock) -> Iterator[Path]:
     """Hold the pool's metadata snapshot (``lock`` serialises its holders in this process);

@@ -15,7 +15,8 @@ Identity, Controller and SnapshotMetadata services; a real gRPC client:
   an unrelated volume's snapshot, a filesystem volume's snapshot: FAILED_PRECONDITION;
   starting_offset past the capacity: OUT_OF_RANGE;
 * a metadata snapshot left held (a killed process) does not stop the next call, and none
-  is held after a call; Identity advertises SNAPSHOT_METADATA_SERVICE.
+  is held after a call; the next start-up releases one; Identity advertises
+  SNAPSHOT_METADATA_SERVICE.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import grpc
 import pytest
 
 from csi.graphdriver.devicemapper import ioctl as dm
+from csi.graphdriver.devicemapper.driver import DevmapperDriver
 from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc
 from csi.services.controller import ControllerService
@@ -206,3 +208,20 @@ def test_delta_lists_exactly_the_blocks_written_between(node: Node) -> None:
     assert held_metadata_root(pool) != "-"
     assert offsets(node.delta(s1, s2)) == at(changed)
     assert held_metadata_root(pool) == "-"
+
+
+def test_start_up_releases_a_leftover_metadata_snapshot(dm_home: Path) -> None:
+    """A plugin killed inside a changed-block query leaves the pool's metadata snapshot held;
+    the next start releases it."""
+    drv = DevmapperDriver(dm_home, OPTIONS)
+    dm.message(drv.pool, "reserve_metadata_snap")
+    drv.release_pool()
+    pool_files = dm_home / "loop"
+    assert (pool_files / "metadata").exists()
+    again = DevmapperDriver(dm_home, OPTIONS)
+    try:
+        assert held_metadata_root(again.pool) == "-"
+        assert again.supports_block_metadata
+        assert ("changed-block tracking", "thin pool metadata (thin_dump, thin_delta)") in again.status()
+    finally:
+        again.release_pool()
