@@ -65,7 +65,9 @@ CONTROLLER_GRACE_SECONDS = 10.0
 
 
 class _Forwarded(csi_pb2_grpc.ControllerServicer):
-    """A Controller service offering only the forwarded calls, handed to ``target``."""
+    """A Controller service offering only the calls other strata processes make on this node,
+    handed to ``target``: expansion and modification forwarded by ``strata controller``, and
+    the snapshot a node cloning one of this node's volumes takes first (and removes after)."""
 
     def __init__(self, target: csi_pb2_grpc.ControllerServicer) -> None:
         self._target = target
@@ -77,6 +79,15 @@ class _Forwarded(csi_pb2_grpc.ControllerServicer):
     def ControllerModifyVolume(self, request: csi_pb2.ControllerModifyVolumeRequest,  # noqa: N802
                                context: grpc.ServicerContext) -> csi_pb2.ControllerModifyVolumeResponse:
         return self._target.ControllerModifyVolume(request, context)
+
+    # a node cloning a volume of this node asks for a snapshot of it first, then removes it
+    def CreateSnapshot(self, request: csi_pb2.CreateSnapshotRequest,  # noqa: N802
+                       context: grpc.ServicerContext) -> csi_pb2.CreateSnapshotResponse:
+        return self._target.CreateSnapshot(request, context)
+
+    def DeleteSnapshot(self, request: csi_pb2.DeleteSnapshotRequest,  # noqa: N802
+                       context: grpc.ServicerContext) -> csi_pb2.DeleteSnapshotResponse:
+        return self._target.DeleteSnapshot(request, context)
 
 
 def forwarded_controller(controller: csi_pb2_grpc.ControllerServicer) -> tuple[str, Callable[[grpc.Server], None]]:

@@ -139,11 +139,9 @@ def test_restore_over_the_authenticated_channel(cluster: dict[str, ServedNode]) 
     assert pulls(b)[-1][0] == 0 and pulls(b)[-1][2] == 0, pulls(b)  # type: ignore[arg-type]
     assert_same_tree(expected, b.mounted(again.volume_id, "pod-again"))
 
-    # a clone of A's volume needs A's Controller to freeze it over the channel
-    try:
-        clone = b.create("pvc-clone", volume_source(vol))
-    except grpc.RpcError as exc:  # the channel forwards only expansion and modification (for now)
-        assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc
-        assert "node-a does not serve its Controller" in exc.details()
-    else:
-        assert_same_tree(mount, b.mounted(clone.volume_id, "pod-clone"))
+    # a clone of A's volume: A's Controller freezes it over the channel, B pulls, A's snapshot goes
+    before = {s.snapshot.snapshot_id for s in a.controller.ListSnapshots(pb.ListSnapshotsRequest()).entries}
+    clone = b.create("pvc-clone", volume_source(vol))
+    assert_same_tree(mount, b.mounted(clone.volume_id, "pod-clone"))
+    after = {s.snapshot.snapshot_id for s in a.controller.ListSnapshots(pb.ListSnapshotsRequest()).entries}
+    assert after == before, "the snapshot the clone took on node-a was left behind"
