@@ -1,5 +1,5 @@
-"""The CSI services (Identity, Controller, Node), the ``strata serve`` server and the
-``strata controller`` forwarder.
+"""The CSI services (Identity, Controller, Node, GroupController, SnapshotMetadata), strata's
+own Diff export service, the ``strata serve`` server and the ``strata controller`` forwarder.
 
 Modules, one concern each, listed from the top of the imports down (a module imports only
 ones below it):
@@ -7,10 +7,17 @@ ones below it):
 * :mod:`~csi.services.server` — ``strata serve``: flags, :class:`ServeConfig`,
   :func:`start_server` (start-up order: plugin, recovery, listeners, ready; used by tests,
   the demo and the benchmark).
-* :mod:`~csi.services.forwarder` — ``strata controller`` and the node's forward listener:
-  ControllerExpandVolume routed to the node that owns the volume.
-* :mod:`~csi.services.identity`, :mod:`~csi.services.controller`, :mod:`~csi.services.node`
-  — the three CSI services.
+* :mod:`~csi.services.forwarder` — ``strata controller`` (ControllerExpandVolume and
+  ControllerModifyVolume routed to the node that owns the volume over the node-to-node
+  channel) and the Controller calls a node accepts on that channel.
+* :mod:`~csi.services.export` — the Diff export service (GetChain, Changes, DiffSize,
+  ExportDiff, ImportDiff) on ``export.sock`` and on the node's one TCP listener (TLS, tokens).
+* :mod:`~csi.services.identity`, :mod:`~csi.services.controller`, :mod:`~csi.services.node`,
+  :mod:`~csi.services.group`, :mod:`~csi.services.snapshot_metadata` — the CSI services.
+* :mod:`~csi.services.sources` — content sources of CreateVolume: local snapshots and
+  volumes, another node's (pulled over the channel), OCI backups; background transfers.
+* :mod:`~csi.services.metrics` — Prometheus metrics: the seam's observer and a scrape-time
+  collector over the driver and the records.
 * :mod:`~csi.services.recovery` — start-up reconciliation of records, layers and mounts.
 * :mod:`~csi.services.plugin` — what the services share: the driver (through the
   :class:`csi.graphdriver.driver.Driver` contract only), the state store, locks, topology,
@@ -28,5 +35,6 @@ ones below it):
 * :mod:`~csi.services.locks` — per-key non-blocking locks (racing calls get ABORTED).
 
 State lives in :mod:`csi.state.store` (``<root>/state.db``); node facts from Kubernetes in
-:mod:`csi.kube`.
+:mod:`csi.kube`; authenticated TCP (TLS, ServiceAccount tokens, dialing other nodes) in
+:mod:`csi.peers`.
 """
