@@ -172,3 +172,30 @@ def test_progress_bar_on_a_terminal_and_clear_errors(source: tuple[Path, object]
     assert missing.returncode == 1 and "snap-" + "9" * 32 in missing.stderr
     bad = strata("restore", "oci-layout:/no/digest", "--root", str(root))
     assert bad.returncode == 1 and "digest" in bad.stderr
+
+
+@pytest.mark.parametrize("through", ["direct", "export service"])
+def test_push_splits_layers_over_max_layer_bytes(source: tuple[Path, object], ext4_dir: Path, through: str) -> None:
+    """``--max-layer-bytes``: the top layer (a big file plus small ones) goes as several layers,
+    directly and through the export service (whose ExportDiff is read twice: plan, then send);
+    the restored tree is the snapshot's."""
+    root, drv = source
+    layout = ext4_dir / "layout"
+    server = None
+    args = ["--root", str(root)]
+    if through == "export service":
+        server, _ = start_unix_export(ExportBackend(drv, NODE, ExportIndex(root / "vfs" / "backup-index.json")),
+                                      root / "export.sock")
+    try:
+        whole = answer_of(strata("push", make_id(SNAP1, NODE), "--to", f"oci-layout:{ext4_dir / 'whole'}:t", *args))
+        split = answer_of(strata("push", make_id(SNAP1, NODE), "--to", f"oci-layout:{layout}:t", *args,
+                                 "--max-layer-bytes", "64K"))
+        assert len(whole["layers"]) == 2 and len(split["layers"]) > 2
+        assert [l["layer"] for l in split["layers"]][0] == SNAP0 and split["layers"][-1]["layer"] == SNAP1
+        restored = answer_of(strata("restore", split["reference"], "--root", str(ext4_dir / "node-b"),
+                                    "--driver", "vfs"))
+        target = new_driver(ext4_dir / "node-b", "vfs").driver
+        assert snapshot_tree(target, restored["layer"]) == snapshot_tree(drv, SNAP1)
+    finally:
+        if server is not None:
+            server.stop(0).wait()
