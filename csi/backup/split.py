@@ -51,6 +51,11 @@ def _end_bytes(written: int) -> bytes:
     return bytes(end + (-(written + end) % RECORD))
 
 
+def _total(size: int) -> int:
+    """A part's tar bytes once it is ended."""
+    return size + len(_end_bytes(size))
+
+
 @dataclass
 class Unit:
     """One member of the diff as it lies in the stream: extension headers, header, data."""
@@ -200,7 +205,7 @@ def plan_parts(raw: IO[bytes], max_bytes: int) -> list[Part]:
         extra = [a for a in _ancestors(u.name) if a in dirs and dirs[a].part < len(parts) - 1
                  and dirs[a].raw not in part.prefix] if len(parts) > 1 else []
         cost = u.length + sum(len(dirs[a].raw or b"") for a in extra)
-        if part.units and open_until < i and part.size + cost + 2 * BLOCK > max_bytes:
+        if part.units and open_until < i and _total(part.size + cost) > max_bytes:
             part = Part()
             parts.append(part)
             extra = [a for a in _ancestors(u.name) if a in dirs and dirs[a].part < len(parts) - 1]
@@ -210,7 +215,7 @@ def plan_parts(raw: IO[bytes], max_bytes: int) -> list[Part]:
         u.part = len(parts) - 1
         part.units.append(u)
         part.size += cost
-        if part.size + 2 * BLOCK > max_bytes and not part.oversized:
+        if _total(part.size) > max_bytes and not part.oversized:
             part.oversized = (f"a hard-link group spans {u.name!r}" if open_until >= i
                               else f"member {u.name!r} alone is {u.length} bytes")
         open_until = max(open_until, span_end[i])
