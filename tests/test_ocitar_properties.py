@@ -234,3 +234,25 @@ def test_applier_refuses_a_sparse_map_outside_the_file(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="sparse map"):
         apply_tar(tmp_path, stream)
     assert not (tmp_path / "x").exists() or os.stat(tmp_path / "x").st_size == 0
+
+
+def test_sparse_data_past_the_ustar_size_field_is_written_dense(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """(With the threshold lowered to 8 KiB:) a file with holes but more data than a sparse
+    member may carry becomes a plain entry, read back by tarfile and the applier."""
+    from csi.graphdriver.diff import ocitar
+
+    monkeypatch.setattr(ocitar, "SPARSE_DATA_MAX", 8192)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    _sparse_file(src / "big-data", [(0, os.urandom(9000)), (100, b"tail")], 200)
+    _sparse_file(src / "small-data", [(10, b"x")], 200)
+    memory = io.BytesIO()
+    _written(src, memory)
+    with tarfile.open(fileobj=io.BytesIO(memory.getvalue())) as tar:
+        kinds = {m.name: m.sparse is not None for m in tar}
+    assert kinds == {"big-data": False, "small-data": True}
+    apply_tar(dst, io.BytesIO(memory.getvalue()))
+    os.utime(dst, ns=(0, os.lstat(src).st_mtime_ns))
+    assert_same_tree(src, dst)

@@ -21,7 +21,8 @@ encoding every reader here takes: GNU tar, Go's archive/tar (umoci, containerd, 
 Python's tarfile; GNU's old ``S`` type header is read by tarfile and GNU tar but Go hands it to
 unpackers as type ``S``, which umoci and containerd refuse. A dense file stays a plain entry.
 Data segments go by sendfile(2) from their offsets. The map comes from the filesystem's
-extents, so the bytes are deterministic for an unchanged file (a frozen layer).
+extents, so the bytes are deterministic for an unchanged file (a frozen layer). A file with
+8 GiB of data or more is written dense (:data:`SPARSE_DATA_MAX`).
 
 Times: one formatter, :func:`format_ns`, writes the PAX ``mtime`` as the exact decimal
 of the nanoseconds (``-0.000000001`` for -1 ns: a reader adds the fraction with the
@@ -73,6 +74,9 @@ _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"
 _NS = 10**9
 SPARSE_DIR = "GNUSparseFile.0"
+# A sparse member whose stored data would need a PAX ``size`` record (8 GiB and more) is written
+# dense: Python's tarfile then takes that record for the real size and misplaces the next header.
+SPARSE_DATA_MAX = 8**11 - 1 - (1 << 20)
 _SPARSE_NAME_MAX = 80
 
 
@@ -333,6 +337,8 @@ class LayerTarWriter:
         if info is None:
             return
         segments = data_segments(fs_path, info.size) if info.type == tarfile.REGTYPE and info.size else None
+        if segments is not None and sum(length for _, length in segments) >= SPARSE_DATA_MAX:
+            segments = None  # see SPARSE_DATA_MAX
         if segments is not None:
             self.content_bytes += info.size
             entries = sparse_map(segments, info.size)
