@@ -45,9 +45,9 @@ import grpc
 
 from csi.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Relayed, Unavailable, Unsupported
 from csi.graphdriver.driver import BlockMap
+from csi.peers.dial import PeerDialer
 from csi.proto import csi_pb2, csi_pb2_grpc
 from csi.services.plugin import Plugin
-from csi.peers.dial import PeerDialer
 from csi.services.volume_ids import SNAPSHOT_PREFIX, owner_node, parse_id, parse_local
 from csi.state.store import RecordState
 
