@@ -13,11 +13,15 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "peers"))
+from peer_pki import make_pki  # noqa: E402
 
 from csi import errors
 from csi.proto import csi_pb2 as pb
@@ -152,7 +156,8 @@ def test_every_error_type_lives_in_errors_and_has_a_code() -> None:
 def test_strata_controller_answers_through_the_seam(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     token = tmp_path / "token"
     token.write_text("t" * 32)
-    config = ControllerConfig(endpoint=f"unix://{tmp_path}/c.sock", token_file=token,
+    pki = make_pki(tmp_path / "pki")
+    config = ControllerConfig(endpoint=f"unix://{tmp_path}/c.sock", tls_ca=pki.ca, token_file=token,
                               node_addresses=(("node-a", "127.0.0.1:1"),), timeout=5)
     server, controller = start_controller(config)
     try:
@@ -160,7 +165,7 @@ def test_strata_controller_answers_through_the_seam(tmp_path: Path, caplog: pyte
             stub = rpc.ControllerStub(channel)
             request = pb.ControllerExpandVolumeRequest(capacity_range=pb.CapacityRange(required_bytes=1))
             for volume_id, code in (("../etc", grpc.StatusCode.NOT_FOUND),
-                                    ("vol-0123456789abcdef0123456789abcdef@node-b", grpc.StatusCode.NOT_FOUND),
+                                    ("vol-0123456789abcdef0123456789abcdef@node-b", grpc.StatusCode.UNAVAILABLE),
                                     ("vol-0123456789abcdef0123456789abcdef@node-a", grpc.StatusCode.UNAVAILABLE)):
                 request.volume_id = volume_id
                 with pytest.raises(grpc.RpcError) as err:
@@ -170,8 +175,8 @@ def test_strata_controller_answers_through_the_seam(tmp_path: Path, caplog: pyte
         server.stop(0).wait()
         controller.close()
     lines = _rpc_lines(caplog)
-    assert [line["code"] for line in lines] == ["NOT_FOUND", "NOT_FOUND", "UNAVAILABLE"]
-    assert "node node-a" in str(lines[2]["message"])
+    assert [line["code"] for line in lines] == ["NOT_FOUND", "UNAVAILABLE", "UNAVAILABLE"]
+    assert "node node-b" in str(lines[1]["message"]) and "node node-a" in str(lines[2]["message"])
 
 
 # ------------------------------------------------------------------ import structure
