@@ -160,6 +160,35 @@ ISSUER = _object("cert-manager.io/v1", "Issuer", {
     },
 }, ["spec"])
 
+VOLUME_SNAPSHOT_CONTENT = _object("snapshot.storage.k8s.io/v1", "VolumeSnapshotContent", {
+    "spec": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["driver", "deletionPolicy", "source", "volumeSnapshotRef"],
+        "properties": {
+            "driver": {"type": "string", "minLength": 1},
+            "deletionPolicy": {"enum": ["Delete", "Retain"]},
+            "volumeSnapshotClassName": {"type": "string", "minLength": 1},
+            "sourceVolumeMode": {"enum": ["Filesystem", "Block"]},
+            "source": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"snapshotHandle": {"type": "string", "minLength": 1},
+                               "volumeHandle": {"type": "string", "minLength": 1}},
+                "oneOf": [{"required": ["snapshotHandle"]}, {"required": ["volumeHandle"]}],
+            },
+            "volumeSnapshotRef": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name", "namespace"],
+                "properties": {"apiVersion": {"type": "string"}, "kind": {"const": "VolumeSnapshot"},
+                               "name": _NAME, "namespace": _NAME, "uid": {"type": "string"},
+                               "resourceVersion": {"type": "string"}, "fieldPath": {"type": "string"}},
+            },
+        },
+    },
+}, ["spec"])
+
 SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
     ("groupsnapshot.storage.k8s.io/v1beta1", "VolumeGroupSnapshotClass"): VOLUME_GROUP_SNAPSHOT_CLASS,
     ("groupsnapshot.storage.k8s.io/v1beta1", "VolumeGroupSnapshot"): VOLUME_GROUP_SNAPSHOT,
@@ -167,5 +196,6 @@ SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
     ("cert-manager.io/v1", "Issuer"): ISSUER,
     ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"): VOLUME_SNAPSHOT_CLASS,
     ("snapshot.storage.k8s.io/v1", "VolumeSnapshot"): VOLUME_SNAPSHOT,
+    ("snapshot.storage.k8s.io/v1", "VolumeSnapshotContent"): VOLUME_SNAPSHOT_CONTENT,
     ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR,
 }
