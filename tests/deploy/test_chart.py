@@ -36,6 +36,7 @@ MATRIX: dict[str, dict[str, Any]] = {
         "imagePullSecrets": [{"name": "regcred"}],
         "node": {"nodeSelector": {"kubernetes.io/os": "linux"}, "priorityClassName": "high"},
         "controller": {"replicas": 2, "nodeSelector": {"role": "infra"}},
+        "backup": {"enabled": True, "target": "oci://registry.example.com:5000/backups/strata"},
     },
     "custom-paths-and-name": {
         "driverName": "layers.example.org",
@@ -48,6 +49,13 @@ MATRIX: dict[str, dict[str, Any]] = {
                      "volumeGroupSnapshotClass": {"isDefault": True, "deletionPolicy": "Retain"}},
     "cert-manager-own-issuer": {"peers": {"tls": {"certManager": {
         "enabled": True, "issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}}}}},
+    # backups without the sidecar: only the classes and the Secret's Role
+    "backup-classes-only": {"backup": {"enabled": True, "target": "oci://registry.example.com/team/vols",
+                                       "compression": "none", "registrySecret": "team-registry",
+                                       "sidecar": {"enabled": False},
+                                       "volumeSnapshotClass": {"name": "offsite", "deletionPolicy": "Retain"}},
+                            "volumeSnapshotClass": {"create": False}, "perDriverStorageClasses": ["vfs"],
+                            "storageClass": {"parameters": {"csi.storage.k8s.io/fstype": "xfs"}}},
     "no-expansion-no-metrics": {"controller": {"enabled": False}, "metrics": {"enabled": False},
                                 "storageClass": {"create": False}, "volumeSnapshotClass": {"create": False},
                                 "volumeGroupSnapshotClass": {"create": False}},
@@ -104,7 +112,12 @@ def test_values_schema_refuses_bad_values() -> None:
                 {"driverGroups": [{"name": "x", "nodeSelector": {}, "driver": "btrfs"}]},
                 {"storageOpts": ["no-equals-sign"]},
                 {"logLevel": 3}, {"perDriverStorageClasses": ["nfs"]},
-                {"storageClass": {"parameters": {"sizeLimit": "1"}}}):
+                {"storageClass": {"parameters": {"sizeLimit": "1"}}},
+                {"backup": {"target": "https://registry.example.com/backups"}},
+                {"backup": {"target": "oci://registry.example.com/backups:daily"}},
+                {"backup": {"target": "oci://registry.example.com/backups@sha256:" + "0" * 64}},
+                {"backup": {"compression": "gzip"}}, {"backup": {"sidecar": {"enabled": "yes"}}},
+                {"backup": {"volumeSnapshotClass": {"isDefault": True}}}, {"backup": {"registrySecret": ""}}):
         with pytest.raises(helm.HelmError):
             render(bad)
 
@@ -163,7 +176,9 @@ def test_node_plugin_and_sidecars(case: str, rendered: dict[str, list[Obj]]) -> 
     for ds in of_kind(objs, "DaemonSet"):
         pod = ds["spec"]["template"]["spec"]
         names = [c["name"] for c in pod["containers"]]
-        assert names == ["strata", "node-driver-registrar", "csi-provisioner", "csi-snapshotter", "liveness-probe"]
+        backup = values["backup"]["enabled"] and values["backup"]["sidecar"]["enabled"]
+        assert names == ["strata", "node-driver-registrar", "csi-provisioner", "csi-snapshotter",
+                         *(["backup"] if backup else []), "liveness-probe"]
         plugin = container(ds, "strata")
         assert plugin["command"] == ["strata", "serve"]
         assert all(arg.startswith("--") for arg in plugin["args"]), plugin["args"]
@@ -203,7 +218,7 @@ def test_node_plugin_and_sidecars(case: str, rendered: dict[str, list[Obj]]) -> 
         for c in pod["containers"]:
             socket_mount = [m for m in c["volumeMounts"] if m["name"] == "socket-dir"]
             assert socket_mount and socket_mount[0]["mountPath"] == "/csi", c["name"]
-            if c["name"] != "strata":
+            if c["name"] not in ("strata", "backup"):
                 assert flag(c, "csi-address") == "/csi/csi.sock", c["name"]
         host_dir = volumes["socket-dir"]["hostPath"]["path"]
         assert host_dir == f"{values['kubeletDir']}/plugins/{values['driverName']}"
@@ -224,6 +239,26 @@ def test_node_plugin_and_sidecars(case: str, rendered: dict[str, list[Obj]]) -> 
         # On the host network every port of the pod is a host port: none may be taken twice.
         host_ports = [p["containerPort"] for c in pod["containers"] for p in c.get("ports", [])]
         assert len(host_ports) == len(set(host_ports)), host_ports
+
+        # The backup container: strata's image idling for `kubectl exec … strata backup`, as root
+        # (export.sock is 0600 root) but unprivileged, with the registry Secret as $DOCKER_CONFIG.
+        if backup:
+            agent = container(ds, "backup")
+            assert agent["image"] == plugin["image"] and agent["command"] == ["sleep", "infinity"]
+            assert "args" not in agent and "ports" not in agent
+            assert agent["securityContext"] == {"runAsUser": 0, "allowPrivilegeEscalation": False,
+                                                "capabilities": {"drop": ["ALL"]}}
+            assert agent["resources"] == values["node"]["sidecarResources"]
+            env = {e["name"]: e["value"] for e in agent["env"]}
+            mounts = {m["name"]: m for m in agent["volumeMounts"]}
+            assert set(mounts) == {"socket-dir", "backup-registry"}
+            registry = mounts["backup-registry"]
+            assert registry["readOnly"] is True and env == {"DOCKER_CONFIG": registry["mountPath"]}
+            assert volumes["backup-registry"]["secret"] == {
+                "secretName": values["backup"]["registrySecret"], "optional": True, "defaultMode": 0o400,
+                "items": [{"key": ".dockerconfigjson", "path": "config.json"}]}
+        else:
+            assert "backup-registry" not in volumes
 
 
 # Flags each sidecar deprecates (or has removed), keyed by the image's name, from the sidecars'
@@ -279,11 +314,12 @@ def deprecated_args(c: Obj) -> list[str]:
 @pytest.mark.parametrize("case", IDS)
 def test_no_sidecar_runs_a_deprecated_flag(case: str, rendered: dict[str, list[Obj]]) -> None:
     seen = set()
+    strata = values_of(case)["images"]["strata"]
     for obj in rendered[case]:
         if obj["kind"] not in ("DaemonSet", "Deployment"):
             continue
         for c in obj["spec"]["template"]["spec"]["containers"]:
-            if c["name"].startswith("strata"):
+            if c["image"] == f"{strata['repository']}:{strata['tag']}":  # strata's own (strata, backup)
                 continue
             sidecar = sidecar_of(c)
             assert sidecar in DEPRECATED_FLAGS, f"{c['name']} runs {sidecar}: add its deprecated flags to the table"
@@ -410,7 +446,7 @@ def test_peer_channel_settings_agree(case: str, rendered: dict[str, list[Obj]]) 
 
 # RBAC: what each component calls, from the sidecars' own RBAC files (versions and the
 # optional rules left out are cited in the templates). (apiGroup, resource) -> verbs.
-Rules = dict[tuple[str, str], set[str]]
+Rules = dict[tuple[str, ...], set[str]]
 PROVISIONER: Rules = {
     ("", "persistentvolumes"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "update"},
@@ -440,6 +476,17 @@ STRATA_NODE: Rules = {
     ("authorization.k8s.io", "subjectaccessreviews"): {"create"},  # per-VolumeSnapshot export checks
     ("snapshot.storage.k8s.io", "volumesnapshots"): {"get"},  # VolumeSnapshot -> handle
     ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"get"},
+}
+# backup.enabled: csi-provisioner and csi-snapshotter get the registry Secret named in the
+# classes' CSI secret parameters (by name only); (group, resource, name) is a rule with resourceNames.
+BACKUP_NAMESPACED: Rules = {
+    ("", "secrets", "strata-backup-registry"): {"get"},  # snapshotter(-list) and provisioner secrets
+}
+# backup.sidecar.enabled: the backup container, under the node account.
+BACKUP: Rules = {
+    ("snapshot.storage.k8s.io", "volumesnapshots"): {"get", "list", "watch"},  # which snapshot to push
+    ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"get", "list", "watch"},  # its snapshotHandle
+    ("snapshot.storage.k8s.io", "volumesnapshotclasses"): {"get", "list"},  # which class uploads where
 }
 RESIZER: Rules = {  # pods left out: only for --handle-volume-inuse-error, which is off
     ("", "persistentvolumes"): {"get", "list", "watch", "patch"},
@@ -471,19 +518,26 @@ def granted(objs: list[Obj], account: str, role_kind: str, binding_kind: str) ->
         assert binding["roleRef"]["kind"] == role_kind
         for rule in roles[binding["roleRef"]["name"]]["rules"]:
             assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
-            assert "resourceNames" not in rule and "nonResourceURLs" not in rule
+            assert "nonResourceURLs" not in rule
+            names = rule.get("resourceNames")
+            assert names is None or (names and role_kind == "Role"), rule  # only a namespaced Role names objects
             for group in rule["apiGroups"]:
                 for resource in rule["resources"]:
-                    out.setdefault((group, resource), set()).update(rule["verbs"])
+                    for key in ([(group, resource, n) for n in names] if names else [(group, resource)]):
+                        out.setdefault(key, set()).update(rule["verbs"])
     return out
 
 
 @pytest.mark.parametrize("case", IDS)
 def test_rbac_is_exactly_what_each_component_calls(case: str, rendered: dict[str, list[Obj]]) -> None:
     objs = rendered[case]
-    assert granted(objs, "strata-node", "ClusterRole", "ClusterRoleBinding") == merge(PROVISIONER, SNAPSHOTTER,
-                                                                                      STRATA_NODE)
-    assert granted(objs, "strata-node", "Role", "RoleBinding") == {}
+    backup = values_of(case)["backup"]
+    sidecar = backup["enabled"] and backup["sidecar"]["enabled"]
+    assert granted(objs, "strata-node", "ClusterRole", "ClusterRoleBinding") == merge(
+        PROVISIONER, SNAPSHOTTER, STRATA_NODE, BACKUP if sidecar else {})
+    secret = backup["registrySecret"]
+    assert granted(objs, "strata-node", "Role", "RoleBinding") == (
+        {(g, r, secret): verbs for (g, r, _), verbs in BACKUP_NAMESPACED.items()} if backup["enabled"] else {})
     if values_of(case)["controller"]["enabled"]:
         assert granted(objs, "strata-controller", "ClusterRole", "ClusterRoleBinding") == merge(RESIZER,
                                                                                               STRATA_CONTROLLER)
@@ -500,6 +554,7 @@ def test_rbac_is_exactly_what_each_component_calls(case: str, rendered: dict[str
 def test_classes(case: str, rendered: dict[str, list[Obj]]) -> None:
     values = values_of(case)
     objs = rendered[case]
+    backup = values["backup"]
     classes = {o["metadata"]["name"]: o for o in of_kind(objs, "StorageClass")}
     expected = ([values["storageClass"]["name"]] if values["storageClass"]["create"] else []) + \
         [f"{values['storageClass']['name']}-{d}" for d in values["perDriverStorageClasses"]]
@@ -510,19 +565,39 @@ def test_classes(case: str, rendered: dict[str, list[Obj]]) -> None:
         assert sc["allowVolumeExpansion"] is values["controller"]["enabled"]
         driver = name.removeprefix(values["storageClass"]["name"] + "-") if name != values["storageClass"]["name"] \
             else None
+        parameters = sc.get("parameters", {})
+        backup_keys = {"backupTarget", "csi.storage.k8s.io/provisioner-secret-name",
+                       "csi.storage.k8s.io/provisioner-secret-namespace"}
+        if backup["enabled"]:
+            assert parameters["backupTarget"] == backup["target"]
+        else:
+            assert not backup_keys & set(parameters)
+        # the user's parameters are kept beside the backup ones
+        assert {k: v for k, v in parameters.items() if k not in backup_keys | {"layeredDriver"}} == \
+            {k: v for k, v in values["storageClass"]["parameters"].items() if k != "layeredDriver"}
         if driver:
             assert sc["allowedTopologies"] == [{"matchLabelExpressions": [
                 {"key": f"{values['driverName']}/layered-driver", "values": [driver]}]}]
-            assert sc["parameters"]["layeredDriver"] == driver
+            assert parameters["layeredDriver"] == driver
         else:
             assert "allowedTopologies" not in sc
             default = sc["metadata"].get("annotations", {}).get("storageclass.kubernetes.io/is-default-class")
             assert default == ("true" if values["storageClass"]["isDefault"] else None)
-    snapshot_classes = of_kind(objs, "VolumeSnapshotClass")
-    assert len(snapshot_classes) == (1 if values["volumeSnapshotClass"]["create"] else 0)
-    for vsc in snapshot_classes:
+    snapshot_classes = {o["metadata"]["name"]: o for o in of_kind(objs, "VolumeSnapshotClass")}
+    backup_class = backup["enabled"] and backup["volumeSnapshotClass"]["create"]
+    assert sorted(snapshot_classes) == sorted(
+        ([values["volumeSnapshotClass"]["name"]] if values["volumeSnapshotClass"]["create"] else [])
+        + ([backup["volumeSnapshotClass"]["name"]] if backup_class else []))
+    for name, vsc in snapshot_classes.items():
         assert vsc["driver"] == values["driverName"]
-        assert vsc["deletionPolicy"] == values["volumeSnapshotClass"]["deletionPolicy"]
+        if name == values["volumeSnapshotClass"]["name"]:
+            assert vsc["deletionPolicy"] == values["volumeSnapshotClass"]["deletionPolicy"]
+            assert "parameters" not in vsc  # plain snapshots never leave the node
+        else:
+            assert vsc["deletionPolicy"] == backup["volumeSnapshotClass"]["deletionPolicy"]
+            assert "annotations" not in vsc["metadata"]  # never the default class
+            assert vsc["parameters"]["backupTarget"] == backup["target"]
+            assert vsc["parameters"]["backupCompression"] == backup["compression"]
     group_classes = of_kind(objs, "VolumeGroupSnapshotClass")
     assert len(group_classes) == (1 if values["volumeGroupSnapshotClass"]["create"] else 0)
     for vgsc in group_classes:
@@ -534,6 +609,71 @@ def test_classes(case: str, rendered: dict[str, list[Obj]]) -> None:
     # the node's csi-snapshotter serves group snapshots through the gate (no deprecated flag)
     for ds in of_kind(objs, "DaemonSet"):
         assert flag(container(ds, "csi-snapshotter"), "feature-gates") == "CSIVolumeGroupSnapshot=true"
+
+
+BACKUP_CASES = [case for case in IDS if MATRIX[case].get("backup", {}).get("enabled")]
+
+
+@pytest.mark.parametrize("case", BACKUP_CASES)
+def test_backup_classes_name_the_secret_the_role_allows(case: str, rendered: dict[str, list[Obj]]) -> None:
+    """The VolumeSnapshotClass's snapshotter secrets and every StorageClass's provisioner secret
+    are the one Secret the node account may get (in the release namespace) and the backup
+    container mounts; and strata's own parameter checks accept what the classes pass it."""
+    from csi.services.requests import check_parameters, check_snapshot_parameters
+
+    values = values_of(case)
+    objs = rendered[case]
+    secret = values["backup"]["registrySecret"]
+    (binding,) = [b for b in of_kind(objs, "RoleBinding") if b["subjects"][0]["name"] == "strata-node"]
+    role = one(objs, "Role", binding["roleRef"]["name"])
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "strata-system"
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": [secret],
+                              "verbs": ["get"]}]
+    assert binding["roleRef"]["kind"] == "Role"
+    for ds in of_kind(objs, "DaemonSet"):
+        pod = ds["spec"]["template"]["spec"]
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"],
+                                        "namespace": "strata-system"}]
+        mounted = [v["secret"]["secretName"] for v in pod["volumes"] if v["name"] == "backup-registry"]
+        assert mounted == ([secret] if values["backup"]["sidecar"]["enabled"] else [])
+
+    vsc = one(objs, "VolumeSnapshotClass", values["backup"]["volumeSnapshotClass"]["name"])
+    params = vsc["parameters"]
+    for kind in ("snapshotter", "snapshotter-list"):
+        assert params[f"csi.storage.k8s.io/{kind}-secret-name"] == secret
+        assert params[f"csi.storage.k8s.io/{kind}-secret-namespace"] == "strata-system"
+    backup = check_snapshot_parameters(params, allow_backup=True)
+    assert (backup.target, backup.compression) == (values["backup"]["target"], values["backup"]["compression"])
+    classes = of_kind(objs, "StorageClass")
+    assert classes
+    for sc in classes:
+        params = sc["parameters"]
+        assert params["csi.storage.k8s.io/provisioner-secret-name"] == secret
+        assert params["csi.storage.k8s.io/provisioner-secret-namespace"] == "strata-system"
+        assert params["backupTarget"] == values["backup"]["target"]
+        driver = params.get("layeredDriver", "vfs")
+        assert check_parameters(params, driver)["backupTarget"] == values["backup"]["target"]
+
+
+def test_backup_needs_a_target() -> None:
+    with pytest.raises(helm.HelmError, match=r"backup\.target is required when backup\.enabled is true"):
+        render({"backup": {"enabled": True}})
+    # also when neither class is made: the StorageClasses still point restores at it
+    with pytest.raises(helm.HelmError, match=r"backup\.target is required"):
+        render({"backup": {"enabled": True, "volumeSnapshotClass": {"create": False}}})
+    with pytest.raises(helm.HelmError, match="give the backup class another one"):
+        render({"backup": {"enabled": True, "target": "oci://r.example/b", "volumeSnapshotClass": {"name": "strata"}}})
+
+
+def test_backup_off_adds_nothing(rendered: dict[str, list[Obj]]) -> None:
+    objs = rendered["default"]
+    assert [b for b in of_kind(objs, "RoleBinding") if b["subjects"][0]["name"] == "strata-node"] == []
+    assert not any(r.get("resourceNames") for o in of_kind(objs, "Role") for r in o["rules"])
+    assert [o["metadata"]["name"] for o in of_kind(objs, "VolumeSnapshotClass")] == ["strata"]
+    assert all("parameters" not in sc for sc in of_kind(objs, "StorageClass"))
+    # a target alone does not turn backups on (an own peer Secret: the chart-made one is new each render)
+    own = {"peers": {"tls": {"existingSecret": "peer"}}}
+    assert objects({**own, "backup": {"target": "oci://registry.example.com/b"}}) == objects(own)
 
 
 def test_metrics_and_service_monitor(rendered: dict[str, list[Obj]]) -> None:

@@ -52,3 +52,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "strata.verbosity" -}}
 {{- get (dict "debug" "5" "info" "2" "warning" "1" "error" "0") .Values.logLevel | default "2" -}}
 {{- end -}}
+
+{{/* The backup repository (backup.target), required when backups are on. */}}
+{{- define "strata.backupTarget" -}}
+{{- required "backup.target is required when backup.enabled is true: the registry repository snapshots are uploaded to, oci://HOST/REPOSITORY" .Values.backup.target -}}
+{{- end -}}
+
+{{/* Where the backup container finds the registry credentials ($DOCKER_CONFIG/config.json). */}}
+{{- define "strata.backupRegistryDir" -}}/etc/strata/registry{{- end -}}
