@@ -13,6 +13,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
+from csi.errors import Busy
 from csi.graphdriver.driver import LayerState
 from csi.graphdriver.layered import LayerDriver
 from csi.host import mount as mnt
@@ -84,3 +87,22 @@ class RecoveryChecks:
         assert done.remounted == ("f",) and not done.dry_run
         assert driver.references("f") == 1
         driver.put("f")
+
+    def test_a_view_is_never_recorded(self, driver: LayerDriver) -> None:
+        """A diff stream reads through ``view``: in use meanwhile (``remove`` is Busy), yet a
+        process killed while it reads leaves no reference in the records."""
+        driver.create("w", None)
+        with open(Path(driver.get("w")) / "data", "w") as f:
+            f.write("kept")
+        driver.put("w")
+        driver.freeze("w", "f")
+        with driver.view("f") as path:
+            assert (path / "data").read_text() == "kept"
+            assert driver.references("f") == 0
+            with pytest.raises(Busy):
+                driver.remove("f")
+            driver.get("f")  # a recorded reference meanwhile, released before the view ends
+            driver.put("f")
+            assert (path / "data").read_text() == "kept"
+        assert not [m for m in mnt.mounts_under(driver.home) if "/f" in m.target], "the view left a mount"
+        driver.remove("f")

@@ -84,22 +84,6 @@ def sweep_temporaries(driver: Driver) -> list[str]:
     return removed
 
 
-def release_stream_references(driver: Driver) -> list[str]:
-    """Drop the mount references that diff streams of a killed process left on frozen layers
-    (a diff ``get``s the layer and its parent, and the driver persists reference counts);
-    returns the layers released. Frozen layers are never staged, so nothing else holds them:
-    this is what ``strata serve``'s start-up recovery does to every frozen layer, for a root
-    no plugin serves. Must not run while another process streams a diff of this root (the
-    direct ``strata backup`` commands take a lock on the root for that)."""
-    released = []
-    for layer in driver.layers():
-        if layer.frozen and layer.mounts > 0 and not is_temporary(layer.id):
-            log.info("releasing %d mount reference(s) a killed diff stream left on %s", layer.mounts, layer.id)
-            driver.set_references(layer.id, 0)
-            released.append(layer.id)
-    return released
-
-
 @dataclass(frozen=True)
 class ExportRecord:
     """A frozen layer's diff against ``base_id`` as one blob of ``media_type``."""

@@ -12,6 +12,7 @@ Contract (:class:`Driver`)::
                                               the layer's device and returns its node
     block_device(id) -> Path                  the device node of an active layer (no reference)
     put(id)                                   idempotent; releases get and get_block alike
+    view(id) -> context manager of Path       get/put for a with block, held in memory only
     exists(id) -> bool
     status() -> [(key, value)]
     cleanup()                                 release mounts, finish deferred work, drop leftovers
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -232,6 +234,12 @@ class Driver(ABC):
 
     @abstractmethod
     def put(self, layer_id: str) -> None: ...
+
+    @abstractmethod
+    def view(self, layer_id: str) -> AbstractContextManager[Path]:
+        """The path of a filesystem layer for the ``with`` block (a diff stream, an apply): like
+        ``get``/``put`` (frozen layers read-only) but held in this process only, never recorded,
+        so a process killed meanwhile leaves no reference behind; ``remove`` is Busy meanwhile."""
 
     @abstractmethod
     def exists(self, layer_id: str) -> bool: ...

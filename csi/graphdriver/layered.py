@@ -66,6 +66,7 @@ class LayerDriver(Driver):
         self.store = LayerStore(self.home)
         self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()
+        self._views: dict[str, int] = {}  # transient views (view()): this process only, never recorded
         self._setup()
         # the start-up sweep; ``recover=False`` is for inspection (``strata gc --dry-run``)
         self.recovered = self.reconcile() if recover else None
@@ -293,8 +294,9 @@ class LayerDriver(Driver):
             layer = self.store.get(layer_id)
             if layer is None or layer.hidden:
                 return
-            if layer.mounts > 0:
-                raise Busy(f"layer {layer_id} is in use ({layer.mounts} mount reference(s))")
+            if layer.mounts > 0 or self._views.get(layer_id):
+                raise Busy(f"layer {layer_id} is in use ({layer.mounts} mount reference(s), "
+                           f"{self._views.get(layer_id, 0)} open view(s))")
             if self._live_children(layer_id):
                 self.store.update(layer_id, hidden=True)
                 return
@@ -347,12 +349,12 @@ class LayerDriver(Driver):
                 raise InvalidArgument(
                     f"layer {layer_id} is a raw block layer with no filesystem to mount: use get_block"
                     if layer.block else f"layer {layer_id} holds a filesystem, not a raw block device: use get")
-            if layer.mounts == 0 or not self._is_active(layer):
+            if (layer.mounts == 0 and not self._views.get(layer_id)) or not self._is_active(layer):
                 self._activate(layer, self.chain(layer_id), mount_label)
             try:
                 self.store.update(layer_id, mounts=layer.mounts + 1)
             except BaseException:
-                if layer.mounts == 0:
+                if layer.mounts == 0 and not self._views.get(layer_id):
                     self._deactivate(layer)
                 raise
             return layer
@@ -363,9 +365,32 @@ class LayerDriver(Driver):
             layer = self.store.get(layer_id)
             if layer is None or layer.mounts == 0:
                 return
-            if layer.mounts == 1:
+            if layer.mounts == 1 and not self._views.get(layer_id):
                 self._deactivate(layer)
             self.store.update(layer_id, mounts=layer.mounts - 1)
+
+    @contextmanager
+    def view(self, layer_id: str) -> Iterator[Path]:
+        check_layer_id(layer_id)
+        with self._locked(layer_id):
+            layer = self._visible(layer_id)
+            if layer.block:
+                raise InvalidArgument(f"layer {layer_id} is a raw block layer with no filesystem to read")
+            if (layer.mounts == 0 and not self._views.get(layer_id)) or not self._is_active(layer):
+                self._activate(layer, self.chain(layer_id), "")
+            self._views[layer_id] = self._views.get(layer_id, 0) + 1
+        try:
+            yield self._path(layer)
+        finally:
+            with self._locked(layer_id):
+                left = self._views[layer_id] - 1
+                if left:
+                    self._views[layer_id] = left
+                else:
+                    del self._views[layer_id]
+                    current = self.store.get(layer_id)
+                    if current is not None and current.mounts == 0:
+                        self._deactivate(current)
 
     def exists(self, layer_id: str) -> bool:
         try:

@@ -33,9 +33,8 @@ Two ways to reach the node's layers, chosen by what runs:
   ``restore --volume-name`` then creates a writable layer on the restored chain and records it
   as a CSI volume of that name in ``<root>/state.db`` (its ID, ``vol-…@<node-id>``, is printed:
   a static PersistentVolume's ``volumeHandle``). Direct commands on one root run one at a time
-  (an flock on ``<root>/backup-direct.lock``), and each first releases the mount references that
-  a killed one's diff streams left on frozen layers (:func:`csi.backup.index.release_stream_references`;
-  a plugin's start-up recovery does the same when it serves the root again).
+  (an flock on ``<root>/backup-direct.lock``). Their diff streams read through the driver's
+  ``view`` (held in memory only), so a killed one leaves no reference behind.
 
 ``--max-layer-bytes`` splits a layer whose diff is larger into several artifact layers
 (:mod:`csi.backup.split`), for registries with a layer size limit.
@@ -62,7 +61,7 @@ import grpc
 
 from csi.backup import (DockerConfig, ExportIndex, VolumeFacts, backup, load_docker_config, open_target,
                         parse_reference, read_artifact, renderer_for, restore)
-from csi.backup.index import ExportRecord, release_stream_references
+from csi.backup.index import ExportRecord
 from csi.backup.media import LAYER_TAR
 from csi.backup.progress import Meter, ProgressCallback
 from csi.errors import AlreadyExists, DigestMismatch, InvalidArgument, NotFound, Relayed, StrataError, Unavailable
@@ -324,12 +323,10 @@ def open_driver(root: Path, name: str | None, options: dict[str, str]) -> Driver
 
 @contextmanager
 def direct_session(root: Path, drv: Driver) -> Iterator[None]:
-    """One direct command at a time on ``root`` (an exclusive flock on ``<root>/backup-direct.lock``);
-    on entry, the mount references a killed direct command's diff streams left are released."""
+    """One direct command at a time on ``root`` (an exclusive flock on ``<root>/backup-direct.lock``)."""
     with open(root / DIRECT_LOCK, "a+b") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
-            release_stream_references(drv)
             yield
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

@@ -1,4 +1,6 @@
-"""Fixtures of the backup tests: real registries, drivers with content, tree comparison.
+"""Fixtures of the backup tests (imported by tests/backup/conftest.py and by other folders' conftests;
+tests import values from here by this unique name, never from ``conftest``): real registries,
+drivers with content, tree comparison.
 
 * ``registry`` — Debian's ``docker-registry`` (CNCF distribution 2.8) on 127.0.0.1, anonymous,
   filesystem storage in a fresh directory, deletes enabled.

@@ -18,7 +18,7 @@ from csi.backup import (ExportIndex, JsonLines, VolumeFacts, backup, parse_docke
 from csi.backup.media import LAYER_TAR_GZIP
 from csi.backup.registry import RegistryTarget
 from csi.errors import DigestMismatch, NotFound, Unauthenticated
-from conftest import PASSWORD, USER
+from registry_support import PASSWORD, USER
 
 SMALL_CHUNK = 64 << 10  # several PATCH requests per layer
 

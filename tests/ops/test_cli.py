@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DRIVERS, REPO, strata, strata_json
+from ops_support import DRIVERS, REPO, strata, strata_json
 from csi_harness import Harness, ServeProcess
 
 from csi.graphdriver.registry import driver_class, home_of, new_driver

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from layertree import assert_same_tree, populate
 
-from conftest import MiB, Node, Registry
+from sources_support import MiB, Node, Registry
 from test_cross_node import pulls, snapshot_source
 
 from csi.proto import csi_pb2 as pb

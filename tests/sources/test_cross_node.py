@@ -11,7 +11,7 @@ import grpc
 import pytest
 from layertree import assert_same_tree, mutate, populate, set_mtimes
 
-from conftest import MiB, Node
+from sources_support import Node
 
 from csi.proto import csi_pb2 as pb
 from csi.proto import export_pb2, export_pb2_grpc

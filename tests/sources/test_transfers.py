@@ -12,7 +12,7 @@ import grpc
 import pytest
 from layertree import assert_same_tree
 
-from conftest import MiB, Node
+from sources_support import MiB, Node
 from test_cross_node import snapshot_source
 
 from csi.proto import csi_pb2 as pb

@@ -148,11 +148,8 @@ class NaiveDiffer:
             raise InvalidArgument(f"layer {layer_id} is frozen: a diff can only be applied to a writable layer")
         if layer.parent != parent:
             raise InvalidArgument(f"layer {layer_id} has parent {layer.parent!r}, not {parent!r}")
-        root = self.driver.get(layer_id)
-        try:
+        with self.driver.view(layer_id) as root:
             return apply_tar(root, stream)
-        finally:
-            self.driver.put(layer_id)
 
     # ------------------------------------------------------------------ walking
 
@@ -164,13 +161,9 @@ class NaiveDiffer:
         self.driver.layer(layer_id)
         if parent is not None:
             self.driver.layer(parent)
-        with ExitStack() as stack:
-            new_root = self.driver.get(layer_id)
-            stack.callback(self.driver.put, layer_id)
-            old_root = None
-            if parent is not None:
-                old_root = self.driver.get(parent)
-                stack.callback(self.driver.put, parent)
+        with ExitStack() as stack:  # views, not get/put: a killed reader leaves no reference behind
+            new_root = stack.enter_context(self.driver.view(layer_id))
+            old_root = stack.enter_context(self.driver.view(parent)) if parent is not None else None
             yield _Tree(new_root), _Tree(old_root)
 
     def compare(self, new: _Tree, old: _Tree) -> Iterator[DiffEntry]:
