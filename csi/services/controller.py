@@ -58,7 +58,7 @@ from typing import TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from csi.backup import parse_reference, read_artifact
+from csi.backup import read_artifact
 from csi.backup.media import ANNOTATION_CREATED
 from csi.backup.targets import open_target
 from csi.errors import (Aborted, AlreadyExists, Busy, FailedPrecondition, InvalidArgument, NotFound, OutOfRange,

@@ -49,6 +49,7 @@ from csi.peers.dial import CachingDialer, PeerDialer, StaticDialer, call_node
 from csi.peers.kubedial import KubernetesDialer
 from csi.peers.tls import token_from_file
 from csi.proto import csi_pb2, csi_pb2_grpc
+from csi.services.snapshot_metadata import RelayingSnapshotMetadata
 from csi.services.listen import (DEFAULT_DRIVER_NAME, Running, add_common_flags, configure_logging, listen_unix,
                                  new_server, run_until_signalled, socket_path)
 from csi.services.volume_ids import owner_node
@@ -158,6 +159,7 @@ class ForwardingIdentity(csi_pb2_grpc.IdentityServicer):
         expansion = csi_pb2.PluginCapability.VolumeExpansion
         return csi_pb2.GetPluginCapabilitiesResponse(capabilities=[
             csi_pb2.PluginCapability(service=service(type=service.CONTROLLER_SERVICE)),
+            csi_pb2.PluginCapability(service=service(type=service.SNAPSHOT_METADATA_SERVICE)),  # relayed to the owner
             csi_pb2.PluginCapability(volume_expansion=expansion(type=expansion.ONLINE)),
         ])
 
@@ -175,6 +177,7 @@ class ControllerConfig:
     server_name: str = ""  # name checked in the nodes' certificate ("" = the address)
     node_addresses: tuple[tuple[str, str], ...] = ()
     timeout: float = 60.0
+    stream_timeout: float = 600.0  # a whole SnapshotMetadata stream (the sidecar's default limit is 10 min)
 
     def dialer(self) -> CachingDialer:
         """A dialer for these settings; the CA and the token file must be readable now."""
@@ -198,10 +201,13 @@ class ControllerConfig:
 def start_controller(config: ControllerConfig) -> tuple[grpc.Server, ForwardingController]:
     """Serve Identity + the forwarding Controller on ``config.endpoint`` (owner-only socket)."""
     path = socket_path(config.endpoint)
-    controller = ForwardingController(config.dialer(), config.timeout)
+    dialer = config.dialer()
+    controller = ForwardingController(dialer, config.timeout)
     server = new_server(8, "controller")
     csi_pb2_grpc.add_IdentityServicer_to_server(ForwardingIdentity(config.driver_name), server)
     csi_pb2_grpc.add_ControllerServicer_to_server(controller, server)
+    csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(
+        RelayingSnapshotMetadata(dialer, timeout=config.stream_timeout), server)
     listen_unix(server, path)
     server.start()
     return server, controller

@@ -79,6 +79,7 @@ from csi.peers.tls import TlsFiles, token_from_file
 from csi.proto import csi_pb2_grpc
 from csi.services.controller import ControllerService
 from csi.services.forwarder import forwarded_controller
+from csi.services.snapshot_metadata import SnapshotMetadataService, peer_service
 from csi.services.group import GroupControllerService
 from csi.services.identity import IdentityService
 from csi.services.export import (ExportBackend, TcpExportConfig, export_socket_path, start_tcp_export,
@@ -135,6 +136,7 @@ def build_server(config: ServeConfig, plugin: Plugin, metrics: Metrics | None = 
     csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(plugin), server)
     csi_pb2_grpc.add_NodeServicer_to_server(NodeService(plugin), server)
     csi_pb2_grpc.add_GroupControllerServicer_to_server(GroupControllerService(plugin), server)
+    csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(SnapshotMetadataService(plugin), server)
     return server
 
 
@@ -176,7 +178,7 @@ def start_exports(config: ServeConfig, plugin: Plugin, metrics: Metrics | None =
                 config.peer_listen, TlsFiles(Path(config.tls_cert), Path(config.tls_key)),
                 audiences=config.peer_audiences, importers=config.export_importers, driver_name=config.driver_name,
                 peers=config.peer_accounts, controllers=config.controller_accounts), incluster_api_client,
-                services=[forwarded_controller(ControllerService(plugin))],
+                services=[forwarded_controller(ControllerService(plugin)), peer_service(plugin)],
                 observer=metrics.observe_rpc if metrics else None)
         except BaseException:
             servers[0].stop(0)

@@ -366,3 +366,23 @@ def test_controller_forgets_a_moved_node_and_finds_it_again(cluster: Cluster, co
     assert len(cluster.kube.seen("GET", "/api/v1/nodes/node-a")) == lookups + 1
     assert cluster.nodes["node-a"].controller.ControllerGetVolume(pb.ControllerGetVolumeRequest(
         volume_id=volume.volume_id)).volume.capacity_bytes == 4 * MiB
+
+
+def test_controller_relays_snapshot_metadata_to_the_owner(cluster: Cluster, controller: grpc.Channel,
+                                                          snapshot_a: str) -> None:
+    """strata controller (where the external-snapshot-metadata sidecar runs) advertises SnapshotMetadata
+    and relays each call to the node owning the snapshot over the channel, answers naming that node."""
+    caps = rpc.IdentityStub(controller).GetPluginCapabilities(pb.GetPluginCapabilitiesRequest()).capabilities
+    assert pb.PluginCapability.Service.SNAPSHOT_METADATA_SERVICE in {c.service.type for c in caps}
+    meta = rpc.SnapshotMetadataStub(controller)
+    err = error_of(lambda: list(meta.GetMetadataAllocated(pb.GetMetadataAllocatedRequest(snapshot_id=snapshot_a))))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "node-a" in err.details(), err.details()
+    err = error_of(lambda: list(meta.GetMetadataDelta(pb.GetMetadataDeltaRequest(
+        base_snapshot_id=snapshot_a, target_snapshot_id=snapshot_a))))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and ("vfs" in err.details() or "overlay" in err.details())
+    missing = make_id("snap-" + "c" * 32, "node-a")
+    err = error_of(lambda: list(meta.GetMetadataAllocated(pb.GetMetadataAllocatedRequest(snapshot_id=missing))))
+    assert err.code() == grpc.StatusCode.NOT_FOUND and "node-a" in err.details()
+    err = error_of(lambda: list(meta.GetMetadataAllocated(pb.GetMetadataAllocatedRequest(
+        snapshot_id=make_id("snap-" + "c" * 32, "node-gone")))))
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and "node-gone" in err.details()
