@@ -189,7 +189,21 @@ VOLUME_SNAPSHOT_CONTENT = _object("snapshot.storage.k8s.io/v1", "VolumeSnapshotC
     },
 }, ["spec"])
 
+SNAPSHOT_METADATA_SERVICE = _object("cbt.storage.k8s.io/v1beta1", "SnapshotMetadataService", {
+    "spec": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["address", "audience", "caCert"],
+        "properties": {
+            "address": {"type": "string", "minLength": 1},
+            "audience": {"type": "string", "minLength": 1},
+            "caCert": {"type": "string", "minLength": 1, "contentEncoding": "base64"},
+        },
+    },
+}, ["spec"])
+
 SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("cbt.storage.k8s.io/v1beta1", "SnapshotMetadataService"): SNAPSHOT_METADATA_SERVICE,
     ("groupsnapshot.storage.k8s.io/v1beta1", "VolumeGroupSnapshotClass"): VOLUME_GROUP_SNAPSHOT_CLASS,
     ("groupsnapshot.storage.k8s.io/v1beta1", "VolumeGroupSnapshot"): VOLUME_GROUP_SNAPSHOT,
     ("cert-manager.io/v1", "Certificate"): CERTIFICATE,

@@ -8,6 +8,8 @@ the per-node driver groups.
 
 from __future__ import annotations
 
+import base64
+
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ MATRIX: dict[str, dict[str, Any]] = {
         "node": {"nodeSelector": {"kubernetes.io/os": "linux"}, "priorityClassName": "high"},
         "controller": {"replicas": 2, "nodeSelector": {"role": "infra"}},
         "backup": {"enabled": True, "target": "oci://registry.example.com:5000/backups/strata"},
+        "snapshotMetadata": {"enabled": True},
     },
     "custom-paths-and-name": {
         "driverName": "layers.example.org",
@@ -286,6 +289,8 @@ DEPRECATED_FLAGS: dict[str, dict[str, str | None]] = {
                     "leader-election-type": None},
     "csi-node-driver-registrar": {"connection-timeout": None, "health-port": None, "mode": None},
     "livenessprobe": {"connection-timeout": None, "health-port": None, "metrics-address": None},
+    # external-snapshot-metadata v1.0.0 (README, cmd/csi-snapshot-metadata): no deprecated flag of its own
+    "csi-snapshot-metadata": {},
 }
 
 
@@ -326,7 +331,9 @@ def test_no_sidecar_runs_a_deprecated_flag(case: str, rendered: dict[str, list[O
             seen.add(sidecar)
             assert deprecated_args(c) == [], (obj["metadata"]["name"], c["name"])
     if values_of(case)["controller"]["enabled"]:
-        assert seen == set(DEPRECATED_FLAGS)
+        expected = set(DEPRECATED_FLAGS) - (set() if values_of(case)["snapshotMetadata"]["enabled"]
+                                            else {"csi-snapshot-metadata"})
+        assert seen == expected
 
 
 def test_deprecated_flag_check_finds_them(rendered: dict[str, list[Obj]]) -> None:
@@ -496,6 +503,13 @@ RESIZER: Rules = {  # pods left out: only for --handle-volume-inuse-error, which
     ("storage.k8s.io", "volumeattributesclasses"): {"get", "list", "watch"},
 }
 RESIZER_NAMESPACED: Rules = {("coordination.k8s.io", "leases"): {"get", "watch", "list", "delete", "update", "create"}}
+SNAPSHOT_METADATA: Rules = {  # external-snapshot-metadata v1.0.0 (its deploy/snapshot-metadata-cluster-role.yaml)
+    ("cbt.storage.k8s.io", "snapshotmetadataservices"): {"get", "list", "watch"},  # its own object
+    ("authentication.k8s.io", "tokenreviews"): {"create"},  # the backup client's audience-scoped token
+    ("authorization.k8s.io", "subjectaccessreviews"): {"create"},  # may it read VolumeSnapshots there
+    ("snapshot.storage.k8s.io", "volumesnapshots"): {"get", "list"},  # namespace/name -> content -> handle
+    ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"get", "list"},
+}
 STRATA_CONTROLLER: Rules = {("", "nodes"): {"get"}}  # the owner node's InternalIP
 
 
@@ -539,8 +553,9 @@ def test_rbac_is_exactly_what_each_component_calls(case: str, rendered: dict[str
     assert granted(objs, "strata-node", "Role", "RoleBinding") == (
         {(g, r, secret): verbs for (g, r, _), verbs in BACKUP_NAMESPACED.items()} if backup["enabled"] else {})
     if values_of(case)["controller"]["enabled"]:
-        assert granted(objs, "strata-controller", "ClusterRole", "ClusterRoleBinding") == merge(RESIZER,
-                                                                                              STRATA_CONTROLLER)
+        cbt = SNAPSHOT_METADATA if values_of(case)["snapshotMetadata"]["enabled"] else {}
+        assert granted(objs, "strata-controller", "ClusterRole", "ClusterRoleBinding") == merge(
+            RESIZER, STRATA_CONTROLLER, cbt)
         assert granted(objs, "strata-controller", "Role", "RoleBinding") == RESIZER_NAMESPACED
     else:
         assert granted(objs, "strata-controller", "ClusterRole", "ClusterRoleBinding") == {}
@@ -678,7 +693,8 @@ def test_backup_off_adds_nothing(rendered: dict[str, list[Obj]]) -> None:
 
 def test_metrics_and_service_monitor(rendered: dict[str, list[Obj]]) -> None:
     objs = rendered["everything-on"]
-    services = {s["metadata"]["name"]: s for s in of_kind(objs, "Service")}
+    services = {s["metadata"]["name"]: s for s in of_kind(objs, "Service")
+                if s["metadata"]["name"].endswith("-metrics")}  # strata-snapshot-metadata serves gRPC, not metrics
     assert set(services) == {"strata-node-metrics", "strata-controller-metrics"}
     named_ports = {p["name"] for s in services.values() for p in s["spec"]["ports"]}
     container_ports = {p["name"] for o in objs if o["kind"] in ("DaemonSet", "Deployment")
@@ -782,3 +798,24 @@ def render_schema_keys() -> list[str]:
     import json
 
     return list(json.loads((CHART / "values.schema.json").read_text())["properties"])
+
+
+def test_snapshot_metadata_sidecar_service_and_object_agree(rendered: dict[str, list[Obj]]) -> None:
+    """The external-snapshot-metadata sidecar next to strata controller: its port, the Service
+    backup clients dial, and the SnapshotMetadataService (address, audience, CA) name the same
+    things, and its TLS Secret holds the certificate the sidecar is given."""
+    objs = rendered["everything-on"]
+    deployment = next(o for o in objs if o["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    sidecar = next(c for c in pod["containers"] if sidecar_of(c) == "csi-snapshot-metadata")
+    port = next(p["containerPort"] for p in sidecar["ports"] if p["name"] == "snapshot-metadata")
+    assert f"--port={port}" in sidecar["args"] and "--csi-address=/csi/csi.sock" in sidecar["args"]
+    service = next(o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == "strata-snapshot-metadata")
+    assert service["spec"]["ports"][0]["targetPort"] == "snapshot-metadata"
+    cr = one(objs, "SnapshotMetadataService")
+    assert cr["metadata"]["name"] == values_of("everything-on")["driverName"]
+    assert cr["spec"]["address"] == f"strata-snapshot-metadata.{deployment['metadata']['namespace']}.svc:{port}"
+    secret_name = next(v["secret"]["secretName"] for v in pod["volumes"] if v["name"] == "snapshot-metadata-tls")
+    secret = next(o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"] == secret_name)
+    assert base64.b64decode(cr["spec"]["caCert"]) == base64.b64decode(secret["data"]["ca.crt"])
+    assert of_kind(rendered["default"], "SnapshotMetadataService") == []

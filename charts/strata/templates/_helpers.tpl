@@ -60,3 +60,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* Where the backup container finds the registry credentials ($DOCKER_CONFIG/config.json). */}}
 {{- define "strata.backupRegistryDir" -}}/etc/strata/registry{{- end -}}
+
+{{/* The Secret with the snapshot-metadata sidecar's certificate (tls.crt, tls.key). */}}
+{{- define "strata.snapshotMetadataTlsSecret" -}}
+{{- .Values.snapshotMetadata.tls.existingSecret | default (printf "%s-snapshot-metadata-tls" (include "strata.fullname" .)) -}}
+{{- end -}}
