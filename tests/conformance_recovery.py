@@ -106,3 +106,21 @@ class RecoveryChecks:
             assert (path / "data").read_text() == "kept"
         assert not [m for m in mnt.mounts_under(driver.home) if "/f" in m.target], "the view left a mount"
         driver.remove("f")
+
+    def test_clone_holds_the_source_content_and_leaves_it_writable(self, driver: LayerDriver) -> None:
+        driver.create("src", None)
+        src = Path(driver.get("src"))
+        (src / "a").write_text("one")
+        clone = driver.clone("src", "c", "base")
+        (src / "a").write_text("changed after the clone")
+        driver.put("src")
+        assert (Path(driver.get("c")) / "a").read_text() == "one"
+        (Path(driver.get("c")) / "b").write_text("the clone is writable")
+        driver.put("c")
+        driver.put("c")
+        assert not driver.layer("c").frozen
+        if clone.parent is not None:  # a frozen base, hidden at once, freed with the clone
+            assert clone.parent == "base" and not driver.exists("base")
+        driver.remove("c")
+        assert not driver.exists("c")
+        assert {l.id for l in type(driver).read_layers(driver.home)} == {"src"}

@@ -6,6 +6,7 @@ Contract (:class:`Driver`)::
     create(id, parent=None, opts) -> Layer   new *writable* layer; content = parent's
     freeze(id, frozen_id) -> Layer            new *frozen* (read-only) layer holding id's
                                               current content; id stays writable, unchanged
+    clone(src, id, base_id, opts) -> Layer    new writable layer with src's current content
     remove(id)                                idempotent; deferred while children exist
     get(id, mount_label="") -> Path           refcounted; frozen layers give a read-only view
     get_block(id) -> Path                     refcounted like get, for block layers: activates
@@ -219,6 +220,13 @@ class Driver(ABC):
 
     @abstractmethod
     def freeze(self, layer_id: str, frozen_id: str) -> Layer: ...
+
+    @abstractmethod
+    def clone(self, source_id: str, layer_id: str, base_id: str, opts: CreateOpts | None = None) -> Layer:
+        """A new writable layer ``layer_id`` holding writable ``source_id``'s current content (a
+        CSI clone). Layered drivers freeze the source into ``base_id`` and create the clone on it
+        (``base_id`` is hidden at once and freed with the clone: the returned layer's parent);
+        a driver whose child is a copy anyway copies once and makes no base (parent None)."""
 
     @abstractmethod
     def remove(self, layer_id: str) -> None: ...

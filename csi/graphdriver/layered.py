@@ -55,6 +55,10 @@ class LayerDriver(Driver):
     # it: only where ``_make`` leaves nothing a record is needed to find (``_on_disk`` lists
     # every trace of a half-made layer, ``_destroy`` removes it) and does not write the record
     record_after_make: ClassVar[bool] = False
+    # clone() copies the source into a new parentless layer (``_make_copy``) instead of freezing
+    # it and creating a child: for drivers whose child is a copy of its parent anyway (vfs), so a
+    # clone costs one copy, not two
+    clone_copies: ClassVar[bool] = False
 
     def __init__(self, home: str | os.PathLike[str], options: Mapping[str, str] | None = None, *,
                  recover: bool = True) -> None:
@@ -96,6 +100,11 @@ class LayerDriver(Driver):
         ``source`` should have as parent afterwards (``frozen.id`` when the driver rebased
         ``source`` onto the new layer, as overlay does), or ``source.parent``.
         ``source.mounts`` tells whether it is in use."""
+
+    def _make_copy(self, layer: Layer, source: Layer) -> None:
+        """Create ``layer`` (writable, no parent) holding a copy of ``source``'s current content;
+        only drivers that set ``clone_copies``."""
+        raise Unsupported(f"{self.name} clones by freezing the source")
 
     def _recover_freeze(self, source: Layer, frozen: Layer) -> str | None | bool:
         """A freeze was interrupted by a crash. Either finish it and return the parent
@@ -214,6 +223,21 @@ class LayerDriver(Driver):
     # ------------------------------------------------------------------ contract
 
     def create(self, layer_id: str, parent: str | None = None, opts: CreateOpts | None = None) -> Layer:
+        return self._create(layer_id, parent, opts, None)
+
+    def clone(self, source_id: str, layer_id: str, base_id: str, opts: CreateOpts | None = None) -> Layer:
+        check_layer_id(source_id, "source layer id")
+        check_layer_id(base_id, "base layer id")
+        if self.clone_copies:  # one copy of the source: no frozen base (base_id unused)
+            return self._create(layer_id, None, opts, source_id)
+        self.freeze(source_id, base_id)
+        try:
+            layer = self.create(layer_id, base_id, opts)
+        finally:
+            self.remove(base_id)  # hidden while the clone stands on it; gone at once if the create failed
+        return layer
+
+    def _create(self, layer_id: str, parent: str | None, opts: CreateOpts | None, copy_of: str | None) -> Layer:
         check_layer_id(layer_id)
         if parent is not None:
             check_layer_id(parent, "parent layer id")
@@ -224,9 +248,13 @@ class LayerDriver(Driver):
             raise Unsupported(self._no_block())
         properties = dict(opts.properties or {})
         self._check_properties(properties)
-        with self._locked(layer_id, parent or ""):
+        with self._locked(layer_id, parent or "", copy_of or ""):
             if self.store.get(layer_id) is not None:
                 raise AlreadyExists(f"layer {layer_id} already exists")
+            source = self._visible(copy_of, "source layer") if copy_of is not None else None
+            if source is not None and source.block != opts.block:
+                raise InvalidArgument(f"source layer {copy_of} is a {_content(source.block)} layer: its copy cannot "
+                                      f"be a {_content(opts.block)} layer")
             parent_layer = None
             if parent is not None:
                 parent_layer = self._visible(parent, "parent layer")
@@ -242,7 +270,10 @@ class LayerDriver(Driver):
                           extra=extra)
             if self.record_after_make:  # a kill during _make leaves an orphan that reconcile removes
                 try:
-                    self._make(layer, parent_layer)
+                    if source is not None:
+                        self._make_copy(layer, source)
+                    else:
+                        self._make(layer, parent_layer)
                     ready = layer.with_(state=LayerState.READY)
                     self.store.insert(ready)
                 except BaseException:
@@ -251,7 +282,10 @@ class LayerDriver(Driver):
                 return ready
             self.store.insert(layer)
             try:
-                self._make(layer, parent_layer)
+                if source is not None:
+                    self._make_copy(layer, source)
+                else:
+                    self._make(layer, parent_layer)
             except BaseException:
                 self._rollback(layer_id)
                 raise

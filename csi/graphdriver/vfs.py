@@ -72,6 +72,7 @@ class VfsDriver(LayerDriver):
 
     name = "vfs"
     record_after_make = True  # a half-made layer (tmp/<id>, dir/<id>) is an orphan reconcile removes
+    clone_copies = True  # a child is a full copy anyway: a clone copies the source once (no frozen base)
 
     # ------------------------------------------------------------------ layout
 
@@ -124,13 +125,21 @@ class VfsDriver(LayerDriver):
             temp.rmdir()
 
     def _make(self, layer: Layer, parent: Layer | None) -> None:
-        source = self._dirs / parent.id if parent is not None else None
-        if self.limits is not None and layer.size_bytes and source is not None:
-            inherited = tree_bytes(source)
+        if parent is not None:
+            self._check_fits(layer, parent)
+        self._build(layer.id, self._dirs / parent.id if parent is not None else None, layer.size_bytes)
+
+    def _check_fits(self, layer: Layer, source: Layer) -> None:
+        if self.limits is not None and layer.size_bytes:
+            inherited = tree_bytes(self._dirs / source.id)
             if inherited > layer.size_bytes:
-                raise OutOfRange(f"vfs: layer {layer.id} of {layer.size_bytes} bytes cannot hold its parent "
-                                 f"{parent.id}, which occupies {inherited} bytes; ask for at least that much")
-        self._build(layer.id, source, layer.size_bytes)
+                raise OutOfRange(f"vfs: layer {layer.id} of {layer.size_bytes} bytes cannot hold the copy of "
+                                 f"{source.id}, which occupies {inherited} bytes; ask for at least that much")
+
+    def _make_copy(self, layer: Layer, source: Layer) -> None:
+        """A clone: one copy of the writable source (a freeze and a child would copy twice)."""
+        self._check_fits(layer, source)
+        self._build(layer.id, self._dirs / source.id, layer.size_bytes)
 
     def _freeze(self, source: Layer, frozen: Layer) -> str | None:
         self._build(frozen.id, self._dirs / source.id)

@@ -214,7 +214,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def _create(self, name: str, size: int, parameters: dict[str, str], source_kind: str, source_id: str,
                 range_: csi_pb2.CapacityRange, block: bool, mutable: dict[str, str],
                 pulled: Pulled | None = None) -> VolumeRecord:
-        parent = base = None
+        parent = base = clone_of = None
         if pulled is not None:
             parent, size = pulled.layer_id, self._at_least(size, pulled.min_bytes, range_, source_kind)
         elif source_kind == "snapshot":
@@ -225,15 +225,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             src = self._volume(source_id)
             self._same_access(src.block, block, "volume", source_id)
             base, size = new_layer_id(CLONE_BASE_PREFIX), self._at_least(size, src.capacity, range_, "volume")
-            parent = base
+            clone_of = parse_id(source_id)[0]
         layer = new_layer_id(VOLUME_PREFIX)
+        opts = CreateOpts(size_bytes=size or None, block=block, properties=mutable or None)
         try:
-            if base is not None:
-                self.driver.freeze(parse_id(source_id)[0], base)
-            self.driver.create(layer, parent, CreateOpts(size_bytes=size or None, block=block,
-                                                         properties=mutable or None))
-            if base is not None:
-                self.driver.remove(base)  # hidden now, freed with the clone
+            if clone_of is not None:  # the driver freezes the source into base (hidden at once) or copies it once
+                base = self.driver.clone(clone_of, layer, base, opts).parent
+            else:
+                self.driver.create(layer, parent, opts)
             return self.store.add_volume(VolumeRecord(
                 layer=layer, name=name, capacity=size, parameters=parameters, source_kind=source_kind,
                 source_id=source_id, base_layer=base, state=RecordState.READY, block=block, mutable=mutable))
