@@ -17,6 +17,10 @@ Readers use the same rule: a read's sequence number is the latest commit it coul
 so nothing a caller reports was read from a commit that is not yet durable (a read
 with no commit pending, or one that found nothing, returns at once).
 
+:meth:`WalSync.sync_soon` hands the same sync to a background thread (one per database), so a
+caller that must make two databases durable syncs both at once: ``sync_soon`` on one, its
+other work and the other's ``wait``, then ``wait`` on the first.
+
 The ``-wal`` file's directory entry is synced the first time a ``-wal`` inode is seen
 (sqlite does the same for a new journal), so a freshly created WAL cannot vanish with
 the commits in it.
@@ -61,6 +65,8 @@ class WalSync:
         self._syncing = False
         self._failed: OSError | None = None
         self._wal_inode: tuple[int, int] | None = None
+        self._wanted = 0  # commits sync_soon asked the flusher thread to make durable
+        self._flusher: threading.Thread | None = None
         self._sync_wal()  # the schema and the WAL file itself, before anything is acknowledged
 
     def note(self, db: sqlite3.Connection, *, found: bool = True) -> int:
@@ -77,6 +83,31 @@ class WalSync:
                 return 0
             return self._committed
 
+    def sync_soon(self, seq: int) -> None:
+        """Start making commits up to ``seq`` durable in a background thread (this store's
+        flusher), so a caller can do other work (another database's sync) and ``wait`` later."""
+        with self._cond:
+            if self._synced >= seq or self._failed is not None:
+                return
+            self._wanted = max(self._wanted, seq)
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_loop, name=f"walsync-{self.wal.name}",
+                                                 daemon=True)
+                self._flusher.start()
+            self._cond.notify_all()
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._wanted <= self._synced or self._syncing or self._failed is not None:
+                    self._cond.wait()
+                self._syncing = True
+                target = self._committed
+            try:
+                self._lead(target)
+            except StrataError:
+                pass  # recorded in _failed: every waiter raises it
+
     def wait(self, seq: int) -> None:
         """Return once commits up to ``seq`` are on stable storage (one shared sync)."""
         with self._cond:
@@ -90,6 +121,10 @@ class WalSync:
                 self._cond.wait()
             self._syncing = True
             target = self._committed
+        self._lead(target)
+
+    def _lead(self, target: int) -> None:
+        """Sync for everyone (``_syncing`` is set by the caller): commits up to ``target``."""
         try:
             self._sync_wal()
         except OSError as exc:

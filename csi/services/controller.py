@@ -228,14 +228,28 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             clone_of = parse_id(source_id)[0]
         layer = new_layer_id(VOLUME_PREFIX)
         opts = CreateOpts(size_bytes=size or None, block=block, properties=mutable or None)
-        try:
-            if clone_of is not None:  # the driver freezes the source into base (hidden at once) or copies it once
-                base = self.driver.clone(clone_of, layer, base, opts).parent
-            else:
+
+        def record(base_layer: str | None) -> VolumeRecord:
+            return VolumeRecord(layer=layer, name=name, capacity=size, parameters=parameters, source_kind=source_kind,
+                                source_id=source_id, base_layer=base_layer, state=RecordState.READY, block=block,
+                                mutable=mutable)
+
+        if clone_of is None:
+            # the record first, made durable in the background while the driver makes (and syncs)
+            # the layer: two databases' syncs at once; a crash between leaves a ready record without
+            # its layer, which recovery removes (nothing was acknowledged)
+            durable = self.store.add_volume_syncing(record(None))
+            try:
                 self.driver.create(layer, parent, opts)
-            return self.store.add_volume(VolumeRecord(
-                layer=layer, name=name, capacity=size, parameters=parameters, source_kind=source_kind,
-                source_id=source_id, base_layer=base, state=RecordState.READY, block=block, mutable=mutable))
+                durable()
+            except BaseException:
+                self.driver.remove(layer)
+                self.store.delete_volume(layer)
+                raise
+            return record(None)
+        try:  # the driver freezes the source into base (hidden at once) or copies it once
+            base = self.driver.clone(clone_of, layer, base, opts).parent
+            return self.store.add_volume(record(base))
         except BaseException:
             for made in (layer, base):
                 if made is not None:

@@ -15,7 +15,10 @@ through its contract (:class:`csi.graphdriver.driver.Driver`: ``references`` /
    removed whole: the member layers the row names, their rows, the group row — all
    members or none. Then volumes and snapshots still ``pending`` (never acknowledged) are rolled back — their
    layers (and a clone's base layer) removed — and ``removing`` ones are finished.
-   Inline volumes whose publication is gone are removed.
+   Inline volumes whose publication is gone are removed. A ``ready`` volume whose layer
+   does not exist is forgotten: CreateVolume writes its record while the driver makes the
+   layer (the two syncs run at once) and acknowledges after both, so such a record is a
+   create a crash cut short.
 3. Layers with strata's prefixes (``vol-``, ``snap-``, ``base-``) that no record knows of
    are removed (a crash between layer work and commit).
 4. Pulls of content sources (``transfers`` rows: a CreateVolume from another node or a
@@ -80,6 +83,13 @@ def recover(store: StateStore, driver: Driver) -> None:
             roll_back_group(store, driver, group)
     for volume in store.volumes():
         published = store.publications(volume.layer)
+        if volume.state is RecordState.READY and not volume.ephemeral and not driver.exists(volume.layer):
+            # CreateVolume writes the record while the driver makes the layer (both synced at once,
+            # acknowledged after both): a crash between leaves a record of an unacknowledged volume
+            log.warning("recovery: volume %s (%s) has no layer: its create was cut short; forgetting it",
+                        volume.layer, volume.name)
+            store.delete_volume(volume.layer)
+            continue
         if volume.state is RecordState.READY and not (volume.ephemeral and not published):
             continue
         log.info("recovery: %s volume %s (%s)", "rolling back" if volume.state is RecordState.PENDING

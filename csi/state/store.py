@@ -67,7 +67,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
@@ -273,11 +273,35 @@ class StateStore:
     _VOLUME_COLUMNS = ("layer, name, capacity, parameters, source_kind, source_id, base_layer, "
                        "created, state, ephemeral, block, mutable")
 
+    def add_volume_syncing(self, v: VolumeRecord) -> Callable[[], None]:
+        """Write ``v`` and start making it durable in the background; the returned function
+        waits until it is. For a caller that makes the volume's layer meanwhile (its own sync
+        runs at the same time); a crash in between leaves a ready record whose layer does not
+        exist, which start-up recovery removes (it was never acknowledged)."""
+        with self._lock:
+            self._insert_volume(v)
+            seq = self._sync.note(self._db)
+        self._sync.sync_soon(seq)
+        return lambda: self._sync.wait(seq)
+
+    def _insert_volume(self, v: VolumeRecord) -> None:
+        try:
+            self._db.execute(f"INSERT INTO volumes({self._VOLUME_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                             self._volume_row(v))
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(f"record conflicts with an existing one: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise StrataError(f"state store error: {exc}") from exc
+
+    @staticmethod
+    def _volume_row(v: VolumeRecord) -> tuple[Any, ...]:
+        return (v.layer, v.name, v.capacity, json.dumps(dict(v.parameters), sort_keys=True), v.source_kind,
+                v.source_id, v.base_layer, v.created, v.state.value, int(v.ephemeral),
+                int(v.block), json.dumps(dict(v.mutable), sort_keys=True))
+
     def add_volume(self, v: VolumeRecord) -> VolumeRecord:
         self._run(f"INSERT INTO volumes({self._VOLUME_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                  (v.layer, v.name, v.capacity, json.dumps(dict(v.parameters), sort_keys=True), v.source_kind,
-                   v.source_id, v.base_layer, v.created, v.state.value, int(v.ephemeral),
-                   int(v.block), json.dumps(dict(v.mutable), sort_keys=True)))
+                  self._volume_row(v))
         return v
 
     def volume(self, layer: str) -> VolumeRecord | None:

@@ -46,6 +46,9 @@ def test_half_done_work_is_rolled_back_or_finished(plugin_on: Callable[[str], Ha
     half_snap = store.add_snapshot(SnapshotRecord(layer=new_layer_id("snap-"), name="snap-half",
                                                   source_layer=kept_layer))
     driver.freeze(kept_layer, half_snap.layer)
+    # CreateVolume killed after its ready record, before the driver made the layer
+    recorded = store.add_volume(VolumeRecord(layer=new_layer_id("vol-"), name="pvc-recorded", capacity=0,
+                                             state=RecordState.READY))
     # a layer made and never recorded (killed between layer work and the record)
     orphan = new_layer_id("vol-")
     driver.create(orphan, None, CreateOpts())
@@ -73,7 +76,7 @@ def test_half_done_work_is_rolled_back_or_finished(plugin_on: Callable[[str], Ha
     assert names == {"pvc-kept", "pvc-stage"}
     assert {s.name for s in store.snapshots()} == {"snap-kept"}
     assert {l.id for l in driver.layers()} == {kept_layer, stage_layer, snap.snapshot_id.split("@")[0]}
-    for gone in (pending.layer, clone.layer, base, doomed_layer, half_snap.layer, orphan):
+    for gone in (pending.layer, clone.layer, base, doomed_layer, half_snap.layer, orphan, recorded.layer):
         assert driver.store.get(gone) is None, gone
     assert store.publications(stage_layer) == [] and not mnt.is_mount_point(half_staging)
     assert driver.layer(stage_layer).mounts == 0
