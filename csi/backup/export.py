@@ -39,7 +39,7 @@ from typing import IO
 from csi.backup.index import ExportIndex, ExportRecord
 from csi.backup.media import (ANNOTATION_CREATED, CONFIG, LABEL_PREFIX, LAYER_TAR, LAYER_TAR_ZSTD, Descriptor,
                               HashingReader, LayerFacts, VolumeFacts, build_config, build_manifest, digest_bytes)
-from csi.backup.progress import Meter, ProgressCallback
+from csi.backup.progress import Meter, MeteredReader, ProgressCallback
 from csi.backup.split import Part, part_streams, plan_parts
 from csi.backup.target import Target
 from csi.errors import InvalidArgument, Unsupported
@@ -66,25 +66,6 @@ class BackupResult:
     def reference(self) -> str:
         """The immutable reference a restore takes."""
         return f"{self.location}@{self.manifest_digest}"
-
-
-class _Counting:
-    """Counts bytes read through it into the meter."""
-
-    def __init__(self, raw: IO[bytes], meter: Meter) -> None:
-        self._raw, self._meter = raw, meter
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._raw.read(n)
-        if data:
-            self._meter.advance(len(data))
-        return data
-
-    def readable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        self._raw.close()
 
 
 def export_chain(driver: Driver, snapshot_id: str) -> list[tuple[Layer, str | None]]:
@@ -122,7 +103,7 @@ def _store(raw: IO[bytes], media_type: str, target: Target, meter: Meter) -> tup
         import zstandard
 
         source = zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_reader(tar, closefd=False)  # type: ignore[assignment]
-    digest, size = target.put_blob(_Counting(source, meter))  # type: ignore[arg-type]
+    digest, size = target.put_blob(MeteredReader(source, meter))  # type: ignore[arg-type]
     tar.drain()
     return digest, tar.digest(), size
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from csi.errors import InvalidArgument
+from csi.host.pipestream import ReadStream
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
@@ -240,7 +241,7 @@ def parse_config(data: bytes, layers: tuple[Descriptor, ...]) -> tuple[tuple[str
     return tuple(diff_ids), VolumeFacts.from_labels(labels), source_ids
 
 
-class HashingReader:
+class HashingReader(ReadStream):
     """Wraps a binary stream; counts and hashes what is read through it."""
 
     def __init__(self, raw: IO[bytes]) -> None:
@@ -255,21 +256,9 @@ class HashingReader:
             self.count += len(data)
         return data
 
-    def readinto(self, buf: bytearray | memoryview) -> int:  # tarfile and zstandard may use it
-        data = self.read(len(buf))
-        buf[: len(data)] = data
-        return len(data)
-
-    def readable(self) -> bool:
-        return True
-
     def close(self) -> None:
         self._raw.close()
 
     def digest(self) -> str:
         return "sha256:" + self._hash.hexdigest()
 
-    def drain(self) -> None:
-        """Read to the end (a tar reader stops at the end-of-archive blocks; padding follows)."""
-        while self.read(_CHUNK):
-            pass

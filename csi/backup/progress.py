@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import IO
 
+from csi.host.pipestream import ReadStream
+
 log = logging.getLogger(__name__)
 
 REPORT_EVERY = 8 << 20
@@ -157,3 +159,19 @@ class JsonLines:
 def renderer_for(out: IO[str]) -> ProgressCallback:
     """A bar on a terminal, JSON lines otherwise."""
     return TerminalBar(out) if out.isatty() else JsonLines(out)
+
+
+class MeteredReader(ReadStream):
+    """Advances ``meter`` by the bytes read through it (a blob on its way in or out)."""
+
+    def __init__(self, raw: IO[bytes], meter: Meter) -> None:
+        self._raw, self._meter = raw, meter
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)
+        if data:
+            self._meter.advance(len(data))
+        return data
+
+    def close(self) -> None:
+        self._raw.close()

@@ -29,7 +29,7 @@ from typing import IO
 from csi.backup.index import ExportIndex, ExportRecord, imported_layer_id, temp_layer_id
 from csi.backup.media import (LAYER_TAR_GZIP, LAYER_TAR_ZSTD, Artifact, Descriptor, HashingReader, chain_id, check_digest,
                               parse_config, parse_manifest)
-from csi.backup.progress import Meter, ProgressCallback
+from csi.backup.progress import Meter, MeteredReader, ProgressCallback
 from csi.backup.target import Target, VerifyingReader
 from csi.errors import AlreadyExists, DigestMismatch, InvalidArgument, NotFound
 from csi.graphdriver import Driver
@@ -65,23 +65,6 @@ def read_artifact(target: Target, digest: str) -> Artifact:
     return Artifact(digest, config, layers, diff_ids, facts, sources)
 
 
-class _Counting:
-    def __init__(self, raw: IO[bytes], meter: Meter) -> None:
-        self._raw, self._meter = raw, meter
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._raw.read(n)
-        if data:
-            self._meter.advance(len(data))
-        return data
-
-    def readable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        self._raw.close()
-
-
 def _original(driver: Driver, index: ExportIndex | None, art: Artifact, i: int, parent: str | None) -> str | None:
     """The layer the backup was made from, when this node still has it unchanged."""
     if index is None or i >= len(art.source_layer_ids):
@@ -104,7 +87,7 @@ def _import(driver: Driver, target: Target, desc: Descriptor, diff_id: str, pare
     try:
         blob = target.open_blob(desc.digest, desc.size)
         try:
-            counted = _Counting(blob, meter)
+            counted = MeteredReader(blob, meter)
             stream: IO[bytes] = counted  # type: ignore[assignment]
             if desc.media_type == LAYER_TAR_ZSTD:
                 import zstandard

@@ -117,3 +117,24 @@ def send_file_data(fd: int, path: str | os.PathLike[str], size: int) -> int:
     padded = -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
     write_all(fd, bytes(padded - sent))
     return padded
+
+
+class ReadStream:
+    """What a read-only file object needs beyond ``read``, for stream adapters (readers that
+    hash, count or reassemble chunks): ``readinto`` (tarfile and zstandard use it),
+    ``readable``, and ``drain`` (read what is left, e.g. a tar's padding after its end)."""
+
+    def read(self, n: int = -1) -> bytes:  # pragma: no cover - subclasses read
+        raise NotImplementedError
+
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -64,7 +63,7 @@ from csi.backup import (DockerConfig, ExportIndex, VolumeFacts, backup, load_doc
 from csi.backup.index import ExportRecord
 from csi.backup.media import LAYER_TAR
 from csi.backup.progress import Meter, ProgressCallback
-from csi.errors import AlreadyExists, DigestMismatch, InvalidArgument, NotFound, Relayed, StrataError, Unavailable
+from csi.errors import AlreadyExists, InvalidArgument, NotFound, Relayed, StrataError
 from csi.graphdriver.driver import CreateOpts, Driver, Layer, LayerKind, LayerState
 from csi.graphdriver.registry import DRIVER_CLASSES, home_of, new_driver
 from csi.host.fsinfo import parse_size
@@ -75,13 +74,13 @@ from csi.proto import csi_pb2, csi_pb2_grpc, export_pb2, export_pb2_grpc
 from csi.services.export import export_socket_path
 from csi.services.volume_ids import VOLUME_PREFIX, make_id, parse_id
 from csi.state.store import RecordState, StateStore, VolumeRecord
+from csi.services.exportclient import ExportDiffReader
 
 log = logging.getLogger("strata.backup")
 
 INDEX_NAME = "backup-index.json"
 DIRECT_LOCK = "backup-direct.lock"
 CHUNK = 1 << 20
-RESUME_ATTEMPTS = 5
 
 
 def _layer_id(value: str) -> str:
@@ -97,74 +96,6 @@ def _credentials(path: str | None) -> DockerConfig | None:
 
 
 # ---------------------------------------------------------------------- through the plugin
-
-
-class _RemoteStream:
-    """ExportDiff as a file object: resumes a broken stream at the byte it stopped, and checks
-    what it read against the digest the last message announces."""
-
-    def __init__(self, stub: export_pb2_grpc.DiffExportStub, snapshot: str, base: str) -> None:
-        self._stub, self._snapshot, self._base = stub, snapshot, base
-        self._hash = hashlib.sha256()
-        self._position = 0
-        self._buffer = b""
-        self._done = False
-        self._attempts = 0
-        self._messages = self._open()
-
-    def _open(self) -> Iterator[export_pb2.ExportDiffResponse]:
-        return iter(self._stub.ExportDiff(export_pb2.ExportDiffRequest(
-            snapshot=export_pb2.SnapshotRef(snapshot_id=self._snapshot), base=self._base,
-            starting_offset=self._position)))
-
-    def _next(self) -> export_pb2.ExportDiffResponse | None:
-        while True:
-            try:
-                return next(self._messages, None)
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or self._attempts >= RESUME_ATTEMPTS:
-                    raise Relayed(exc.code().name, f"ExportDiff of {self._snapshot}: {exc.details()}") from None
-                self._attempts += 1
-                log.warning("export stream of %s broke at byte %d (%s); resuming", self._snapshot, self._position,
-                            exc.details())
-                self._messages = self._open()
-
-    def read(self, n: int = -1) -> bytes:
-        while not self._buffer and not self._done:
-            message = self._next()
-            if message is None:
-                raise Unavailable(f"ExportDiff of {self._snapshot} ended without its summary")
-            if message.HasField("summary"):
-                self._done = True
-                actual = "sha256:" + self._hash.hexdigest()
-                if actual != message.summary.digest or self._position != message.summary.size:
-                    raise DigestMismatch(f"ExportDiff of {self._snapshot}: received {self._position} bytes hashing "
-                                         f"to {actual}; the plugin announced {message.summary.size} bytes, "
-                                         f"{message.summary.digest}")
-                break
-            if message.offset != self._position:
-                raise DigestMismatch(f"ExportDiff of {self._snapshot}: chunk at {message.offset}, "
-                                     f"expected {self._position}")
-            self._buffer = message.data
-            self._hash.update(message.data)
-            self._position += len(message.data)
-        if n is None or n < 0:
-            n = len(self._buffer)
-        data, self._buffer = self._buffer[:n], self._buffer[n:]
-        return data
-
-    def readinto(self, buf: bytearray | memoryview) -> int:
-        data = self.read(len(buf))
-        buf[: len(data)] = data
-        return len(data)
-
-    def readable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        cancel = getattr(self._messages, "cancel", None)
-        if cancel is not None and not self._done:
-            cancel()
 
 
 class RemoteChain:
@@ -201,7 +132,7 @@ class RemoteChain:
 
     def diff(self, layer_id: str, parent: str | None = None) -> IO[bytes]:
         base = self._public[parent] if parent else ""
-        return _RemoteStream(self._stub, self._public[layer_id], base)  # type: ignore[return-value]
+        return ExportDiffReader(self._stub, self._public[layer_id], base)  # type: ignore[return-value]
 
 
 class ChainIndex:

@@ -69,7 +69,8 @@ import grpc
 
 from csi.backup.export import export_chain
 from csi.backup.index import ExportIndex, ExportRecord, IMPORTED_PREFIX, imported_layer_id, temp_layer_id
-from csi.backup.media import LAYER_TAR, LAYER_TAR_GZIP, LAYER_TAR_ZSTD, LAYER_TYPES, chain_id, check_digest
+from csi.backup.media import (LAYER_TAR, LAYER_TAR_GZIP, LAYER_TAR_ZSTD, LAYER_TYPES, HashingReader, chain_id,
+                              check_digest)
 from csi.errors import (AlreadyExists, DigestMismatch, FailedPrecondition, InvalidArgument, NotFound, OutOfRange,
                         PermissionDenied, Unauthenticated)
 from csi.graphdriver.driver import ChangeKind, Driver, Layer
@@ -77,6 +78,7 @@ from csi.ids import is_layer_id
 from csi.peers.auth import (AccessReviewer, Authorizer, TokenAuthInterceptor, TokenReviewer, allow_service_accounts,
                              by_method, caller_of)
 from csi.peers.snapshots import GROUP as SNAPSHOT_GROUP, SNAPSHOTS, SnapshotResolver, check_object_name
+from csi.host.pipestream import ReadStream
 from csi.peers.tls import TlsFiles, listen_tls
 from csi.proto import export_pb2, export_pb2_grpc
 from csi.services.listen import listen_unix, new_server
@@ -117,7 +119,7 @@ def _read_full(stream: IO[bytes], n: int) -> bytes:
     return b"".join(parts)
 
 
-class _Requests:
+class _Requests(ReadStream):
     """The data of an ImportDiff request stream as a file object."""
 
     def __init__(self, messages: Iterator[Any]) -> None:
@@ -141,20 +143,8 @@ class _Requests:
         self.count += len(data)
         return data
 
-    def readinto(self, buf: bytearray | memoryview) -> int:
-        data = self.read(len(buf))
-        buf[: len(data)] = data
-        return len(data)
-
-    def readable(self) -> bool:
-        return True
-
     def close(self) -> None:
         pass
-
-    def drain(self) -> None:
-        while self.read(CHUNK):
-            pass
 
     def at_end(self) -> bool:
         """Whether the stream has no (more) data, without consuming any."""
@@ -384,7 +374,7 @@ class ExportBackend:
                 stream = zstandard.ZstdDecompressor().stream_reader(data, closefd=False)  # type: ignore[assignment]
             elif media_type == LAYER_TAR_GZIP:
                 stream = gzip.GzipFile(fileobj=data, mode="rb")  # type: ignore[assignment]
-            tar = _Hashing(stream)
+            tar = HashingReader(stream)
             self.driver.apply_diff(tmp, parent_id, tar)  # type: ignore[arg-type]
             tar.drain()
             data.drain()
@@ -407,38 +397,6 @@ class ExportBackend:
         self._remember(layer, parent, media_type, data.digest(), diff_id, data.count, tar.count)
         log.info("imported layer %s (diff_id %s, %d bytes) on %s", final, diff_id, tar.count, parent_id or "nothing")
         return export_pb2.ImportDiffResponse(layer_id=final, chain_id=new_chain, diff_id=diff_id, size=tar.count)
-
-
-class _Hashing:
-    """Counts and hashes what is read through it (readinto too: tarfile and zstd use it)."""
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self._raw, self._hash, self.count = raw, hashlib.sha256(), 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._raw.read(n)
-        if data:
-            self._hash.update(data)
-            self.count += len(data)
-        return data
-
-    def readinto(self, buf: bytearray | memoryview) -> int:
-        data = self.read(len(buf))
-        buf[: len(data)] = data
-        return len(data)
-
-    def readable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        pass
-
-    def drain(self) -> None:
-        while self.read(CHUNK):
-            pass
-
-    def digest(self) -> str:
-        return "sha256:" + self._hash.hexdigest()
 
 
 # ---------------------------------------------------------------------- access policies

@@ -54,7 +54,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import IO
@@ -75,12 +75,12 @@ from csi.proto import csi_pb2, csi_pb2_grpc, export_pb2, export_pb2_grpc
 from csi.services.requests import docker_config_of, is_backup_reference
 from csi.services.volume_ids import SNAPSHOT_PREFIX, VOLUME_PREFIX, parse_id
 from csi.state.store import BACKUP_DONE, BACKUP_FAILED, BACKUP_UPLOADING, StateStore, TransferRecord
+from csi.services.exportclient import ExportDiffReader
 
 log = logging.getLogger("strata.sources")
 
 PEER_CALL_TIMEOUT = 60.0  # seconds for a unary call to another node
 STREAM_IDLE_TIMEOUT = 120.0  # seconds without a message before an ExportDiff stream is given up
-RESUME_ATTEMPTS = 3
 CLONE_SNAPSHOT_PREFIX = "strata-clone-"
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
@@ -150,73 +150,6 @@ def _relay(exc: grpc.RpcError, owner: str, what: str) -> StrataError:
     return Relayed(code.name, f"node {owner} answered for {what}: {details}")
 
 
-class ExportStream:
-    """One ExportDiff (uncompressed) from the owner as a file object. A stream broken by the
-    network resumes at the byte it stopped (``starting_offset``, the bytes are deterministic);
-    the caller verifies the whole (:class:`~csi.backup.target.VerifyingReader`)."""
-
-    def __init__(self, stub: export_pb2_grpc.DiffExportStub, owner: str, snapshot: str, base: str,
-                 on_bytes: Callable[[int], None] | None = None) -> None:
-        self._stub, self._owner, self._snapshot, self._base = stub, owner, snapshot, base
-        self._on_bytes = on_bytes
-        self._position = 0
-        self._buffer = b""
-        self._done = False
-        self._attempts = 0
-        self._call = self._open()
-
-    def _open(self) -> Iterator[export_pb2.ExportDiffResponse]:
-        return self._stub.ExportDiff(export_pb2.ExportDiffRequest(
-            snapshot=export_pb2.SnapshotRef(snapshot_id=self._snapshot), base=self._base,
-            starting_offset=self._position, compression=export_pb2.NONE))
-
-    def _next(self) -> export_pb2.ExportDiffResponse | None:
-        while True:
-            try:
-                return next(self._call, None)  # type: ignore[call-overload]
-            except grpc.RpcError as exc:
-                if exc.code() not in _UNREACHABLE or self._attempts >= RESUME_ATTEMPTS:
-                    raise _relay(exc, self._owner, f"layer {self._snapshot}") from None
-                self._attempts += 1
-                log.warning("export stream of %s from node %s broke at byte %d (%s); resuming", self._snapshot,
-                            self._owner, self._position, exc.details())
-                time.sleep(0.2 * self._attempts)
-                self._call = self._open()
-
-    def read(self, n: int = -1) -> bytes:
-        while not self._buffer and not self._done:
-            message = self._next()
-            if message is None:
-                raise Unavailable(f"the export stream of {self._snapshot} from node {self._owner} ended early")
-            if message.HasField("summary"):
-                self._done = True
-                break
-            if message.offset != self._position:
-                raise DigestMismatch(f"node {self._owner} sent {self._snapshot} at offset {message.offset}, "
-                                     f"expected {self._position}")
-            self._buffer = message.data
-            self._position += len(message.data)
-            if self._on_bytes is not None:
-                self._on_bytes(len(message.data))
-        if n is None or n < 0:
-            n = len(self._buffer)
-        data, self._buffer = self._buffer[:n], self._buffer[n:]
-        return data
-
-    def readinto(self, buf: bytearray | memoryview) -> int:
-        data = self.read(len(buf))
-        buf[: len(data)] = data
-        return len(data)
-
-    def readable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        cancel = getattr(self._call, "cancel", None)
-        if cancel is not None and not self._done:
-            cancel()
-
-
 class PeerTarget:
     """The owner's chain of a snapshot as a read-only backup target (see the module docstring):
     :func:`csi.backup.restore` reads it as it reads a registry."""
@@ -251,7 +184,9 @@ class PeerTarget:
         entry = self._entries.get(digest)
         if entry is None:
             raise NotFound(f"blob {digest} is not in the chain of node {self.owner}")
-        stream = ExportStream(self._stub, self.owner, entry.id, entry.parent, self._on_bytes)
+        stream = ExportDiffReader(self._stub, entry.id, entry.parent, source=f"node {self.owner}",
+                                  relay=lambda exc: _relay(exc, self.owner, f"layer {entry.id}"),
+                                  on_bytes=self._on_bytes)
         return VerifyingReader(stream, digest, size, f"layer {entry.id} from node {self.owner}")  # type: ignore[arg-type,return-value]
 
     def location(self) -> str:
@@ -547,5 +482,5 @@ class Uploads:
         log.info("removed the backup %s", ref)
 
 
-__all__ = ["BACKUP", "ContentSources", "ExportStream", "LOCAL", "PEER_SNAPSHOT", "PEER_VOLUME", "PeerTarget",
+__all__ = ["BACKUP", "ContentSources", "LOCAL", "PEER_SNAPSHOT", "PEER_VOLUME", "PeerTarget",
            "Pulled", "Source", "Uploads", "classify"]
