@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from csi.graphdriver.registry import DRIVER_CLASSES
+from csi.services.listen import key_values
 
 import argparse
 import json
@@ -48,13 +49,7 @@ def add_storage_opt_flag(parser: argparse.ArgumentParser) -> None:
 
 def storage_opts(parser: argparse.ArgumentParser, values: list[str]) -> dict[str, str]:
     """``--storage-opt KEY=VALUE`` values as a dict; a malformed one is a usage error."""
-    options = {}
-    for opt in values:
-        key, sep, value = opt.partition("=")
-        if not sep or not key:
-            parser.error(f"--storage-opt {opt!r}: expected KEY=VALUE")
-        options[key.strip()] = value.strip()
-    return options
+    return dict(key_values(parser, "--storage-opt", values))
 
 
 class JsonFormatter(logging.Formatter):

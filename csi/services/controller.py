@@ -56,21 +56,20 @@ from datetime import datetime, timezone
 from typing import TypeVar
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi.backup import read_artifact
 from csi.backup.media import ANNOTATION_CREATED
 from csi.backup.targets import open_target
 from csi.errors import (Aborted, AlreadyExists, Busy, FailedPrecondition, InvalidArgument, NotFound, OutOfRange,
                         StrataError, Unsupported)
-from csi.graphdriver.driver import CreateOpts, Driver
+from csi.graphdriver.driver import CreateOpts
 from csi.ids import new_layer_id
 from csi.proto import csi_pb2, csi_pb2_grpc
-from csi.services.plugin import Plugin
+from csi.services.plugin import PluginService, timestamp
 from csi.services.requests import (MUTABLE_PARAMETERS, check_snapshot_parameters, docker_config_of, fits,
                                    is_backup_reference, issue_token, read_token, requested_size, require)
 from csi.services.sources import LOCAL, Pulled, Source, classify
-from csi.services.volume_ids import CLONE_BASE_PREFIX, SNAPSHOT_PREFIX, VOLUME_PREFIX, make_id, parse_id, parse_local
+from csi.services.volume_ids import CLONE_BASE_PREFIX, SNAPSHOT_PREFIX, VOLUME_PREFIX, parse_id, parse_local
 from csi.state.store import BACKUP_FAILED, BACKUP_UPLOADING, RecordState, SnapshotRecord, VolumeRecord
 
 log = logging.getLogger("strata.controller")
@@ -89,22 +88,9 @@ def _access(block: bool) -> str:
     return "block" if block else "mount"
 
 
-def timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
 
-
-class ControllerService(csi_pb2_grpc.ControllerServicer):
-    def __init__(self, plugin: Plugin) -> None:
-        self.plugin = plugin
-        self.driver: Driver = plugin.driver
-        self.store = plugin.store
-
+class ControllerService(PluginService, csi_pb2_grpc.ControllerServicer):
     # ------------------------------------------------------------------ helpers
-
-    def _vid(self, layer: str) -> str:
-        return make_id(layer, self.plugin.node_id)
 
     def _volume(self, volume_id: str) -> VolumeRecord:
         layer = parse_local(volume_id, self.plugin.node_id, VOLUME_PREFIX)

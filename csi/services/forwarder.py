@@ -50,7 +50,7 @@ from csi.peers.kubedial import KubernetesDialer
 from csi.peers.tls import token_from_file
 from csi.proto import csi_pb2, csi_pb2_grpc
 from csi.services.snapshot_metadata import RelayingSnapshotMetadata
-from csi.services.listen import (DEFAULT_DRIVER_NAME, Running, add_common_flags, configure_logging, listen_unix,
+from csi.services.listen import (node_addresses, DEFAULT_DRIVER_NAME, Running, add_common_flags, configure_logging, listen_unix,
                                  new_server, run_until_signalled, socket_path)
 from csi.services.volume_ids import owner_node
 
@@ -231,12 +231,7 @@ def parse_args(argv: list[str]) -> tuple[ControllerConfig, str]:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the node")
     add_common_flags(parser)
     args = parser.parse_args(argv)
-    table = []
-    for entry in args.node_address:
-        node, sep, address = entry.partition("=")
-        if not sep or not node or ":" not in address:
-            parser.error(f"--node-address {entry!r} must be NODE=HOST:PORT")
-        table.append((node, address))
+    table = node_addresses(parser, args.node_address)
     if not 0 < args.peer_port < 65536:
         parser.error("--peer-port must be 1-65535")
     config = ControllerConfig(endpoint=args.endpoint, tls_ca=Path(args.tls_ca), token_file=Path(args.token_file),

@@ -50,17 +50,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from csi.graphdriver.driver import Driver
 from csi.host import freeze as fz
 from csi.ids import new_layer_id
 from csi.proto import csi_pb2, csi_pb2_grpc
-from csi.services.plugin import Plugin
+from csi.services.plugin import PluginService, timestamp
 from csi.services.recovery import roll_back_group
 from csi.services.requests import check_snapshot_parameters, require
-from csi.services.volume_ids import GROUP_PREFIX, SNAPSHOT_PREFIX, VOLUME_PREFIX, make_id, parse_local
+from csi.services.volume_ids import GROUP_PREFIX, SNAPSHOT_PREFIX, VOLUME_PREFIX, parse_local
 from csi.state.store import STAGE, GroupRecord, RecordState, SnapshotRecord, VolumeRecord
 
 log = logging.getLogger("strata.group")
@@ -68,22 +66,9 @@ _Cap = csi_pb2.GroupControllerServiceCapability.RPC
 CAPABILITIES = (_Cap.CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT,)
 
 
-def timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
 
-
-class GroupControllerService(csi_pb2_grpc.GroupControllerServicer):
-    def __init__(self, plugin: Plugin) -> None:
-        self.plugin = plugin
-        self.driver: Driver = plugin.driver
-        self.store = plugin.store
-
+class GroupControllerService(PluginService, csi_pb2_grpc.GroupControllerServicer):
     # ------------------------------------------------------------------ helpers
-
-    def _vid(self, layer: str) -> str:
-        return make_id(layer, self.plugin.node_id)
 
     def _message(self, group: GroupRecord) -> csi_pb2.VolumeGroupSnapshot:
         gid = self._vid(group.group_id)

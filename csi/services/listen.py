@@ -83,6 +83,28 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=list(LOG_LEVELS))
 
 
+def node_addresses(parser: argparse.ArgumentParser, entries: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``--node-address NODE=HOST:PORT`` values; a malformed one is a usage error."""
+    table = []
+    for entry in entries:
+        node, sep, address = entry.partition("=")
+        if not sep or not node or ":" not in address:
+            parser.error(f"--node-address {entry!r} must be NODE=HOST:PORT")
+        table.append((node, address))
+    return tuple(table)
+
+
+def key_values(parser: argparse.ArgumentParser, flag: str, entries: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``--flag KEY=VALUE`` values (``--storage-opt``); a malformed one is a usage error."""
+    pairs = []
+    for entry in entries:
+        key, sep, value = entry.partition("=")
+        if not sep or not key:
+            parser.error(f"{flag} {entry!r}: expected KEY=VALUE")
+        pairs.append((key.strip(), value.strip()))
+    return tuple(pairs)
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")

@@ -53,11 +53,11 @@ from pathlib import Path
 import grpc
 
 from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
-from csi.graphdriver.driver import CreateOpts, Driver
+from csi.graphdriver.driver import CreateOpts
 from csi.host import mount as mnt
 from csi.ids import new_layer_id
 from csi.proto import csi_pb2, csi_pb2_grpc
-from csi.services.plugin import Plugin
+from csi.services.plugin import PluginService
 from csi.services.requests import EPHEMERAL_KEY, KUBERNETES_PREFIX, MountRequest, check_path, check_sharing, require
 from csi.services.targets import apply_mount_group, bind, prepare_dir, prepare_file, remove_target
 from csi.services.volume_ids import VOLUME_PREFIX, parse_local
@@ -87,12 +87,7 @@ def check_access(record: VolumeRecord, want: MountRequest, volume_id: str) -> No
                               f"{asked} access")
 
 
-class NodeService(csi_pb2_grpc.NodeServicer):
-    def __init__(self, plugin: Plugin) -> None:
-        self.plugin = plugin
-        self.driver: Driver = plugin.driver
-        self.store = plugin.store
-
+class NodeService(PluginService, csi_pb2_grpc.NodeServicer):
     def _layer(self, volume_id: str) -> VolumeRecord:
         layer = parse_local(volume_id, self.plugin.node_id, VOLUME_PREFIX)
         record = self.store.volume(layer)

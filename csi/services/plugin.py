@@ -30,6 +30,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from csi.backup.index import ExportIndex
 from csi.errors import ResourceExhausted
 from csi.graphdriver.driver import Driver
@@ -41,7 +43,7 @@ from csi.services.listen import DEFAULT_DRIVER_NAME
 from csi.services.locks import KeyLocks
 from csi.services.requests import MountRequest
 from csi.services.sources import ContentSources, Uploads
-from csi.services.volume_ids import check_node_id
+from csi.services.volume_ids import check_node_id, make_id
 from csi.state.store import StateStore
 
 log = logging.getLogger("strata.plugin")
@@ -119,3 +121,23 @@ class Plugin:
     def close(self) -> None:
         self.ready.clear()
         self.store.close()
+
+
+def timestamp(seconds: float) -> Timestamp:
+    """A protobuf Timestamp of a record's time (seconds since the epoch)."""
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+class PluginService:
+    """What every CSI service of the plugin shares: the plugin context, its driver (the contract
+    only) and store, and the CSI ID of a layer of this node."""
+
+    def __init__(self, plugin: Plugin) -> None:
+        self.plugin = plugin
+        self.driver: Driver = plugin.driver
+        self.store = plugin.store
+
+    def _vid(self, layer: str) -> str:
+        return make_id(layer, self.plugin.node_id)

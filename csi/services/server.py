@@ -85,7 +85,7 @@ from csi.services.identity import IdentityService
 from csi.services.export import (ExportBackend, TcpExportConfig, export_socket_path, start_tcp_export,
                                  start_unix_export)
 from csi.services.metrics import Metrics, MetricsEndpoint, serve_metrics
-from csi.services.listen import (DEFAULT_DRIVER_NAME, Running, add_common_flags, configure_logging, listen_unix,
+from csi.services.listen import (key_values, node_addresses, DEFAULT_DRIVER_NAME, Running, add_common_flags, configure_logging, listen_unix,
                                  new_server, run_until_signalled, socket_path)
 from csi.services.node import NodeService
 from csi.services.plugin import Plugin, PluginConfig
@@ -311,18 +311,8 @@ def parse_args(argv: list[str]) -> tuple[ServeConfig, str]:
         parser.error("dialing peers needs both --tls-ca and --token-file")
     if not 0 <= args.peer_port < 65536:
         parser.error("--peer-port must be 1-65535")
-    table = []
-    for entry in args.node_address:
-        node, sep, address = entry.partition("=")
-        if not sep or not node or ":" not in address:
-            parser.error(f"--node-address {entry!r} must be NODE=HOST:PORT")
-        table.append((node, address))
-    storage_opts = []
-    for opt in args.storage_opt:
-        key, sep, value = opt.partition("=")
-        if not sep or not key:
-            parser.error(f"--storage-opt {opt!r}: expected KEY=VALUE")
-        storage_opts.append((key.strip(), value.strip()))
+    table = node_addresses(parser, args.node_address)
+    storage_opts = key_values(parser, "--storage-opt", args.storage_opt)
     config = ServeConfig(root=Path(args.root), endpoint=args.endpoint, node_id=args.node_id, driver=args.driver,
                          driver_name=args.driver_name, max_volumes_per_node=args.max_volumes,
                          grace_seconds=args.grace, storage_opts=tuple(storage_opts),
