@@ -1,0 +1,166 @@
+"""Cross-node restore benchmark (issue 12): two ``strata serve`` nodes in network namespaces
+joined by veth pairs (tests/peers/netns.py), the real channel (TLS, ServiceAccount tokens
+checked by TokenReview on the API stand-in, Node addresses from it).
+
+Node A holds a volume with ``--size`` bytes of incompressible data in 4 MiB files (written
+through its published path and fsynced) and a snapshot of it. Measured, one run each:
+
+* baseline: ``tar -c`` of the same tree on A piped over TCP to node B's namespace
+  (``busybox nc``; B discards it) — the rate a plain copy over this network reaches;
+* restore on B: CreateVolume from A's snapshot (B pulls the chain over the channel, verifies,
+  imports, creates the volume); rate = the tree's bytes / time (goal ≥ 80 % of the baseline);
+* second restore on B of the same snapshot: nothing moves (goal ≤ 50 ms).
+
+    python -m tests.peers.bench_crossnode [--size 1G] [--driver overlay] [--scratch /var/tmp]
+
+A script, not a test: speed is measured here, not asserted in the suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "csi"))
+from kube_standin import KubeStandIn  # noqa: E402
+from netns import Network, bind_in, stop  # noqa: E402
+from peer_pki import PEER_NAME, make_pki  # noqa: E402
+
+from csi.host import mount as mnt  # noqa: E402
+from csi.host.fsinfo import parse_size  # noqa: E402
+from csi.proto import csi_pb2 as pb  # noqa: E402
+from csi.proto import csi_pb2_grpc as rpc  # noqa: E402
+
+PORT, NC_PORT = 9839, 9900
+# nc's part, in Python (busybox nc sends nothing from a pipe here): receive and count; send stdin
+RECEIVE = ("import socket, sys\ns = socket.create_server((sys.argv[1], int(sys.argv[2])))\nc, _ = s.accept()\n"
+           "n = 0\nwhile b := c.recv(1 << 20):\n    n += len(b)\nopen(sys.argv[3], 'w').write(str(n))\n")
+SEND = ("import socket, sys; c = socket.create_connection((sys.argv[1], int(sys.argv[2]))); "
+        "[c.sendall(b) for b in iter(lambda: sys.stdin.buffer.read(1 << 20), b\"\")]; c.close()")
+NODE_SA = "strata/strata-node"
+FILE = 4 << 20
+
+
+def cap() -> pb.VolumeCapability:
+    return pb.VolumeCapability(mount=pb.VolumeCapability.MountVolume(),
+                               access_mode=pb.VolumeCapability.AccessMode(
+                                   mode=pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
+
+
+def create(ctl: rpc.ControllerStub, name: str, size: int, source: pb.VolumeContentSource | None = None) -> str:
+    request = pb.CreateVolumeRequest(name=name, capacity_range=pb.CapacityRange(required_bytes=size),
+                                     volume_capabilities=[cap()])
+    if source is not None:
+        request.volume_content_source.CopyFrom(source)
+    while True:
+        try:
+            return ctl.CreateVolume(request, timeout=3600).volume.volume_id
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.ABORTED:
+                raise
+            time.sleep(0.05)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.peers.bench_crossnode", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="1G")
+    parser.add_argument("--driver", default="overlay", choices=("vfs", "overlay"))
+    parser.add_argument("--scratch", default="/var/tmp")
+    args = parser.parse_args(argv)
+    size = parse_size(args.size, "--size")
+    work = Path(tempfile.mkdtemp(prefix="strata-crossnode-", dir=args.scratch))
+    net = Network()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        kube = KubeStandIn.start(bind_in(net.hub, net.hub_ip))
+        pki = make_pki(work / "pki")
+        token = work / "node.token"
+        token.write_text(kube.token(NODE_SA) + "\n")
+        hosts, channels = {}, {}
+        for name in ("node-a", "node-b"):
+            host = hosts[name] = net.add(name)
+            kube.nodes[name] = host.ip
+            base = work / name
+            base.mkdir()
+            sock = base / "csi.sock"
+            procs.append(host.popen(
+                [sys.executable, "-m", "csi.cli", "serve", f"--endpoint=unix://{sock}", f"--node-id={name}",
+                 f"--root={base / 'root'}", f"--driver={args.driver}", f"--peer-listen={host.ip}:{PORT}",
+                 f"--tls-cert={pki.cert}", f"--tls-key={pki.key}", "--peer-audience=strata-peer",
+                 f"--peer-account={NODE_SA}", f"--tls-ca={pki.ca}", f"--token-file={token}",
+                 f"--peer-server-name={PEER_NAME}", "--log-level=warning"],
+                env=kube.env(work / "kubeconfig"), log=base / "serve.log"))
+            channels[name] = grpc.insecure_channel(f"unix://{sock}")
+            grpc.channel_ready_future(channels[name]).result(timeout=120)
+        a_ctl, a_node = rpc.ControllerStub(channels["node-a"]), rpc.NodeStub(channels["node-a"])
+        b_ctl = rpc.ControllerStub(channels["node-b"])
+        vol = create(a_ctl, "pvc-src", size + (64 << 20))
+        staging, target = work / "kubelet" / "staging", work / "kubelet" / "target"
+        staging.parent.mkdir(parents=True)
+        a_node.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=vol, staging_target_path=str(staging),
+                                                         volume_capability=cap()))
+        a_node.NodePublishVolume(pb.NodePublishVolumeRequest(volume_id=vol, staging_target_path=str(staging),
+                                                             target_path=str(target), volume_capability=cap()))
+        pool = os.urandom(FILE + 4096)
+        for i in range(max(1, size // FILE)):
+            with open(target / f"data-{i:05d}", "wb") as f:
+                f.write(pool[i % 4096:][:FILE])
+                os.fsync(f.fileno())
+        snap = a_ctl.CreateSnapshot(pb.CreateSnapshotRequest(source_volume_id=vol, name="snap"),
+                                    timeout=600).snapshot.snapshot_id
+        os.sync()
+
+        received = work / "received"
+        receiver = hosts["node-b"].popen([sys.executable, "-c", RECEIVE, hosts["node-b"].ip, str(NC_PORT), str(received)])
+        time.sleep(1.0)
+        started = time.perf_counter()
+        hosts["node-a"].run(["sh", "-c", f"tar -cf - -C {target} . | {sys.executable} -c '{SEND}' "
+                                         f"{hosts['node-b'].ip} {NC_PORT}"], check=True, timeout=3600)
+        receiver.wait(timeout=600)
+        tar_s = time.perf_counter() - started
+        got = int(received.read_text().split()[0])
+        assert got >= size, f"the baseline moved {got} bytes, not the tree's {size}"
+
+        source = pb.VolumeContentSource(snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=snap))
+        started = time.perf_counter()
+        create(b_ctl, "pvc-restored", size + (64 << 20), source)
+        restore_s = time.perf_counter() - started
+        started = time.perf_counter()
+        create(b_ctl, "pvc-again", size + (64 << 20), source)
+        again_s = time.perf_counter() - started
+
+        mib = size / 2**20
+        tar_rate, restore_rate = mib / tar_s, mib / restore_s
+        print(f"cross-node restore of {args.size} ({args.driver}, two network namespaces, TLS + tokens)")
+        print(f"  tar -c | nc (baseline)   {tar_s * 1000:9.0f} ms   {tar_rate:7.0f} MiB/s")
+        print(f"  restore on another node  {restore_s * 1000:9.0f} ms   {restore_rate:7.0f} MiB/s   "
+              f"{100 * restore_rate / tar_rate:.0f}% of the baseline  goal >= 80%: "
+              f"{'PASS' if restore_rate >= 0.8 * tar_rate else 'MISS'}")
+        print(f"  second restore there     {again_s * 1000:9.1f} ms   goal <= 50 ms: "
+              f"{'PASS' if again_s <= 0.05 else 'MISS'}")
+        return 0
+    finally:
+        for proc in procs:
+            stop(proc)
+        for channel in locals().get("channels", {}).values():
+            channel.close()
+        net.close()
+        if "kube" in locals():
+            kube.stop()
+        for mp in sorted(mnt.mounts_under(work), key=lambda m: len(m.target), reverse=True):
+            mnt.unmount(mp.target, detach=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
