@@ -151,6 +151,9 @@ class PoolRecord:
 class DevmapperDriver(LayerDriver):
     name = "devicemapper"
     supports_block = True
+    # each volume has its own filesystem on its own thin device, and create_snap is taken
+    # beneath it: a group snapshot FIFREEZEs the members' filesystems around the snapshots
+    snapshot_below_filesystem = True
 
     @classmethod
     def check_support(cls, home: Path, options: Mapping[str, str]) -> None:
