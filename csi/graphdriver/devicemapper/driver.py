@@ -151,9 +151,13 @@ class PoolRecord:
 class DevmapperDriver(LayerDriver):
     name = "devicemapper"
     supports_block = True
-    # each volume has its own filesystem on its own thin device, and create_snap is taken
-    # beneath it: a group snapshot FIFREEZEs the members' filesystems around the snapshots
-    snapshot_below_filesystem = True
+    # Not yet (would be True: each volume has its own filesystem on its own thin device, and
+    # create_snap is taken beneath it). With it, the group's FIFREEZE is followed by
+    # ``_snapshot``'s DM_DEV_SUSPEND, whose lockfs freeze_bdev -> freeze_super finds the
+    # superblock already frozen: EBUSY (kernel lane, check_dm_groups). Needs the suspend
+    # without lockfs (DM_SKIP_LOCKFS_FLAG) while the group holds the freeze; until then the
+    # members' writers are held (held_writers), and dm's own suspend freezes each filesystem.
+    snapshot_below_filesystem = False
 
     @classmethod
     def check_support(cls, home: Path, options: Mapping[str, str]) -> None:
