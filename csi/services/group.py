@@ -6,11 +6,13 @@ write-order consistency ("all the volume snapshots in the group MUST be taken at
 point-in-time relative to a stream of write traffic") or failure. How the writers are held
 depends on where the snapshot happens:
 
-* **devicemapper** (``Driver.snapshot_below_filesystem``: each volume has its own
-  filesystem on its own thin device, and the snapshot is taken beneath it): every staged
-  member's filesystem is frozen with FIFREEZE (:func:`csi.host.freeze.frozen`) — synced,
-  writers blocked in the kernel — for the few milliseconds the thin snapshots take, then
-  thawed. (Exercised in the kernel lane, where device-mapper exists.)
+* a driver that sets ``Driver.snapshot_below_filesystem`` (each volume its own filesystem on
+  its own device, the snapshot taken beneath it): every staged member's filesystem is frozen
+  with FIFREEZE (:func:`csi.host.freeze.frozen`) — synced, writers blocked in the kernel — for
+  the moment the snapshots take, then thawed. devicemapper would be one, but its thin
+  snapshot suspends the device, which freezes the filesystem again: EBUSY on 6.1 while it is
+  FIFREEZE-frozen, so it leaves the flag off (and is held as below) until its suspend skips
+  lockfs (DM_SKIP_LOCKFS_FLAG). The kernel lane checks devicemapper group snapshots.
 * **btrfs** (a subvolume per volume, one filesystem for all) and **overlay** (an overlay
   mount per volume over directories of one filesystem) and **vfs** (a directory per volume):
   the snapshot is itself filesystem work (btrfs's snapshot ioctl commits a transaction;

@@ -460,8 +460,11 @@ class DevmapperDriver(LayerDriver):
         target = self._path(layer)
         target.mkdir(exist_ok=True)
         if not mnt.is_mount_point(target):
+            options = self._mount_options(layer.frozen)
+            if mount_label and os.path.isdir("/sys/fs/selinux"):  # each volume has its own superblock
+                options = (*options, f'context="{mount_label}"')
             try:
-                mnt.mount(mnt.Mount(self.cfg.fs, str(dev), self._mount_options(layer.frozen)), target)
+                mnt.mount(mnt.Mount(self.cfg.fs, str(dev), options), target)
             except BaseException:
                 dm.remove(self._dev_name(layer.id))
                 raise

@@ -4,14 +4,15 @@ SELinux check can stand in for a kernel without SELinux). Runs inside the qemu g
 
 * a group snapshot of two filesystem volumes while another process alternately appends
   numbered records to both; restored, the two members' last records differ by at most one
-  (whichever way the driver holds the writers: ``snapshot_below_filesystem`` -> FIFREEZE of
-  the members' ext4, else the writer processes stopped). Then GetVolumeGroupSnapshot and
+  (devicemapper holds the writer processes, as the other drivers do: FIFREEZE followed by
+  the thin snapshot's own dm suspend answers EBUSY on 6.1, so ``snapshot_below_filesystem``
+  stays off until that suspend skips lockfs). Then GetVolumeGroupSnapshot and
   DeleteVolumeGroupSnapshot (idempotent; Get afterwards is NOT_FOUND);
 * ControllerModifyVolume of a mutable parameter devicemapper cannot change is
   INVALID_ARGUMENT naming the driver;
 * NodeStageVolume with a ``context=`` mount flag: devicemapper gives each volume its own
   superblock, so the label is promised to reach mount(2) (csi/services/node.py
-  ``_check_label``, README "SELinux") — it does not yet (xfail, strict).
+  ``_check_label``, README "SELinux"): the mount(2) request carries it.
 
 Sizes are small (a 1 GiB sparse pool, 32 MiB volumes, a short writer): software emulation.
 """
@@ -152,8 +153,6 @@ def test_modify_volume_refused_naming_devicemapper(plugin: Harness) -> None:
     h.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
 
 
-@pytest.mark.xfail(strict=True, reason="devicemapper's _activate ignores mount_label: the context= flag never "
-                   "reaches mount(2), although node.py's _check_label and the README promise it does")
 def test_selinux_context_reaches_mount(plugin: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """As tests/csi/test_csi_selinux.py on overlay: without SELinux in this kernel the driver
     is made to believe it is there, and the mount(2) requests are recorded (and passed on
