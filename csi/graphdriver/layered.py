@@ -551,7 +551,9 @@ class LayerDriver(Driver):
                          if l.hidden and not l.mounts and not self._live_children(l.id))
         ready = [l for l in self.store.all() if l.state is LayerState.READY]
         remount = tuple(l.id for l in ready if l.mounts > 0 and not self._is_active(l))
-        release = tuple(l.id for l in ready if l.mounts == 0 and mnt.is_mount_point(self._path(l)))
+        mounted = {mp.target for mp in mnt.mount_points()}  # one read of the mount table, not one per layer
+        release = tuple(l.id for l in ready if l.mounts == 0 and (
+            str(self._path(l)) in mounted or os.path.realpath(self._path(l)) in mounted))
         if not dry_run:
             for orphan in orphans:
                 self._destroy(orphan)
@@ -561,8 +563,9 @@ class LayerDriver(Driver):
             for layer in self.store.all():
                 if layer.state is LayerState.READY and layer.mounts > 0 and not self._is_active(layer):
                     self._activate(layer, self.chain(layer.id), "")
-                elif layer.state is LayerState.READY and layer.mounts == 0:
+                elif layer.state is LayerState.READY and layer.mounts == 0 and layer.id in release:
                     # a crash between _activate and the refcount update leaves a mount nobody holds
+                    # (devicemapper's own reconcile also deactivates devices nothing holds)
                     self._deactivate(layer)
         return Reconciliation(interrupted=interrupted, removals=removals, orphans=orphans,
                               hidden_freed=freeable, remounted=remount, released=release, dry_run=dry_run)

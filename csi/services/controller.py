@@ -312,8 +312,15 @@ class ControllerService(PluginService, csi_pb2_grpc.ControllerServicer):
 
     def ListVolumes(self, request: csi_pb2.ListVolumesRequest,
                     context: grpc.ServicerContext) -> csi_pb2.ListVolumesResponse:
-        volumes = [v for v in self.store.volumes(state=RecordState.READY) if not v.ephemeral]
-        page, token = self._page("volumes", volumes, lambda v: v.layer, request.max_entries, request.starting_token)
+        if request.max_entries < 0:
+            raise InvalidArgument(f"max_entries must not be negative, got {request.max_entries}")
+        after = read_token(self.plugin.paging_key, "volumes", request.starting_token) \
+            if request.starting_token else ""
+        limit = request.max_entries
+        rows = self.store.listed_volumes(after, limit + 1 if limit else 0)  # one more: is there a next page
+        page, token = rows[:limit] if limit else rows, ""
+        if limit and len(rows) > limit:
+            token = issue_token(self.plugin.paging_key, "volumes", page[-1].layer)
         return csi_pb2.ListVolumesResponse(
             entries=[csi_pb2.ListVolumesResponse.Entry(volume=self._volume_message(v)) for v in page],
             next_token=token)

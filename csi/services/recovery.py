@@ -43,7 +43,7 @@ from csi.graphdriver.driver import Driver
 from csi.host import mount as mnt
 from csi.services.targets import bind, prepare_file, remove_target
 from csi.services.volume_ids import CLONE_BASE_PREFIX, SNAPSHOT_PREFIX, VOLUME_PREFIX
-from csi.state.store import BACKUP_FAILED, BACKUP_UPLOADING, PUBLISH, STAGE, GroupRecord, RecordState, StateStore
+from csi.state.store import BACKUP_FAILED, BACKUP_UPLOADING, GroupRecord, PUBLISH, Publication, RecordState, STAGE, StateStore
 
 log = logging.getLogger("strata.recovery")
 PREFIXES = (VOLUME_PREFIX, SNAPSHOT_PREFIX, CLONE_BASE_PREFIX)
@@ -81,9 +81,13 @@ def recover(store: StateStore, driver: Driver) -> None:
             log.info("recovery: removing unfinished group snapshot %s (%s, %d member(s))", group.group_id,
                      group.name, len(group.members))
             roll_back_group(store, driver, group)
+    present = {layer.id for layer in driver.layers()}
+    publications: dict[str, list[Publication]] = {}
+    for pub in store.publications():
+        publications.setdefault(pub.layer, []).append(pub)
     for volume in store.volumes():
-        published = store.publications(volume.layer)
-        if volume.state is RecordState.READY and not volume.ephemeral and not driver.exists(volume.layer):
+        published = publications.get(volume.layer, [])
+        if volume.state is RecordState.READY and not volume.ephemeral and volume.layer not in present:
             # CreateVolume writes the record while the driver makes the layer (both synced at once,
             # acknowledged after both): a crash between leaves a record of an unacknowledged volume
             log.warning("recovery: volume %s (%s) has no layer: its create was cut short; forgetting it",

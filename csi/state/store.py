@@ -317,6 +317,14 @@ class StateStore:
         rows = self._run(f"SELECT {self._VOLUME_COLUMNS} FROM volumes ORDER BY created, layer")
         return [v for v in map(self._volume, rows) if state is None or v.state is state]
 
+    def listed_volumes(self, after: str = "", limit: int = 0) -> list[VolumeRecord]:
+        """Ready, non-inline volumes with a layer ID after ``after``, in layer order, at most
+        ``limit`` (0: all): a page read through the primary key, whatever the page's position."""
+        sql = (f"SELECT {self._VOLUME_COLUMNS} FROM volumes WHERE state=? AND ephemeral=0 AND layer>? "
+               "ORDER BY layer" + (" LIMIT ?" if limit else ""))
+        args: tuple[Any, ...] = (RecordState.READY.value, after) + ((limit,) if limit else ())
+        return [self._volume(r) for r in self._run(sql, args)]
+
     def set_volume(self, layer: str, **changes: Any) -> None:
         allowed = {"capacity", "state", "base_layer", "mutable"}
         if not changes or set(changes) - allowed:
