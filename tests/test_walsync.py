@@ -8,6 +8,7 @@ import errno
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,3 +139,39 @@ def test_stores_keep_records_across_reopen(tmp_path: Path) -> None:
     finally:
         reopened_layers.close()
         reopened_state.close()
+
+
+class ThreadRecordingSync(WalSync):
+    """A WalSync that notes which thread ran each real fdatasync."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self.threads: list[str] = []
+        super().__init__(db, path)
+
+    def _sync_wal(self) -> None:
+        self.threads.append(threading.current_thread().name)
+        super()._sync_wal()
+
+
+def test_sync_soon_syncs_in_the_background_and_wait_shares_it(tmp_path: Path) -> None:
+    """What CreateVolume relies on to sync two databases at once: after ``sync_soon`` the
+    store's flusher thread makes the commit durable by itself; the caller's ``wait`` then finds
+    it done and runs no sync of its own."""
+    path = tmp_path / "x.db"
+    db = open_wal_database(path, SCHEMA)
+    try:
+        sync = ThreadRecordingSync(db, path)
+        sync.threads.clear()  # the constructor's own sync of the schema
+        db.execute("INSERT INTO t VALUES ('a', 1)")
+        seq = sync.note(db)
+        sync.sync_soon(seq)
+        deadline = time.monotonic() + 10  # the caller does other work meanwhile (the layer's own sync)
+        while not sync.threads and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sync.wait(seq)
+        assert len(sync.threads) == 1 and sync.threads[0].startswith("walsync-"), sync.threads
+        db.execute("INSERT INTO t VALUES ('b', 2)")
+        sync.wait(sync.note(db))  # without sync_soon: the caller syncs itself
+        assert sync.threads[-1] == threading.current_thread().name
+    finally:
+        db.close()

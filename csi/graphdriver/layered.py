@@ -544,8 +544,7 @@ class LayerDriver(Driver):
                     self.store.delete(layer.id)
                 elif layer.state is LayerState.CREATING:
                     self._recover_creating(layer)
-        known = {l.id for l in records} - (set() if dry_run else set(interrupted) | set(removals))
-        known |= {l.id for l in self.store.all()}
+        known = {l.id for l in self.store.all()}  # what recovery kept (a dry run: every record)
         orphans = tuple(sorted(self._on_disk() - known))
         freeable = tuple(l.id for l in self.store.all()
                          if l.hidden and not l.mounts and not self._live_children(l.id))
@@ -554,6 +553,7 @@ class LayerDriver(Driver):
         mounted = {mp.target for mp in mnt.mount_points()}  # one read of the mount table, not one per layer
         release = tuple(l.id for l in ready if l.mounts == 0 and (
             str(self._path(l)) in mounted or os.path.realpath(self._path(l)) in mounted))
+        releasing = set(release)
         if not dry_run:
             for orphan in orphans:
                 self._destroy(orphan)
@@ -563,7 +563,7 @@ class LayerDriver(Driver):
             for layer in self.store.all():
                 if layer.state is LayerState.READY and layer.mounts > 0 and not self._is_active(layer):
                     self._activate(layer, self.chain(layer.id), "")
-                elif layer.state is LayerState.READY and layer.mounts == 0 and layer.id in release:
+                elif layer.state is LayerState.READY and layer.mounts == 0 and layer.id in releasing:
                     # a crash between _activate and the refcount update leaves a mount nobody holds
                     # (devicemapper's own reconcile also deactivates devices nothing holds)
                     self._deactivate(layer)

@@ -266,3 +266,22 @@ class ServeProcess:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=30)
 
+
+def record_mounts_as_if_selinux(monkeypatch: Any) -> list[mnt.Mount]:
+    """Where this kernel has no SELinux: make the drivers believe it has (``/sys/fs/selinux``),
+    record every mount(2) request (returned list) and pass it on without its ``context=``
+    option, which the kernel would refuse. A stand-in for an SELinux kernel, said so here."""
+    seen: list[mnt.Mount] = []
+    real_isdir, real_mount = os.path.isdir, mnt.mount
+
+    def isdir(path: object) -> bool:
+        return True if path == "/sys/fs/selinux" else real_isdir(path)  # type: ignore[arg-type]
+
+    def record(m: mnt.Mount, target: object) -> None:
+        seen.append(m)
+        without = tuple(o for o in m.options if not o.startswith("context="))
+        real_mount(mnt.Mount(m.fstype, m.source, without, m.cwd), target)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os.path, "isdir", isdir)
+    monkeypatch.setattr(mnt, "mount", record)
+    return seen

@@ -189,7 +189,7 @@ def test_sigterm_drains_and_exits_zero(crash_harness: Harness, tmp_path: Path) -
     proc = ServeProcess(h, tmp_path / "serve.log")
     stubs = proc.start()
     vol = create(stubs, "pvc-term")
-    staging, target = h.staging_path("term"), h.target_path("term")
+    staging = h.staging_path("term")
     stubs.node.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=vol.volume_id, staging_target_path=str(staging),
                                                          volume_capability=mount_cap()))
     block = os.urandom(MiB)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import grpc
 import pytest
-from csi_harness import Harness, code_of, mount_cap
+from csi_harness import Harness, code_of, mount_cap, record_mounts_as_if_selinux
 
 from csi.host import mount as mnt
 from csi.proto import csi_pb2 as pb
@@ -26,20 +26,7 @@ SELINUX = os.path.isdir("/sys/fs/selinux")
 
 def test_overlay_context_reaches_mount(plugin_on: Callable[[str], Harness], monkeypatch: pytest.MonkeyPatch) -> None:
     h = plugin_on("overlay")
-    seen: list[mnt.Mount] = []
-    if not SELINUX:
-        real_isdir, real_mount = os.path.isdir, mnt.mount
-
-        def isdir(path: object) -> bool:
-            return True if path == "/sys/fs/selinux" else real_isdir(path)  # type: ignore[arg-type]
-
-        def record(m: mnt.Mount, target: object) -> None:
-            seen.append(m)
-            without = tuple(o for o in m.options if not o.startswith("context="))
-            real_mount(mnt.Mount(m.fstype, m.source, without, m.cwd), target)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(os.path, "isdir", isdir)
-        monkeypatch.setattr(mnt, "mount", record)
+    seen: list[mnt.Mount] = [] if SELINUX else record_mounts_as_if_selinux(monkeypatch)
     vid = h.create_volume("pvc-label").volume_id
     staging = h.staging_path("label")
     h.stage(vid, staging, mount_cap(flags=(f'context="{LABEL}"',)))

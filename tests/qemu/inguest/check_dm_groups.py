@@ -32,7 +32,7 @@ import pytest
 
 sys.path.append(str(Path(__file__).resolve().parents[2] / "csi"))  # the CSI harness (tests/csi)
 from check_csi_devicemapper import STORAGE_OPTS, create, thin_devices
-from csi_harness import Harness, MiB, code_of, mount_cap
+from csi_harness import Harness, MiB, code_of, mount_cap, record_mounts_as_if_selinux
 
 from csi.host import mount as mnt
 from csi.proto import csi_pb2 as pb
@@ -159,20 +159,7 @@ def test_selinux_context_reaches_mount(plugin: Harness, monkeypatch: pytest.Monk
     without the label, which the kernel would refuse)."""
     h = plugin
     selinux = os.path.isdir("/sys/fs/selinux")
-    seen: list[mnt.Mount] = []
-    if not selinux:
-        real_isdir, real_mount = os.path.isdir, mnt.mount
-
-        def isdir(path: object) -> bool:
-            return True if path == "/sys/fs/selinux" else real_isdir(path)  # type: ignore[arg-type]
-
-        def record(m: mnt.Mount, target: object) -> None:
-            seen.append(m)
-            without = tuple(o for o in m.options if not o.startswith("context="))
-            real_mount(mnt.Mount(m.fstype, m.source, without, m.cwd), target)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(os.path, "isdir", isdir)
-        monkeypatch.setattr(mnt, "mount", record)
+    seen: list[mnt.Mount] = [] if selinux else record_mounts_as_if_selinux(monkeypatch)
     vol = create(h, "pvc-label", 32 * MiB, mount_cap())
     staging = h.staging_path("label")
     cap = mount_cap(flags=(f'context="{LABEL}"',))
