@@ -173,5 +173,14 @@ class MeteredReader(ReadStream):
             self._meter.advance(len(data))
         return data
 
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        readinto = getattr(self._raw, "readinto", None)
+        if readinto is None:
+            return super().readinto(buf)  # counted by read
+        n = readinto(buf)
+        if n:
+            self._meter.advance(n)
+        return n
+
     def close(self) -> None:
         self._raw.close()

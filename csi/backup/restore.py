@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from csi.backup.index import ExportIndex, ExportRecord, imported_layer_id, temp_layer_id
-from csi.backup.media import (LAYER_TAR_GZIP, LAYER_TAR_ZSTD, Artifact, Descriptor, HashingReader, chain_id, check_digest,
+from csi.backup.media import (LAYER_TAR, LAYER_TAR_GZIP, LAYER_TAR_ZSTD, Artifact, Descriptor, HashingReader, chain_id, check_digest,
                               parse_config, parse_manifest)
 from csi.backup.progress import Meter, MeteredReader, ProgressCallback
 from csi.backup.target import Target, VerifyingReader
@@ -82,6 +82,9 @@ def _original(driver: Driver, index: ExportIndex | None, art: Artifact, i: int, 
 
 def _import(driver: Driver, target: Target, desc: Descriptor, diff_id: str, parent: str | None, final: str,
             meter: Meter) -> None:
+    if desc.media_type == LAYER_TAR and desc.digest != diff_id:
+        raise DigestMismatch(f"layer {desc.digest} is an uncompressed tar, but the config gives it the diff_id "
+                             f"{diff_id}: the artifact is inconsistent")
     tmp = temp_layer_id()
     driver.create(tmp, parent)
     try:
@@ -95,16 +98,18 @@ def _import(driver: Driver, target: Target, desc: Descriptor, diff_id: str, pare
                 stream = zstandard.ZstdDecompressor().stream_reader(counted, closefd=False)  # type: ignore[assignment]
             elif desc.media_type == LAYER_TAR_GZIP:
                 stream = gzip.GzipFile(fileobj=counted, mode="rb")  # type: ignore[assignment]
-            tar = HashingReader(stream)
-            driver.apply_diff(tmp, parent, tar)  # type: ignore[arg-type]
-            tar.drain()
+            # an uncompressed blob is its own tar: verifying the blob verifies the diff_id (one hash)
+            tar = None if desc.media_type == LAYER_TAR else HashingReader(stream)
+            driver.apply_diff(tmp, parent, tar or stream)  # type: ignore[arg-type]
+            if tar is not None:
+                tar.drain()
             if isinstance(blob, VerifyingReader):
                 blob.finish()
             else:  # a target that does not verify: read to the end ourselves is not possible
                 raise InvalidArgument("target returned an unverified blob stream")
         finally:
             blob.close()
-        if tar.digest() != diff_id:
+        if tar is not None and tar.digest() != diff_id:
             raise DigestMismatch(f"layer {desc.digest}: uncompressed content hashes to {tar.digest()}, "
                                  f"the config says {diff_id}")
         try:

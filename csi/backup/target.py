@@ -53,17 +53,31 @@ class Target(Protocol):
     def close(self) -> None: ...
 
 
+class HashedStream(Protocol):
+    """A stream that hashes (sha256) and counts every byte read through it."""
+
+    count: int
+
+    def read(self, n: int = -1) -> bytes: ...
+
+    def digest(self) -> str: ...
+
+
 class VerifyingReader:
     """Reads ``raw`` and checks, when it ends, that the bytes hash to ``digest`` (and number
     ``size``); raises :class:`DigestMismatch` instead of returning the last (empty) read.
-    A consumer therefore never sees a clean end of stream for corrupt content."""
+    A consumer therefore never sees a clean end of stream for corrupt content.
 
-    def __init__(self, raw: IO[bytes], digest: str, size: int | None, what: str) -> None:
+    ``hashed``: ``raw`` is a :class:`HashedStream` that already hashes what it yields (e.g.
+    a chunk stream checking its own summary); its digest is compared, so the bytes are
+    hashed once, not twice."""
+
+    def __init__(self, raw: IO[bytes], digest: str, size: int | None, what: str, *, hashed: bool = False) -> None:
         self._raw = raw
         self._expected = check_digest(digest)
         self._size = size
         self._what = what
-        self._hash = hashlib.sha256()
+        self._hash = None if hashed else hashlib.sha256()
         self.count = 0
         self.verified = False
 
@@ -73,10 +87,7 @@ class VerifyingReader:
     def read(self, n: int = -1) -> bytes:
         data = self._raw.read(n) if n is not None and n >= 0 else self._raw.read()
         if data:
-            self._hash.update(data)
-            self.count += len(data)
-            if self._size is not None and self.count > self._size:
-                raise DigestMismatch(f"{self._what} is longer than its descriptor's {self._size} bytes")
+            self._took(data)
             return data
         if n == 0:
             return data
@@ -84,14 +95,35 @@ class VerifyingReader:
         return data
 
     def readinto(self, buf: bytearray | memoryview) -> int:
-        data = self.read(len(buf))
-        buf[: len(data)] = data
-        return len(data)
+        readinto = getattr(self._raw, "readinto", None)
+        if readinto is None:
+            data = self.read(len(buf))
+            buf[: len(data)] = data
+            return len(data)
+        n = readinto(buf)
+        if n:
+            self._took(memoryview(buf)[:n])
+        elif len(buf):
+            self._check()
+        return n
+
+    def _took(self, data: bytes | memoryview) -> None:
+        if self._hash is not None:
+            self._hash.update(data)
+        self.count += len(data)
+        if self._size is not None and self.count > self._size:
+            raise DigestMismatch(f"{self._what} is longer than its descriptor's {self._size} bytes")
+
+    def digest(self) -> str:
+        """``sha256:…`` of what was read so far."""
+        if self._hash is None:
+            return self._raw.digest()  # type: ignore[attr-defined]
+        return "sha256:" + self._hash.hexdigest()
 
     def _check(self) -> None:
         if self.verified:
             return
-        actual = "sha256:" + self._hash.hexdigest()
+        actual = self.digest()
         if self._size is not None and self.count != self._size:
             raise DigestMismatch(f"{self._what}: got {self.count} bytes, its descriptor says {self._size}")
         if actual != self._expected:

@@ -65,6 +65,32 @@ class Caller:
         return (namespace, name) if sep and namespace and name else None
 
 
+# what the channel's calls use from the kubernetes client, whose modules load on first use
+# (about a second of CPU: it would otherwise land on the first restore from another node)
+_CLIENT_NAMES = ("ApiClient", "Configuration", "CoreV1Api", "CustomObjectsApi", "AuthenticationV1Api",
+                 "V1TokenReview", "V1TokenReviewSpec", "AuthorizationV1Api", "V1SubjectAccessReview",
+                 "V1SubjectAccessReviewSpec", "V1ResourceAttributes")
+
+
+def preload_client() -> threading.Thread:
+    """Load the kubernetes client modules the channel uses, in a background thread (started
+    and returned), so the first call through the channel does not pay for the imports."""
+
+    def load() -> None:
+        try:
+            from kubernetes import client, config  # noqa: F401
+            from kubernetes.client.exceptions import ApiException  # noqa: F401
+
+            for name in _CLIENT_NAMES:
+                getattr(client, name)
+        except Exception:  # noqa: BLE001 - the first real call reports what is wrong
+            log.debug("could not preload the kubernetes client", exc_info=True)
+
+    thread = threading.Thread(target=load, name="kube-preload", daemon=True)
+    thread.start()
+    return thread
+
+
 def _api_errors() -> tuple[type[BaseException], ...]:
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError

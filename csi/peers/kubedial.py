@@ -27,6 +27,7 @@ from typing import Any
 
 from csi.errors import StrataError, Unavailable
 from csi.kube import incluster_api_client, node_internal_ip
+from csi.peers.auth import preload_client
 from csi.peers.dial import CachingDialer, TokenSource
 
 
@@ -54,6 +55,7 @@ class KubernetesDialer(CachingDialer):
                 raise Unavailable(f"node {node_id} cannot be reached: {exc}") from exc
 
         super().__init__(resolve, ca, token, server_name)
+        preload_client()  # the first dial reads a Node through the client
 
     def _client(self) -> Any:
         if self._api is not None:

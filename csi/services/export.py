@@ -76,12 +76,13 @@ from csi.errors import (AlreadyExists, DigestMismatch, FailedPrecondition, Inval
 from csi.graphdriver.driver import ChangeKind, Driver, Layer
 from csi.ids import is_layer_id
 from csi.peers.auth import (AccessReviewer, Authorizer, TokenAuthInterceptor, TokenReviewer, allow_service_accounts,
-                             by_method, caller_of)
+                             by_method, caller_of, preload_client)
 from csi.peers.snapshots import GROUP as SNAPSHOT_GROUP, SNAPSHOTS, SnapshotResolver, check_object_name
 from csi.host.pipestream import ReadStream
 from csi.peers.tls import TlsFiles, listen_tls
 from csi.proto import export_pb2, export_pb2_grpc
 from csi.services.listen import listen_unix, new_server
+from csi.services.readahead import read_ahead
 from csi.services.rpclog import Observer
 from csi.services.volume_ids import SNAPSHOT_PREFIX, VOLUME_PREFIX, make_id, parse_id
 
@@ -89,6 +90,7 @@ DIFF_EXPORT_SERVICE = "strata.export.v1.DiffExport"  # the full service name, as
 log = logging.getLogger("strata.export")
 
 CHUNK = 1 << 20
+READ_AHEAD = 4  # chunks read and hashed ahead of the one being sent
 CHANGES_PER_MESSAGE = 1000
 ZSTD_LEVEL = 3
 MEDIA = {export_pb2.NONE: LAYER_TAR, export_pb2.ZSTD: LAYER_TAR_ZSTD}
@@ -295,7 +297,8 @@ class ExportBackend:
             import zstandard
 
             compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0).compressobj()
-        tar_hash, blob_hash = hashlib.sha256(), hashlib.sha256()
+        tar_hash = hashlib.sha256()
+        blob_hash = tar_hash if compressor is None else hashlib.sha256()  # an uncompressed blob is the tar
         done = position = sent = 0
         pending: list[bytes] = []
         pending_len = 0
@@ -305,30 +308,46 @@ class ExportBackend:
             return export_pb2.ExportDiffResponse(data=data, offset=at, bytes_done=done, bytes_total=total)
 
         raw = self.driver.diff(snapshot.id, base.id if base else None)
-        try:
+
+        def blob() -> Iterator[tuple[int, bytes]]:
+            """(tar bytes, blob bytes) per CHUNK of the tar, hashed (and compressed)."""
             last = False
             while not last:
                 piece = _read_full(raw, CHUNK)
                 last = len(piece) < CHUNK
                 tar_hash.update(piece)
-                done += len(piece)
-                out = piece if compressor is None else compressor.compress(piece)
-                if last and compressor is not None:
+                if compressor is None:
+                    yield len(piece), piece
+                    continue
+                out = compressor.compress(piece)
+                if last:
                     out += compressor.flush()
                 blob_hash.update(out)
-                start, position = position, position + len(out)
-                if position <= offset:
-                    continue
-                view = out[max(0, offset - start):]
-                pending.append(view)
-                pending_len += len(view)
-                while pending_len >= CHUNK or (last and pending_len):
-                    data = b"".join(pending)
-                    chunk, rest = data[:CHUNK], data[CHUNK:]
-                    yield message(chunk, pending_at)
-                    sent += len(chunk)
-                    pending_at += len(chunk)
-                    pending, pending_len = ([rest], len(rest)) if rest else ([], 0)
+                yield len(piece), out
+
+        try:
+            pieces = read_ahead(blob(), READ_AHEAD, f"export-{snapshot.id}")
+            try:
+                for n, out in pieces:
+                    done += n
+                    start, position = position, position + len(out)
+                    if position <= offset:
+                        continue
+                    view = out[max(0, offset - start):]
+                    pending.append(view)
+                    pending_len += len(view)
+                    while pending_len >= CHUNK:
+                        data = b"".join(pending)
+                        chunk, rest = data[:CHUNK], data[CHUNK:]
+                        yield message(chunk, pending_at)
+                        sent += len(chunk)
+                        pending_at += len(chunk)
+                        pending, pending_len = ([rest], len(rest)) if rest else ([], 0)
+            finally:
+                pieces.close()  # type: ignore[attr-defined]  # the reader thread ends before raw closes
+            if pending_len:
+                yield message(b"".join(pending), pending_at)
+                sent += pending_len
         finally:
             raw.close()
         diff_id, digest = "sha256:" + tar_hash.hexdigest(), "sha256:" + blob_hash.hexdigest()
@@ -589,6 +608,7 @@ def start_tcp_export(backend: ExportBackend, config: TcpExportConfig, api_client
     — for strata's own accounts only (``peers`` and ``controllers``). A method no rule names
     is PERMISSION_DENIED (:func:`csi.peers.auth.by_method`)."""
     reviewer = TokenReviewer(api_client, config.audiences)
+    preload_client()  # every first call is a TokenReview through the client
     services = tuple(services)
     own = allow_service_accounts(*config.peers, *config.controllers)
     rules: list[tuple[str, Authorizer | None]] = [(f"/{DIFF_EXPORT_SERVICE}/", None)]

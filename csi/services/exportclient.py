@@ -22,10 +22,12 @@ import grpc
 from csi.errors import DigestMismatch, Relayed, Unavailable
 from csi.host.pipestream import ReadStream
 from csi.proto import export_pb2, export_pb2_grpc
+from csi.services.readahead import read_ahead
 
 log = logging.getLogger(__name__)
 
 RESUME_ATTEMPTS = 5
+READ_AHEAD = 4  # messages received and hashed ahead of the reader
 _RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
@@ -40,11 +42,15 @@ class ExportDiffReader(ReadStream):
                                                                      f"{exc.details()}"))
         self._on_bytes = on_bytes
         self._hash = hashlib.sha256()
-        self._position = 0
-        self._buffer = b""
+        self._position = 0  # bytes received (and hashed)
+        self._buffer = b""  # the current chunk, consumed from ``_at``
+        self._at = 0
         self._done = False
+        self._error: BaseException | None = None
+        self._closed = False
         self._attempts = 0
         self._messages = self._open()
+        self._chunks = read_ahead(self._receive(), READ_AHEAD, f"pull-{snapshot}"[:64], on_stop=self._cancel)
 
     def _open(self) -> Iterator[export_pb2.ExportDiffResponse]:
         return self._stub.ExportDiff(export_pb2.ExportDiffRequest(
@@ -56,7 +62,7 @@ class ExportDiffReader(ReadStream):
             try:
                 return next(self._messages, None)  # type: ignore[call-overload]
             except grpc.RpcError as exc:
-                if exc.code() not in _RESUMABLE or self._attempts >= RESUME_ATTEMPTS:
+                if self._closed or exc.code() not in _RESUMABLE or self._attempts >= RESUME_ATTEMPTS:
                     raise self._relay(exc) from None
                 self._attempts += 1
                 log.warning("export stream of %s from %s broke at byte %d (%s); resuming", self._snapshot,
@@ -64,33 +70,85 @@ class ExportDiffReader(ReadStream):
                 time.sleep(0.2 * self._attempts)
                 self._messages = self._open()
 
-    def read(self, n: int = -1) -> bytes:
-        while not self._buffer and not self._done:
+    def _receive(self) -> Iterator[bytes]:
+        """The stream's data, checked and hashed message by message, ending after the summary
+        was checked; run ahead of the reader in a thread (:func:`read_ahead`), so receiving
+        and hashing overlap with what the reader does with the data."""
+        while True:
             message = self._next()
             if message is None:
                 raise Unavailable(f"the export stream of {self._snapshot} from {self._source} ended early")
             if message.HasField("summary"):
-                self._done = True
-                actual = "sha256:" + self._hash.hexdigest()
+                actual = self.digest()
                 if actual != message.summary.digest or self._position != message.summary.size:
                     raise DigestMismatch(f"ExportDiff of {self._snapshot} from {self._source}: received "
                                          f"{self._position} bytes hashing to {actual}; announced "
                                          f"{message.summary.size} bytes, {message.summary.digest}")
-                break
+                return
             if message.offset != self._position:
                 raise DigestMismatch(f"{self._source} sent {self._snapshot} at offset {message.offset}, "
                                      f"expected {self._position}")
-            self._buffer = message.data
-            self._hash.update(message.data)
-            self._position += len(message.data)
+            data = message.data
+            self._hash.update(data)
+            self._position += len(data)
             if self._on_bytes is not None:
-                self._on_bytes(len(message.data))
-        if n is None or n < 0:
-            n = len(self._buffer)
-        data, self._buffer = self._buffer[:n], self._buffer[n:]
-        return data
+                self._on_bytes(len(data))
+            yield data
+
+    def _fill(self) -> bool:
+        """Make the current chunk hold unread data; False at the (verified) end."""
+        while self._at >= len(self._buffer):
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return False
+            try:
+                self._buffer, self._at = next(self._chunks), 0
+            except StopIteration:
+                self._done = True
+                return False
+            except BaseException as exc:
+                self._error = exc  # raised again by every later read: never a clean end
+                raise
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (all of the current message when ``n`` is negative or larger):
+        a message's data is handed on without a copy when it is read whole."""
+        if not self._fill():
+            return b""
+        start, end = self._at, len(self._buffer)
+        if n is not None and 0 <= n < end - start:
+            end = start + n
+        self._at = end
+        return self._buffer if start == 0 and end == len(self._buffer) else self._buffer[start:end]
+
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        if not self._fill():
+            return 0
+        n = min(len(buf), len(self._buffer) - self._at)
+        buf[:n] = memoryview(self._buffer)[self._at:self._at + n]
+        self._at += n
+        return n
+
+    @property
+    def count(self) -> int:
+        """Bytes received so far."""
+        return self._position
+
+    def digest(self) -> str:
+        """``sha256:…`` of the bytes received so far (of the whole blob once read to its end)."""
+        return "sha256:" + self._hash.hexdigest()
+
+    def _cancel(self) -> None:
+        self._closed = True
+        cancel = getattr(self._messages, "cancel", None)
+        if cancel is not None:
+            cancel()
 
     def close(self) -> None:
-        cancel = getattr(self._messages, "cancel", None)
-        if cancel is not None and not self._done:
-            cancel()
+        """Stop the stream (cancelled unless it has ended) and its reader thread."""
+        self._closed = True
+        self._chunks.close()  # type: ignore[attr-defined]  # a thread reading ahead ends first
+        if not self._done:
+            self._cancel()

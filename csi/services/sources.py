@@ -187,7 +187,8 @@ class PeerTarget:
         stream = ExportDiffReader(self._stub, entry.id, entry.parent, source=f"node {self.owner}",
                                   relay=lambda exc: _relay(exc, self.owner, f"layer {entry.id}"),
                                   on_bytes=self._on_bytes)
-        return VerifyingReader(stream, digest, size, f"layer {entry.id} from node {self.owner}")  # type: ignore[arg-type,return-value]
+        return VerifyingReader(stream, digest, size, f"layer {entry.id} from node {self.owner}",  # type: ignore[arg-type,return-value]
+                               hashed=True)
 
     def location(self) -> str:
         return f"strata-node:{self.owner}"

@@ -32,16 +32,25 @@ def main() -> None:
             reader = super().open_blob(digest, size)
             if point != "apply" or size is None or size < 100_000:
                 return reader
-            real_read, count = reader.read, [0]
+            real_read, real_readinto, count = reader.read, reader.readinto, [0]
+
+            def took(n: int) -> None:
+                count[0] += n
+                if count[0] > 65536:
+                    stop()
 
             def read(n=-1):
                 data = real_read(n)
-                count[0] += len(data)
-                if count[0] > 65536:
-                    stop()
+                took(len(data))
                 return data
 
+            def readinto(buf):
+                n = real_readinto(buf)
+                took(n)
+                return n
+
             reader.read = read  # type: ignore[method-assign]
+            reader.readinto = readinto  # type: ignore[method-assign]
             return reader
 
     if point == "freeze":

@@ -55,13 +55,12 @@ from __future__ import annotations
 import errno
 import io
 import os
-import shutil
 import stat
 import tarfile
 from decimal import Decimal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from csi.errors import InvalidArgument
 from csi.graphdriver.diff.whiteouts import MemberKind, classify, is_private_xattr, normalise, opaque_name, whiteout_name
@@ -373,6 +372,7 @@ class LayerTarApplier:
         self._unpacked: set[str] = set()
         self._checked_dirs: set[str] = set()
         self._dir_times: list[tuple[str, int]] = []
+        self._chunk: memoryview | None = None
 
     def path(self, rel: str) -> Path:
         return self.root / rel if rel else self.root
@@ -502,12 +502,28 @@ class LayerTarApplier:
         if member.sparse is not None:
             self._write_sparse(tar, member, path)
             return
-        source = tar.extractfile(member)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            if source is not None:
-                shutil.copyfileobj(source, out, _COPY_CHUNK)
+        try:
+            if member.size:
+                self._copy_data(tar, member, fd)
+        finally:
+            os.close(fd)
         self.bytes_written += member.size
+
+    def _copy_data(self, tar: tarfile.TarFile, member: tarfile.TarInfo, fd: int) -> None:
+        """The member's data from the tar stream to ``fd``, in large reads into one reused buffer."""
+        assert tar.fileobj is not None
+        source = tar.fileobj
+        source.seek(member.offset_data)
+        if self._chunk is None:
+            self._chunk = memoryview(bytearray(_COPY_CHUNK))
+        left = member.size
+        while left:
+            n = source.readinto(self._chunk[:min(left, _COPY_CHUNK)])  # type: ignore[attr-defined]
+            if not n:
+                raise InvalidArgument(f"tar member {member.name!r} ends inside its data")
+            write_all(fd, self._chunk[:n])
+            left -= n
 
     def _write_sparse(self, tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> None:
         """The data segments at their offsets, then the size: holes stay unallocated."""
@@ -595,11 +611,47 @@ def _checked_map(member: tarfile.TarInfo, size: int) -> list[tuple[int, int]]:
     return entries
 
 
+class _ForwardReader(io.RawIOBase):
+    """A stream as a raw file that seeks forward only (by reading it): under a large
+    ``io.BufferedReader`` it lets tarfile's random-access reader (mode ``r:``) take an
+    unseekable stream — headers come from the buffer, file data in large reads (tarfile's
+    stream mode reads everything in 10 KiB records through every wrapper of the stream)."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream, self._pos = stream, 0
+        self._readinto = getattr(stream, "readinto", None)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:  # forward only; tell() is seek(0, SEEK_CUR)
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._readinto is not None:
+            n = self._readinto(buffer)
+        else:
+            data = self._stream.read(len(buffer))
+            n = len(data)
+            buffer[:n] = data
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = offset + (self._pos if whence == io.SEEK_CUR else 0)
+        if whence == io.SEEK_END or target < self._pos:
+            raise io.UnsupportedOperation("a layer tar stream can only seek forward")
+        while self._pos < target and (skipped := len(self._stream.read(min(target - self._pos, _COPY_CHUNK)))):
+            self._pos += skipped  # read and dropped (tar padding, members nobody wrote out)
+        return self._pos
+
+
 def apply_tar(root: str | os.PathLike[str], stream: IO[bytes], applier: LayerTarApplier | None = None) -> int:
-    """Apply a whole OCI layer tar onto ``root``; returns the content bytes written."""
+    """Apply a whole (uncompressed) OCI layer tar onto ``root``; returns the content bytes written."""
     applier = applier or LayerTarApplier(root)
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|*", encoding=_ENCODING, errors=_ERRORS)
+        buffered = io.BufferedReader(_ForwardReader(stream), _COPY_CHUNK)
+        tar = tarfile.open(fileobj=buffered, mode="r:", encoding=_ENCODING, errors=_ERRORS)
     except tarfile.TarError as exc:
         raise InvalidArgument(f"not a tar stream: {exc}") from exc
     with tar:
