@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +20,7 @@ import pytest
 from csi.errors import StrataError
 from csi.graphdriver.driver import Layer, LayerKind, LayerState
 from csi.graphdriver.metastore import LayerStore
-from csi.state.store import RecordState, StateStore, VolumeRecord
+from csi.state.store import Publication, RecordState, StateStore, VolumeRecord
 from csi.host.walsync import WalSync, open_wal_database
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS t(k TEXT PRIMARY KEY, v INTEGER);"
@@ -175,3 +178,37 @@ def test_sync_soon_syncs_in_the_background_and_wait_shares_it(tmp_path: Path) ->
         assert sync.threads[-1] == threading.current_thread().name
     finally:
         db.close()
+
+
+def test_publication_intent_is_committed_without_a_sync_and_made_durable_by_the_next_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Node service's intent rows (``durable=False``): no fdatasync of their own, on disk
+    for a process killed with SIGKILL right after, and synced with the call's last write."""
+    child = (
+        "import os, signal, sys\n"
+        "from csi.state.store import Publication, RecordState, StateStore\n"
+        "s = StateStore(sys.argv[1])\n"
+        "s.add_publication(Publication('l1', 'publish', '/t', False, (), state=RecordState.PENDING), durable=False)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", child, str(tmp_path / "killed")], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    reopened = StateStore(tmp_path / "killed")
+    try:
+        assert [(p.path, p.state) for p in reopened.publications()] == [("/t", RecordState.PENDING)]
+    finally:
+        reopened.close()
+
+    store = StateStore(tmp_path / "live")
+    syncs: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd))[1])
+    try:
+        pub = store.add_publication(Publication("l1", "publish", "/t", False, (), state=RecordState.PENDING),
+                                    durable=False)
+        assert syncs == []
+        store.set_publication(pub, RecordState.READY)  # durable: one sync covers both commits
+        assert len(syncs) == 1
+        store.publications()  # nothing left to sync for a reader
+        assert len(syncs) == 1
+    finally:
+        store.close()

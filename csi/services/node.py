@@ -38,7 +38,11 @@
   its contract (:class:`csi.graphdriver.driver.Driver`).
 
 Crash protocol: a publication row is written ``pending`` before the mount and marked
-``ready`` after it; teardown marks it ``removing`` first. An inline volume's record is
+``ready`` after it; teardown marks it ``removing`` first and deletes it last. The intent
+(``pending``, ``removing``) is committed without waiting for its sync: it must survive
+``kill -9`` (a committed row does) but not a power cut, which takes every mount with it;
+the call's last write (``ready``, the delete) waits for the one sync that makes both
+durable before the call is acknowledged. An inline volume's record is
 written ``pending`` before its layer is created, and both turn ``ready`` in one
 transaction. The ``undo_*`` methods here undo a call that failed while it ran; after a
 crash, start-up recovery (:mod:`csi.services.recovery`) does its own undo from the
@@ -116,7 +120,7 @@ class NodeService(PluginService, csi_pb2_grpc.NodeServicer):
             made_dir = not os.path.lexists(staging)
             prepare_dir(staging, "staging_target_path")
             pub = self.store.add_publication(Publication(record.layer, STAGE, staging, want.readonly, want.flags,
-                                                         want.mount_group, mode=want.mode))
+                                                         want.mount_group, mode=want.mode), durable=False)
             try:
                 if record.block:
                     self.driver.get_block(pub.layer)  # the device is active; nothing is mounted
@@ -154,7 +158,7 @@ class NodeService(PluginService, csi_pb2_grpc.NodeServicer):
 
     def undo_stage(self, pub: Publication) -> None:
         """Unmount, put, forget. Tolerates a half-made stage."""
-        self.store.set_publication(pub, RecordState.REMOVING)
+        self.store.set_publication(pub, RecordState.REMOVING, durable=False)
         mnt.unmount_all(pub.path)
         self.driver.put(pub.layer)
         self.store.delete_publication(pub)
@@ -212,7 +216,7 @@ class NodeService(PluginService, csi_pb2_grpc.NodeServicer):
             else:
                 prepare_dir(target, "target_path")
             pub = self.store.add_publication(Publication(record.layer, PUBLISH, target, readonly, want.flags,
-                                                         source=staging, mode=want.mode))
+                                                         source=staging, mode=want.mode), durable=False)
             try:
                 bind(self.driver.block_device(record.layer) if record.block else staging, target, readonly,
                      want.flags)
@@ -223,7 +227,7 @@ class NodeService(PluginService, csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodePublishVolumeResponse()
 
     def undo_publish(self, pub: Publication) -> None:
-        self.store.set_publication(pub, RecordState.REMOVING)
+        self.store.set_publication(pub, RecordState.REMOVING, durable=False)
         mnt.unmount_all(pub.path)
         remove_target(pub.path)
         self.store.delete_publication(pub)

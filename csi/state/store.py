@@ -248,8 +248,10 @@ class StateStore:
             seq = self._sync.note(self._db)
         self._sync.wait(seq)
 
-    def _run(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        """Run one statement; outside a transaction, return once what it wrote or read is durable."""
+    def _run(self, sql: str, args: tuple[Any, ...] = (), *, durable: bool = True) -> list[tuple[Any, ...]]:
+        """Run one statement; outside a transaction, return once what it wrote or read is durable
+        (``durable=False``: once it is committed — it survives ``kill -9`` at once, and a power
+        cut once any later durable call has returned: the syncs cover every earlier commit)."""
         with self._lock:
             try:
                 rows = self._db.execute(sql, args).fetchall()
@@ -260,7 +262,8 @@ class StateStore:
             if self._depth:
                 return rows
             seq = self._sync.note(self._db, found=bool(rows))
-        self._sync.wait(seq)
+        if durable:
+            self._sync.wait(seq)
         return rows
 
     # ------------------------------------------------------------------ volumes
@@ -438,10 +441,15 @@ class StateStore:
         return Publication(row[0], row[1], row[2], bool(row[3]), tuple(json.loads(row[4])), row[5], row[6],
                            RecordState(row[7]), int(row[8]))
 
-    def add_publication(self, p: Publication) -> Publication:
+    # A publication's intent (``pending`` before the mount, ``removing`` before the unmount) is
+    # written with durable=False by the Node service: it must survive kill -9 (COMMIT gives that),
+    # not a power cut, which takes the mounts with it; the call's last write (``ready``, or the
+    # delete) is durable and makes the intent durable too before the call is acknowledged.
+
+    def add_publication(self, p: Publication, *, durable: bool = True) -> Publication:
         self._run(f"INSERT INTO publications({self._PUBLICATION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
                   (p.layer, p.kind, p.path, int(p.readonly), json.dumps(list(p.flags)), p.mount_group, p.source,
-                   p.state.value, p.mode))
+                   p.state.value, p.mode), durable=durable)
         return p
 
     def publications(self, layer: str | None = None, kind: str | None = None) -> list[Publication]:
@@ -453,9 +461,9 @@ class StateStore:
         rows = self._run(f"SELECT {self._PUBLICATION_COLUMNS} FROM publications WHERE kind=? AND path=?", (kind, path))
         return self._publication(rows[0]) if rows else None
 
-    def set_publication(self, p: Publication, state: RecordState) -> None:
+    def set_publication(self, p: Publication, state: RecordState, *, durable: bool = True) -> None:
         self._run("UPDATE publications SET state=? WHERE layer=? AND kind=? AND path=?",
-                  (state.value, p.layer, p.kind, p.path))
+                  (state.value, p.layer, p.kind, p.path), durable=durable)
 
     def delete_publication(self, p: Publication) -> None:
         self._run("DELETE FROM publications WHERE layer=? AND kind=? AND path=?", (p.layer, p.kind, p.path))
