@@ -239,21 +239,25 @@ def set_propagation(target: str | os.PathLike[str], flag: int, recursive: bool =
     _mount2("none", os.fspath(target), None, flag | (MS_REC if recursive else 0), None)
 
 
-def unmount(target: str | os.PathLike[str], *, detach: bool = False, missing_ok: bool = True) -> None:
-    """Unmount ``target``. Not mounted (EINVAL) or absent (ENOENT) is fine when ``missing_ok``."""
+def unmount(target: str | os.PathLike[str], *, detach: bool = False, missing_ok: bool = True) -> bool:
+    """Unmount ``target``; whether a mount was removed. Not mounted (EINVAL: the kernel's own
+    answer for a path that is not the root of a mount) or absent (ENOENT) is fine when
+    ``missing_ok``."""
     flags = UMOUNT_NOFOLLOW | (MNT_DETACH if detach else 0)
     if _libc.umount2(_b(os.fspath(target)), flags) != 0:
         err = ctypes.get_errno()
         if missing_ok and err in (errno.EINVAL, errno.ENOENT):
-            return
+            return False
         raise MountError(f"umount {os.fspath(target)}", err)
+    return True
 
 
 def unmount_all(target: str | os.PathLike[str]) -> None:
-    """Unmount every mount stacked on ``target`` (bind mounts may stack)."""
+    """Unmount every mount stacked on ``target`` (bind mounts may stack), until the kernel
+    says nothing is mounted there (no read of the mount table)."""
     path = os.path.realpath(target)
-    while is_mount_point(path):
-        unmount(path)
+    while unmount(path):
+        pass
 
 
 def _unescape(field_: str) -> str:
