@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from csi.proto import csi_pb2
@@ -43,14 +43,28 @@ def is_secret(field: FieldDescriptor) -> bool:
     return bool(field.GetOptions().Extensions[csi_pb2.csi_secret])
 
 
+def _id_fields(descriptor: Descriptor) -> tuple[str, ...]:
+    """The names of a message type's identifying fields: top-level, single strings named
+    ``name``, ``*_id`` or ``*_path``, never ``csi_secret`` (read once per message type)."""
+    fields = _ID_FIELDS.get(descriptor)
+    if fields is None:
+        fields = _ID_FIELDS[descriptor] = tuple(
+            f.name for f in descriptor.fields
+            if f.type == FieldDescriptor.TYPE_STRING and not f.is_repeated and not is_secret(f)
+            and (f.name == "name" or f.name.endswith("_id") or f.name.endswith("_path")))
+    return fields
+
+
+_ID_FIELDS: dict[Descriptor, tuple[str, ...]] = {}
+
+
 def logged_ids(request: Message) -> dict[str, str]:
-    """The identifying fields of a request, secrets excluded."""
+    """The identifying fields of a request that are set, secrets excluded."""
     ids: dict[str, str] = {}
-    for field, value in request.ListFields():
-        if is_secret(field) or field.type != FieldDescriptor.TYPE_STRING or field.is_repeated:
-            continue
-        if field.name == "name" or field.name.endswith("_id") or field.name.endswith("_path"):
-            ids[field.name] = value[:256]
+    for name in _id_fields(request.DESCRIPTOR):
+        value = getattr(request, name)
+        if value:
+            ids[name] = value[:256]
     return ids
 
 
