@@ -274,15 +274,25 @@ def test_kill9_mid_group_all_or_none(crash_harness: Harness, tmp_path: Path) -> 
         vids.append(stubs.controller.CreateVolume(pb.CreateVolumeRequest(
             name=f"pvc-k{i}", capacity_range=pb.CapacityRange(required_bytes=64 * MiB),
             volume_capabilities=[mount_cap()])).volume.volume_id)
-    # some data, so that freezes take a while on the copying drivers
-    staging, target = h.staging_path("k0"), h.target_path("k0")
-    stubs.node.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=vids[0], staging_target_path=str(staging),
-                                                         volume_capability=mount_cap()))
-    stubs.node.NodePublishVolume(pb.NodePublishVolumeRequest(
-        volume_id=vids[0], staging_target_path=str(staging), target_path=str(target), volume_capability=mount_cap()))
-    for j in range(200):
-        (target / f"f{j}").write_bytes(b"x" * 65536)
+    # some data in the first and the last volume, so that freezes take a while on the copying
+    # drivers, also once other members are made
+    for k in (0, len(vids) - 1):
+        staging, target = h.staging_path(f"k{k}"), h.target_path(f"k{k}")
+        stubs.node.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=vids[k], staging_target_path=str(staging),
+                                                             volume_capability=mount_cap()))
+        stubs.node.NodePublishVolume(pb.NodePublishVolumeRequest(
+            volume_id=vids[k], staging_target_path=str(staging), target_path=str(target),
+            volume_capability=mount_cap()))
+        for j in range(200):
+            (target / f"f{j}").write_bytes(b"x" * 65536)
     rng = random.Random(10)
+    # how long a whole group snapshot takes here, so that the kills spread over its duration
+    probe = stubs.group.CreateVolumeGroupSnapshot.future(pb.CreateVolumeGroupSnapshotRequest(
+        name="grp-probe", source_volume_ids=vids))
+    wait_for_group_row(h.root / "state.db", "grp-probe")
+    started = time.monotonic()
+    probe.result(timeout=120)
+    duration = time.monotonic() - started
     outcomes = []
     killed_pending = 0
     made: list[int] = []  # member layers on disk at each kill
@@ -290,9 +300,12 @@ def test_kill9_mid_group_all_or_none(crash_harness: Harness, tmp_path: Path) -> 
         name = f"grp-k{round_}"
         call = stubs.group.CreateVolumeGroupSnapshot.future(pb.CreateVolumeGroupSnapshotRequest(
             name=name, source_volume_ids=vids))
-        # kill once the group's intent is on disk (mid-group), a little later each round
+        # kill once the group's intent is on disk (mid-group), later each round
         seen = wait_for_group_row(h.root / "state.db", name)
-        time.sleep(rng.uniform(0.0, 0.03) * round_ if round_ < 5 else 1.5)  # the last: after it finished
+        if round_ < 5:
+            time.sleep(duration * (round_ + rng.uniform(0.0, 1.0)) / 5)
+        else:  # the last: after it finished
+            call.result(timeout=60)
         proc.kill9()
         killed_pending += seen == "pending"
         planned = {layer for g in StateStore(h.root).groups() if g.name == name for layer in g.members}
