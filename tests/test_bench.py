@@ -20,6 +20,7 @@ import pytest
 
 from csi.host import mount as mnt
 from csi.bench.drivers import GOAL_GET_PUT_P50_S
+from csi.bench.floor import measure as measure_floor
 from csi.bench.fsenv import format_size
 from csi.errors import InvalidArgument
 from csi.host.fsinfo import parse_size
@@ -91,6 +92,9 @@ def test_quick_run_prints_tables_with_figures_and_computed_goals(bench_scratch: 
             assert [rpc for rpc, _ in case["latency"]] == list(LIFECYCLE_RPCS)
             assert case["creates_per_s"] > 0
             assert len(case["data"]) == 2
+            floor = case["floor"]  # the bare server of the same run, on the case's filesystem
+            assert floor["rpc"]["p50"] > 0 and floor["durable"]["p50"] > 0 and floor["calls_per_s"] > 0
+        assert "Against the floor" in out
         assert re.search(rf"vfs on ext4\s+CreateVolume\s+{TIME}\s+{TIME}", out)
         assert all(g["verdict"] in ("PASS", "MISS") for g in csi["goals"])
     else:
@@ -214,3 +218,13 @@ def test_quick_backup_part_reports_baselines_and_goals(bench_scratch: Path, tmp_
     processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
     assert str(bench_scratch) not in processes  # the registry (its config lies in the scratch) is stopped
     _assert_nothing_left(bench_scratch)
+
+
+def test_floor_times_a_bare_grpc_server_in_its_own_process_and_leaves_nothing(tmp_path: Path) -> None:
+    """The floor the CSI figures are read against: the empty and the durable call are timed
+    from this process against a server process; its socket and database are gone afterwards."""
+    floor = measure_floor(tmp_path, rounds=20, clients=2)
+    assert floor.rpc.rounds == 20 and floor.durable.rounds == 20 and floor.clients == 2
+    assert 0 < floor.rpc.p50 <= floor.rpc.max and 0 < floor.durable.p50 <= floor.durable.max
+    assert floor.calls_per_s > 0
+    assert list(tmp_path.iterdir()) == []

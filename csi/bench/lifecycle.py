@@ -44,6 +44,7 @@ import grpc
 
 from csi.host import mount as mnt
 from csi.bench.drivers import CASES, DriverCase
+from csi.bench.floor import Floor, measure as measure_floor
 from csi.bench.fsenv import MIB, Backing, DataSource, copy_tree, fill_tree, format_size, remove_tree, write_file
 from csi.bench.report import Goal, Latency, Section, Table, at_least, at_most, ms, timed, with_ratio
 from csi.errors import StrataError
@@ -94,6 +95,7 @@ class DataFigures:
     clone_unmounted_s: float
     snapshot_changed_s: float  # published, 1 MiB written since an unpublished snapshot
     clone_changed_s: float  # published, 1 MiB more written since then
+    copy_synced_s: float  # cp -a and a sync(1): the copy made durable, as a clone must be
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class CsiCaseResult:
     concurrent_latency: Latency | None = None
     data: tuple[DataFigures, ...] = ()
     error: str | None = None
+    floor: Floor | None = None  # the same client against a bare Python gRPC server, same filesystem
 
 
 class PluginError(StrataError):
@@ -379,6 +382,10 @@ def measure_data(session: Session, backing: Backing, size: int, data: DataSource
         copy_dir = backing.fresh_dir("csi-copy")
         copy_s, _ = settled(lambda: copy_tree(a_target, copy_dir / "tree"))
         remove_tree(copy_dir)
+        os.sync()
+        copy_dir = backing.fresh_dir("csi-copy")  # the durable copy: cp -a, then sync(1) until it is on disk
+        copy_synced_s, _ = timed(lambda: (copy_tree(a_target, copy_dir / "tree"), os.sync()))
+        remove_tree(copy_dir)
         snap_m, _ = snapshot(a, f"a-{tag}-s1")
         change(a_target, "small-change")
         snap_ma, _ = snapshot(a, f"a-{tag}-s2")
@@ -406,7 +413,7 @@ def measure_data(session: Session, backing: Backing, size: int, data: DataSource
         for snapshot_id in snapshots:
             session.delete_snapshot(snapshot_id)
         os.sync()
-    return DataFigures(size, copy_s, snap_m, snap_ma, snap_u, restore_s, clone_u, snap_c, clone_c)
+    return DataFigures(size, copy_s, snap_m, snap_ma, snap_u, restore_s, clone_u, snap_c, clone_c, copy_synced_s)
 
 
 def run_case(case: DriverCase, backing: Backing, config: LifecycleConfig, data: DataSource,
@@ -416,7 +423,10 @@ def run_case(case: DriverCase, backing: Backing, config: LifecycleConfig, data: 
     rate: float | None = None
     concurrent: Latency | None = None
     figures: list[DataFigures] = []
+    floor: Floor | None = None
     try:
+        progress(f"CSI {case.label}: the floor (bare Python gRPC server, one sqlite sync)")
+        floor = measure_floor(case_dir, config.rounds, config.clients)
         with plugin(case_dir, case.driver) as socket:
             stubs = Stubs.connect(socket)
             try:
@@ -432,12 +442,13 @@ def run_case(case: DriverCase, backing: Backing, config: LifecycleConfig, data: 
                 stubs.channel.close()
     except (StrataError, OSError, grpc.RpcError, subprocess.CalledProcessError) as exc:
         detail = exc.details() if isinstance(exc, grpc.RpcError) and hasattr(exc, "details") else str(exc)
-        return CsiCaseResult(case, latency, rate, concurrent, tuple(figures), f"{type(exc).__name__}: {detail}")
+        return CsiCaseResult(case, latency, rate, concurrent, tuple(figures), f"{type(exc).__name__}: {detail}",
+                             floor)
     finally:
         for mp in mnt.mounts_under(case_dir):
             mnt.unmount(mp.target, detach=True)
         remove_tree(case_dir)
-    return CsiCaseResult(case, latency, rate, concurrent, tuple(figures))
+    return CsiCaseResult(case, latency, rate, concurrent, tuple(figures), floor=floor)
 
 
 def run(backings: dict[str, Backing], unavailable: dict[str, str], config: LifecycleConfig,
@@ -479,6 +490,9 @@ def goals(results: list[CsiCaseResult], config: LifecycleConfig) -> list[Goal]:
                 found.append(at_most(f"CSI {label}: clone of {format_size(d.size)} vs one cp -a "
                                      f"({ms(d.copy_s)} x {GOAL_VFS_CLONE_VS_COPY})", d.clone_unmounted_s,
                                      d.copy_s * GOAL_VFS_CLONE_VS_COPY))
+                found.append(at_most(f"CSI {label}: clone of {format_size(d.size)} vs cp -a + sync "
+                                     f"({ms(d.copy_synced_s)} x {GOAL_VFS_CLONE_VS_COPY})", d.clone_unmounted_s,
+                                     d.copy_synced_s * GOAL_VFS_CLONE_VS_COPY))
         at = next((d for d in r.data if d.size == config.goal_size), None)
         picks: tuple[tuple[str, Callable[[DataFigures], float]], ...] = ()
         if r.case.driver == "btrfs":
@@ -499,17 +513,25 @@ def goals(results: list[CsiCaseResult], config: LifecycleConfig) -> list[Goal]:
 
 
 def section(results: list[CsiCaseResult], skipped: list[tuple[str, str]], config: LifecycleConfig) -> Section:
-    latency_rows, create_rows, data_rows = [], [], []
+    latency_rows, create_rows, data_rows, floor_rows = [], [], [], []
     errors = []
     for r in results:
         label = r.case.label
+        lat = dict(r.latency)
+        if r.floor is not None and "CreateVolume" in lat:
+            f = r.floor
+            floor_rows.append((label, ms(f.rpc.p50), ms(f.durable.p50), ms(lat["CreateVolume"].p50),
+                               ms(lat["CreateVolume"].p50 - f.durable.p50),
+                               *(ms(lat[rpc].p50) for rpc in ("NodePublishVolume", "NodeUnpublishVolume")),
+                               f"{f.calls_per_s:.0f}/s",
+                               f"{r.creates_per_s:.0f}/s" if r.creates_per_s is not None else "-"))
         for rpc, lat in r.latency:
             latency_rows.append((label, rpc, ms(lat.p50), ms(lat.p99), ms(lat.max), str(lat.rounds)))
         if r.creates_per_s is not None and r.concurrent_latency is not None:
             c = r.concurrent_latency
             create_rows.append((label, str(config.clients), str(c.rounds), f"{r.creates_per_s:.0f}/s", ms(c.p50), ms(c.p99)))
         for d in r.data:
-            data_rows.append((label, format_size(d.size), ms(d.copy_s),
+            data_rows.append((label, format_size(d.size), ms(d.copy_s), ms(d.copy_synced_s),
                               *(with_ratio(v, d.copy_s) for v in (
                                   d.snapshot_mounted_s, d.snapshot_changed_after_mounted_s, d.snapshot_unmounted_s,
                                   d.restore_s, d.clone_unmounted_s, d.snapshot_changed_s, d.clone_changed_s))))
@@ -521,10 +543,18 @@ def section(results: list[CsiCaseResult], skipped: list[tuple[str, str]], config
               ("client-side time around each blocking call; empty volumes; snapshot taken while published",)),
         Table("Concurrent CreateVolume", ("driver", "clients", "creates", "rate", "p50", "p99"), tuple(create_rows),
               ("one channel per client thread; rate = creates / (last answer - common start)",)),
+        Table("Against the floor: the same client and gRPC library, a bare Python server (csi.bench.floor)",
+              ("driver", "empty call", "durable call", "CreateVolume", "above durable", "Publish", "Unpublish",
+               f"empty calls, {config.clients} clients", "creates"), tuple(floor_rows),
+              ("empty call = Probe answered at once; durable call = one sqlite WAL commit with synchronous=FULL "
+               "(one fdatasync) on the case's filesystem; p50 each, same run",
+               "a durable CreateVolume cannot answer below the durable call, nor create faster than empty calls")),
         Table("Snapshot / restore / clone of a volume holding data vs a full copy",
-              ("driver", "size", "cp -a (copy)", "snap pub", "snap pub +1M (a)", "snap unpub", "restore",
+              ("driver", "size", "cp -a (copy)", "cp -a + sync", "snap pub", "snap pub +1M (a)", "snap unpub", "restore",
                "clone unpub", "snap pub +1M (b)", "clone pub +1M (b)"), tuple(data_rows),
-              ("cp -a = cp -a --reflink=never of the volume's tree on the same filesystem, same run; (xN) = N times faster",
+              ("cp -a = cp -a --reflink=never of the volume's tree on the same filesystem, same run; (xN) = N times "
+               "faster than it; cp -a + sync = that copy until sync(1) has put it on disk (a clone is durable when "
+               "acknowledged)",
                "pub / unpub = the source volume is published (staged, mounted) / not; restore = CreateVolume from "
                "the unpub snapshot",
                "+1M (a): 1 MiB written since a snapshot taken while published; (b): since one taken while unpublished",
