@@ -71,7 +71,9 @@ def thaw(mountpoint: str | os.PathLike[str]) -> None:
 
 @contextmanager
 def frozen(mountpoints: Iterable[str | os.PathLike[str]]) -> Iterator[None]:
-    """Freeze each distinct filesystem once (in order), thaw all in reverse at the end."""
+    """Freeze each distinct filesystem once (in order), thaw all in reverse at the end: every
+    one is tried even when another's thaw fails (the first failure is raised afterwards), so
+    one bad thaw never leaves the others frozen."""
     done: list[str | os.PathLike[str]] = []
     seen: set[int] = set()
     try:
@@ -84,8 +86,15 @@ def frozen(mountpoints: Iterable[str | os.PathLike[str]]) -> Iterator[None]:
             done.append(mp)
         yield
     finally:
+        failed: StrataError | None = None
         for mp in reversed(done):
-            thaw(mp)
+            try:
+                thaw(mp)
+            except (StrataError, OSError) as exc:
+                failed = failed or (exc if isinstance(exc, StrataError)
+                                    else StrataError(f"cannot thaw the filesystem at {mp}: {exc}"))
+        if failed is not None:
+            raise failed
 
 
 def _pids() -> list[int]:

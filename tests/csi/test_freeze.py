@@ -21,7 +21,11 @@ from csi.host import mount as mnt
 
 @pytest.fixture
 def ext4_loop(tmp_path: Path) -> Iterator[Path]:
-    image, mp = tmp_path / "fs.img", tmp_path / "mnt"
+    yield from _ext4_loop(tmp_path, "fs")
+
+
+def _ext4_loop(tmp_path: Path, name: str) -> Iterator[Path]:
+    image, mp = tmp_path / f"{name}.img", tmp_path / f"{name}-mnt"
     with open(image, "wb") as f:
         f.truncate(64 << 20)
     subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
@@ -50,6 +54,32 @@ def test_freeze_blocks_writers_until_thaw(ext4_loop: Path) -> None:
         raise RuntimeError("the block fails: the filesystem must still be thawed")
     assert done.wait(5), "the writer did not continue after the thaw"
     assert (ext4_loop / "f").stat().st_size == 4096
+
+
+def test_a_failed_thaw_still_thaws_the_others(ext4_loop: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two real filesystems frozen together; the thaw of the one thawed first fails (the
+    failure is injected after the real thaw ran: the kernel cannot be made to refuse one on
+    demand): the other is thawed all the same, and the failure is reported."""
+    second_fs = _ext4_loop(tmp_path, "second")
+    second = next(second_fs)
+    real_thaw = fz.thaw
+
+    def thaw(mp: Path) -> None:
+        real_thaw(mp)
+        if Path(mp) == second:
+            raise OSError(5, "injected")
+
+    monkeypatch.setattr(fz, "thaw", thaw)
+    try:
+        with pytest.raises(fz.StrataError, match="injected"), fz.frozen([ext4_loop, second]):
+            pass
+        done = threading.Event()
+        threading.Thread(target=lambda: ((ext4_loop / "after").write_bytes(b"x"), done.set()), daemon=True).start()
+        assert done.wait(5), "the first filesystem stayed frozen after the other's thaw failed"
+    finally:
+        monkeypatch.undo()
+        next(second_fs, None)
 
 
 def test_freeze_unsupported_on_tmpfs(tmp_path: Path) -> None:
