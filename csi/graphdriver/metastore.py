@@ -53,20 +53,16 @@ CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent);
 """
 
 
+_KINDS = {k.value: k for k in LayerKind}
+_STATES = {s.value: s for s in LayerState}
+
+
 def _row_to_layer(row: tuple[Any, ...]) -> Layer:
-    d = dict(zip(_COLUMNS, row))
-    return Layer(
-        id=d["id"],
-        parent=d["parent"],
-        kind=LayerKind(d["kind"]),
-        size_bytes=d["size_bytes"],
-        state=LayerState(d["state"]),
-        hidden=bool(d["hidden"]),
-        mounts=int(d["mounts"]),
-        origin=d["origin"],
-        created=float(d["created"]),
-        extra=json.loads(d["extra"] or "{}"),
-    )
+    """A record from a row in ``_COLUMNS`` order (start-up reads every row several times:
+    no per-row dict, enum lookups through a table, the common empty ``extra`` not parsed)."""
+    layer_id, parent, kind, size_bytes, state, hidden, mounts, origin, created, extra = row
+    return Layer(layer_id, parent, _KINDS[kind], size_bytes, _STATES[state], bool(hidden), int(mounts), origin,
+                 float(created), json.loads(extra) if extra and extra != "{}" else {})
 
 
 class LayerStore:

@@ -33,13 +33,13 @@ On-disk layout under the driver home::
 Crash safety: a layer directory appears under ``dir/`` only complete (rename; a copied layer's
 files, directories and the rename are fsynced before its record commits, so a power cut keeps
 it; an empty parentless one is not fsynced and is made again at start-up if a power cut lost
-it, see :meth:`VfsDriver._recreate_lost_empty_layers`); anything
+it, see :meth:`VfsDriver._repair_lost`); anything
 in ``tmp/`` or ``mnt/`` or ``dir/`` that no record knows of is an orphan that
 :meth:`LayerDriver.reconcile` removes through ``_destroy``. The project ID is assigned
 to the staging directory ``tmp/<id>`` before the copy and follows the content to
 ``dir/<id>``, all while the record still says ``creating`` (a crash rolls it back and
-``_destroy`` releases the ID under either name); :meth:`VfsDriver.reconcile` then brings
-the quota records in line with the layer records.
+``_destroy`` releases the ID under either name); after the start-up sweep
+:meth:`VfsDriver._after_sweep` brings the quota records in line with the layer records.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from pathlib import Path
 
 from csi.host import mount as mnt
 from csi.errors import OutOfRange
-from csi.graphdriver.driver import Layer, LayerState, Reconciliation
+from csi.graphdriver.driver import Layer, LayerState
 from csi.graphdriver.layered import LayerDriver
 from csi.graphdriver.quota.limits import LayerLimits, no_enforcement
 from csi.host.fsinfo import fstype_at, fsync_dir
@@ -159,25 +159,25 @@ class VfsDriver(LayerDriver):
             return super()._set_size(layer, size_bytes)
         self.limits.apply(layer.id, size_bytes)
 
-    def reconcile(self, dry_run: bool = False) -> Reconciliation:
-        if not dry_run:
-            self._recreate_lost_empty_layers()
-        report = super().reconcile(dry_run)
-        if self.limits is not None and not dry_run:
-            self.limits.reconcile(self.store.all())
-        return report
-
-    def _recreate_lost_empty_layers(self) -> None:
+    def _repair_lost(self, records: list[Layer]) -> None:
         """A new layer without parent is an empty directory whose creation is not fsynced (a
         directory fsync per create would double its cost): a power cut may lose it after its
         ready record is durable. It was empty when acknowledged, and any data an application
         fsynced into it since made the directory durable too (the journal commits in order),
-        so a missing one is made again, empty."""
-        for layer in self.store.all():
-            if (layer.state is LayerState.READY and not layer.frozen and layer.parent is None
-                    and not os.path.lexists(self._dirs / layer.id)):
-                log.warning("vfs: layer %s lost its empty directory in a power cut; making it again", layer.id)
-                self._build(layer.id, None, layer.size_bytes)
+        so a missing one is made again, empty. What exists is read with one ``listdir`` of
+        ``dir/``, not a ``stat`` per layer."""
+        present: set[str] | None = None
+        for layer in records:
+            if layer.state is LayerState.READY and not layer.frozen and layer.parent is None:
+                if present is None:
+                    present = set(os.listdir(self._dirs))
+                if layer.id not in present:
+                    log.warning("vfs: layer %s lost its empty directory in a power cut; making it again", layer.id)
+                    self._build(layer.id, None, layer.size_bytes)
+
+    def _after_sweep(self, records: list[Layer]) -> None:
+        if self.limits is not None:
+            self.limits.reconcile(records)
 
     def _on_disk(self) -> set[str]:
         found: set[str] = set()
