@@ -527,6 +527,14 @@ def test_state_machine_overlay_on_btrfs_against_vfs(btrfs_dir: Path, ext4_dir: P
     assert _StackCountingOverlay.stacked >= 1
 
 
+def _frozen_with_content(drv: OverlayDriver) -> None:
+    """Frozen layer ``f`` holding ``f`` = "kept" (frozen from writable layer ``w``)."""
+    drv.create("w")
+    (Path(drv.get("w")) / "f").write_text("kept")
+    drv.put("w")
+    drv.freeze("w", "f")
+
+
 def test_creations_a_power_cut_lost_are_made_again(ext4_dir: Path) -> None:
     """A new writable layer's directories, link file and ``l/`` symlink are not fsynced: a
     power cut may drop them while the ready record survives. Start-up makes them again — the
@@ -534,10 +542,7 @@ def test_creations_a_power_cut_lost_are_made_again(ext4_dir: Path) -> None:
     what it could drop; the power-cut lane in tests/qemu cuts real power.)"""
     home = ext4_dir / "overlay"
     with open_driver(OverlayDriver, home) as drv:
-        drv.create("w")
-        (Path(drv.get("w")) / "f").write_text("kept")
-        drv.put("w")
-        drv.freeze("w", "f")
+        _frozen_with_content(drv)
         drv.create("gone", "f")
         drv.create("unlinked", "f")
         short = drv.layout.short("unlinked")
@@ -550,3 +555,39 @@ def test_creations_a_power_cut_lost_are_made_again(ext4_dir: Path) -> None:
             assert (Path(drv.get(name)) / "f").read_text() == "kept"
             drv.put(name)
         assert (home / "l" / short).is_symlink()
+
+
+def test_a_link_file_a_power_cut_emptied_is_written_again_beside_its_surviving_link(ext4_dir: Path) -> None:
+    """The likeliest cut: the ``l/`` symlink (metadata) reached the journal, the link file's
+    data did not. The restart writes the file again; mounts use the same short name."""
+    home = ext4_dir / "overlay"
+    with open_driver(OverlayDriver, home) as drv:
+        _frozen_with_content(drv)
+        drv.create("child", "f")
+    for name in ("f", "child"):
+        (home / "layers" / name / "link").write_text("")
+    with open_driver(OverlayDriver, home) as drv:
+        for name in ("f", "child"):
+            assert (home / "layers" / name / "link").read_text() == derived_short(name)
+        assert (Path(drv.get("child")) / "f").read_text() == "kept"
+        drv.put("child")
+
+
+def test_a_random_short_name_keeps_its_link_across_a_power_cut(ext4_dir: Path) -> None:
+    """A layer whose derived short name was taken got a random one (written durably in its
+    link file); if a cut drops its ``l/`` symlink, the restart makes it again under that name,
+    not the derived one (which belongs to another layer)."""
+    home = ext4_dir / "overlay"
+    with open_driver(OverlayDriver, home) as drv:
+        _frozen_with_content(drv)
+        os.symlink("../layers/f/diff", home / "l" / derived_short("taken"))  # as if another layer held it
+        drv.create("taken", "f")
+        short = drv.layout.short("taken")
+        assert short != derived_short("taken")
+    (home / "l" / short).unlink()
+    with open_driver(OverlayDriver, home) as drv:
+        assert os.readlink(home / "l" / short) == "../layers/taken/diff"
+        assert drv.layout.short("taken") == short
+        assert (Path(drv.get("taken")) / "f").read_text() == "kept"
+        drv.put("taken")
+        os.unlink(home / "l" / derived_short("taken"))

@@ -98,10 +98,10 @@ from typing import IO, ClassVar
 
 from csi.errors import Busy, IncompatibleFilesystem, NotSupported, OutOfRange
 from csi.graphdriver.diff.whiteouts import OVERLAY_WHITEOUTS, WhiteoutFormat, is_private_xattr
-from csi.graphdriver.driver import Change, Layer, LayerState, Reconciliation
+from csi.graphdriver.driver import Change, Layer, LayerState
 from csi.graphdriver.layered import LayerDriver
 from csi.graphdriver.overlay import upperdelta, upperdiff
-from csi.graphdriver.overlay.layout import Layout
+from csi.graphdriver.overlay.layout import Layout, link_target
 from csi.graphdriver.quota.limits import LayerLimits, no_enforcement
 from csi.host import mount as mnt
 from csi.host.fsinfo import existing_ancestor, fsync_dir, fstype_at, kernel_has
@@ -132,21 +132,27 @@ class OverlayDriver(LayerDriver):
 
     @classmethod
     def _probe_upper(cls, home: Path) -> None:
-        """Mount a tiny overlay on the home's filesystem (like Docker's supportsOverlay)."""
+        """Mount a tiny overlay on the home's filesystem (like Docker's supportsOverlay).
+
+        ``volatile`` first (kernel 5.10+; the probe is thrown away): unmounting an overlay
+        otherwise syncs its whole upper filesystem, which takes seconds at start-up on a node
+        whose other tenants have much unwritten data. Without it if the kernel refuses it."""
         base = existing_ancestor(home)
         probe = Path(tempfile.mkdtemp(prefix=".strata-overlay-probe-", dir=base))
         try:
             for sub in ("lower", "upper", "work", "merged"):
                 (probe / sub).mkdir()
-            m = mnt.Mount("overlay", "overlay", (
-                f"lowerdir={probe / 'lower'}", f"upperdir={probe / 'upper'}", f"workdir={probe / 'work'}",
-                *OVERLAY_OPTIONS))
+            options = (f"lowerdir={probe / 'lower'}", f"upperdir={probe / 'upper'}", f"workdir={probe / 'work'}",
+                       *OVERLAY_OPTIONS)
             try:
-                mnt.mount(m, probe / "merged")
-            except mnt.MountError as exc:
-                fstype = fstype_at(base)
-                raise IncompatibleFilesystem(
-                    f"overlay cannot use {fstype} at {base} for upper dirs: {exc}") from exc
+                mnt.mount(mnt.Mount("overlay", "overlay", (*options, "volatile")), probe / "merged")
+            except mnt.MountError:
+                try:
+                    mnt.mount(mnt.Mount("overlay", "overlay", options), probe / "merged")
+                except mnt.MountError as exc:
+                    fstype = fstype_at(base)
+                    raise IncompatibleFilesystem(
+                        f"overlay cannot use {fstype} at {base} for upper dirs: {exc}") from exc
             mnt.unmount(probe / "merged")
         finally:
             for mp in mnt.mounts_under(probe):
@@ -160,12 +166,14 @@ class OverlayDriver(LayerDriver):
         self._short_names: dict[str, str] = {}
         self.layout = Layout(self.home)
         self.layout.prepare()
-        self.layout.sweep()
+        self._links_at_start: dict[str, str] | None = self.layout.sweep()  # for _repair_lost, then dropped
         self.limits = LayerLimits.for_home(self.home, upper=self.layout.diff,
                                            companions=lambda layer_id: (self.layout.work(layer_id),))
-        for layer in self.store.all():  # a get that died before counting its mount
-            if layer.mounts == 0 and self._is_active(layer):
-                mnt.unmount(self.layout.merged(layer.id), detach=True)
+        mounted = self.layout.mounted()  # one read of the mount table, not one per layer
+        for layer_id in sorted(mounted):  # a get that died before counting its mount
+            layer = self.store.get(layer_id)
+            if layer is not None and layer.mounts == 0:
+                mnt.unmount(self.layout.merged(layer_id), detach=True)
 
     def size_enforcement(self) -> str:
         if self.limits is not None:
@@ -181,33 +189,39 @@ class OverlayDriver(LayerDriver):
         usage = self.limits.usage(layer.id) if self.limits is not None and not layer.frozen else None
         return None if usage is None else usage.used_bytes
 
-    def reconcile(self, dry_run: bool = False) -> Reconciliation:
-        if not dry_run:
-            self._repair_lost_creations()
-        report = super().reconcile(dry_run)
-        if self.limits is not None and not dry_run:
-            self.limits.reconcile(self.store.all())
-        return report
-
-    def _repair_lost_creations(self) -> None:
+    def _repair_lost(self, records: list[Layer]) -> None:
         """A new writable layer's directories, link file and ``l/`` symlink are not fsynced
         (an fsync each would double a create's cost; on ext4 the journal commits them with the
         record's own sync, elsewhere a power cut may drop them). What is lost is made again:
         a writable layer without its directory was empty when acknowledged (any data an
         application fsynced into it made its directories durable too), and a lost link is
-        derived from the ID (:func:`csi.graphdriver.overlay.layout.derived_short`)."""
-        for layer in self.store.all():
+        derived from the ID (:func:`csi.graphdriver.overlay.layout.derived_short`). What exists
+        comes from one ``listdir`` of ``layers/``, the links the start-up sweep read in ``l/``,
+        and a ``stat`` of each link file (read only when its link does not confirm it:
+        :meth:`csi.graphdriver.overlay.layout.Layout.repair`)."""
+        lay = self.layout
+        dirs = set(os.listdir(lay.layers))
+        links, self._links_at_start = self._links_at_start, None
+        if links is None:  # a later reconcile (cleanup)
+            links = lay.read_links()
+        for layer in records:
             if layer.state is not LayerState.READY:
                 continue
-            if not layer.frozen and not self.layout.layer_dir(layer.id).is_dir():
+            if layer.id not in dirs:
+                if layer.frozen:
+                    continue
                 log.warning("%s: layer %s lost its directories in a power cut; making them again",
                             self.name, layer.id)
                 lowers = self._shorts(self.chain(layer.parent)) if layer.parent else []
-                self.layout.make(layer.id, writable=True, lowers=lowers)
+                links[lay.make(layer.id, writable=True, lowers=lowers)] = link_target(layer.id)
                 if self.limits is not None:
                     self.limits.apply(layer.id, layer.size_bytes)
-            elif self.layout.layer_dir(layer.id).is_dir() and self.layout.repair(layer.id):
+            elif lay.repair(layer.id, links):
                 log.warning("%s: layer %s lost its short-name link in a power cut; made again", self.name, layer.id)
+
+    def _after_sweep(self, records: list[Layer]) -> None:
+        if self.limits is not None:
+            self.limits.reconcile(records)
 
     def _status_extra(self) -> list[tuple[str, str]]:
         return [

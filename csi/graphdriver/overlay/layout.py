@@ -43,6 +43,11 @@ SHORT_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 SHORT_LEN = 10
 
 
+def link_target(layer_id: str) -> str:
+    """What ``l/<short>`` points to (relative: the home may move)."""
+    return f"../layers/{layer_id}/diff"
+
+
 def derived_short(layer_id: str) -> str:
     """The short name a layer gets unless it is taken: it follows from the ID alone."""
     return base64.b32encode(hashlib.sha256(layer_id.encode()).digest()).decode("ascii")[:SHORT_LEN]
@@ -111,30 +116,56 @@ class Layout:
         else:  # not fsynced: a lost or empty link file is derived again from the ID
             (top / "link").write_text(short, encoding="ascii")
         self.write_lower(layer_id, lowers)
-        os.symlink(f"../layers/{layer_id}/diff", self.links / short)
+        os.symlink(link_target(layer_id), self.links / short)
         return short
 
     def short(self, layer_id: str) -> str:
         """The layer's short name (its ``l/`` link); an empty or missing link file (a power
         cut) means the derived one."""
+        return self._read_link(layer_id) or derived_short(layer_id)
+
+    def _read_link(self, layer_id: str) -> str:
+        """The link file's content, stripped ("" when missing or empty; raises
+        FileNotFoundError when the layer directory itself is missing)."""
         try:
-            return (self.layer_dir(layer_id) / "link").read_text(encoding="ascii").strip() or derived_short(layer_id)
+            fd = os.open(os.path.join(self.layers, layer_id, "link"), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             if not self.layer_dir(layer_id).is_dir():
                 raise
-            return derived_short(layer_id)
+            return ""
+        try:
+            return os.read(fd, 64).decode("ascii").strip()
+        finally:
+            os.close(fd)
 
-    def repair(self, layer_id: str) -> bool:
+    def repair(self, layer_id: str, links: dict[str, str] | None = None) -> bool:
         """Make a layer's link file and ``l/`` symlink again where a power cut lost them (their
-        creation is not fsynced); True if something was made."""
-        short = self.short(layer_id)
+        creation is not fsynced); True if something was made.
+
+        ``links`` (from :meth:`sweep`: each name in ``l/`` and where it points) replaces a lookup
+        per layer, and a name made here is added to it. With it, a layer whose derived name in
+        ``l/`` points to it needs only a ``stat`` of its link file: ``make`` and ``repair`` make
+        ``l/<name>`` for the name the link file holds (or the derived one, written into an empty
+        file), so such a file holds the derived name unless it is empty — and its data block,
+        which costs a disk read per layer after a reboot, is not read."""
+        derived = derived_short(layer_id)
+        if links is not None and links.get(derived) == link_target(layer_id):
+            try:
+                if os.stat(os.path.join(self.layers, layer_id, "link")).st_size == len(derived):
+                    return False
+            except FileNotFoundError:
+                pass
+        written = self._read_link(layer_id)
+        short = written or derived
         made = False
-        link_file = self.layer_dir(layer_id) / "link"
-        if not link_file.exists() or not link_file.read_text(encoding="ascii").strip():
-            write_atomic(link_file, short, sync_dir=False)
+        if not written:
+            write_atomic(self.layer_dir(layer_id) / "link", short, sync_dir=False)
             made = True
-        if not os.path.lexists(self.links / short):
-            os.symlink(f"../layers/{layer_id}/diff", self.links / short)
+        present = short in links if links is not None else os.path.lexists(self.links / short)
+        if not present:
+            os.symlink(link_target(layer_id), self.links / short)
+            if links is not None:
+                links[short] = link_target(layer_id)
             made = True
         return made
 
@@ -168,20 +199,55 @@ class Layout:
         if top.exists() or top.is_symlink():
             remove_tree(top)
 
+    def mounted(self) -> set[str]:
+        """IDs whose ``merged`` dir is a mount point: one read of the mount table."""
+        prefix = os.path.realpath(self.layers) + "/"
+        found = set()
+        for mp in mnt.mounts_under(self.layers):
+            layer_id, _, rest = mp.target[len(prefix):].partition("/")
+            if rest == "merged" and mp.target.startswith(prefix):
+                found.add(layer_id)
+        return found
+
     def on_disk(self) -> set[str]:
         """IDs that have a directory under ``layers/``."""
         if not self.layers.exists():
             return set()
         return {name for name in os.listdir(self.layers) if is_layer_id(name)}
 
-    def sweep(self) -> None:
-        """Start-up hygiene: drop dangling ``l/`` links and leftover scratch mounts."""
-        for name in os.listdir(self.links):
-            link = self.links / name
-            if not link.exists():
-                link.unlink(missing_ok=True)
+    def read_links(self) -> dict[str, str]:
+        """Each name in ``l/`` and where it points ("" for an entry that is not a symlink)."""
+        found: dict[str, str] = {}
+        links = os.open(self.links, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for name in os.listdir(links):
+                try:
+                    found[name] = os.readlink(name, dir_fd=links)
+                except FileNotFoundError:
+                    pass
+                except OSError:  # not a symlink (nothing strata makes)
+                    found[name] = ""
+        finally:
+            os.close(links)
+        return found
+
+    def sweep(self) -> dict[str, str]:
+        """Start-up hygiene: drop dangling ``l/`` links and leftover scratch mounts. Returns the
+        links kept, as :meth:`read_links` (for :meth:`repair`)."""
+        kept = self.read_links()
+        links = os.open(self.links, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:  # relative to one directory fd: no path objects per link
+            for name in list(kept):
+                try:
+                    os.stat(name, dir_fd=links)  # through the link
+                except FileNotFoundError:
+                    os.unlink(name, dir_fd=links)
+                    del kept[name]
+        finally:
+            os.close(links)
         for mp in mnt.mounts_under(self.scratch):
             if os.path.realpath(mp.target) != os.path.realpath(self.scratch):
                 mnt.unmount(mp.target, detach=True)
         for name in os.listdir(self.scratch):
             remove_tree(self.scratch / name)
+        return kept
