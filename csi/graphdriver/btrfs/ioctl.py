@@ -14,8 +14,9 @@ the operation in the message; callers translate errnos into strata errors.
 Covered: create subvolume (``SUBVOL_CREATE_V2``), snapshot (``SNAP_CREATE_V2``,
 read-only or writable), destroy (``SNAP_DESTROY_V2`` by name), subvolume flags
 (``SUBVOL_GETFLAGS``), subvolume info (``GET_SUBVOL_INFO``: id, uuid,
-parent uuid, flags), quota (``QUOTA_CTL`` enable, ``QUOTA_RESCAN_WAIT``, quota-tree
-search for the status, qgroup usage and limits), ``QGROUP_LIMIT``, and ``statfs(2)``'s
+parent uuid, flags), the subvolumes of a directory (root-tree search of its ``ROOT_REF``
+items), quota (``QUOTA_CTL`` enable, ``QUOTA_RESCAN_WAIT``, quota-tree search for the status,
+qgroup usage and limits, one qgroup's or all), ``QGROUP_LIMIT``, and ``statfs(2)``'s
 ``f_type`` (Python's ``os.statvfs`` lacks it).
 
 Every ioctl is made through ctypes, which releases the GIL for the call:
@@ -43,7 +44,9 @@ QGROUP_LIMIT_MAX_EXCL = 1 << 1
 _LIMIT_CLEAR = (1 << 64) - 1  # "no limit" for a field named in the flags
 
 QUOTA_CTL_ENABLE = 1
+ROOT_TREE_OBJECTID = 1
 QUOTA_TREE_OBJECTID = 8
+ROOT_REF_KEY = 156  # in the root tree: (parent subvolume, ROOT_REF, child subvolume) -> btrfs_root_ref + name
 QGROUP_STATUS_KEY = 240
 QGROUP_INFO_KEY = 242
 QGROUP_LIMIT_KEY = 244
@@ -76,6 +79,7 @@ _SEARCH_HEADER = struct.Struct("=3Q2I")  # transid, objectid, offset, type, len
 _SEARCH_ARGS_SIZE = 4096
 _QGROUP_LIMIT_ARGS = struct.Struct("=6Q")  # qgroupid, flags, max_rfer, max_excl, rsv_rfer, rsv_excl
 _QUOTA_CTL_ARGS = struct.Struct("=2Q")
+_ROOT_REF = struct.Struct("<QQH")  # struct btrfs_root_ref: dirid, sequence, name_len (then the name)
 
 IOC_SNAP_CREATE_V2 = _ioc(_W, 23, _VOL_ARGS_V2.size)
 IOC_SUBVOL_CREATE_V2 = _ioc(_W, 24, _VOL_ARGS_V2.size)
@@ -245,11 +249,12 @@ def subvolume_info(fd: int) -> SubvolumeInfo:
 
 # ------------------------------------------------------------------ quota
 
-def _search(fd: int, tree_id: int, item_type: int, min_offset: int, max_offset: int) -> Iterator[tuple[int, bytes]]:
-    """Items (offset, payload) of ``item_type`` with objectid 0 in ``tree_id``, in key order."""
+def _search(fd: int, tree_id: int, item_type: int, min_offset: int, max_offset: int,
+            objectid: int = 0) -> Iterator[tuple[int, bytes]]:
+    """Items (offset, payload) of ``item_type`` with ``objectid`` in ``tree_id``, in key order."""
     offset = min_offset
     while True:
-        key = _SEARCH_KEY.pack(tree_id, 0, 0, offset, max_offset, 0, (1 << 64) - 1,
+        key = _SEARCH_KEY.pack(tree_id, objectid, objectid, offset, max_offset, 0, (1 << 64) - 1,
                                item_type, item_type, 4096, 0, 0, 0, 0, 0)
         buf = bytearray(_SEARCH_ARGS_SIZE)
         buf[: len(key)] = key
@@ -259,15 +264,29 @@ def _search(fd: int, tree_id: int, item_type: int, min_offset: int, max_offset: 
             return
         pos, last = _SEARCH_KEY.size, offset
         for _ in range(count):
-            _transid, objectid, item_offset, typ, length = _SEARCH_HEADER.unpack_from(buf, pos)
+            _transid, item_objectid, item_offset, typ, length = _SEARCH_HEADER.unpack_from(buf, pos)
             pos += _SEARCH_HEADER.size
-            if objectid == 0 and typ == item_type:
+            if item_objectid == objectid and typ == item_type:
                 yield item_offset, bytes(buf[pos: pos + length])
             pos += length
             last = item_offset
         if last >= max_offset:
             return
         offset = last + 1
+
+
+def subvolumes_in(dir_fd: int) -> dict[str, int]:
+    """The subvolumes whose root is an entry of the directory open at ``dir_fd``: name -> subvolume
+    id, from one search of the root tree (its ``ROOT_REF`` items) instead of an open and a
+    ``GET_SUBVOL_INFO`` per entry."""
+    parent = subvolume_info(dir_fd).id
+    dirid = os.fstat(dir_fd).st_ino
+    found = {}
+    for child, payload in _search(dir_fd, ROOT_TREE_OBJECTID, ROOT_REF_KEY, 0, (1 << 64) - 1, objectid=parent):
+        ref_dirid, _sequence, name_len = _ROOT_REF.unpack_from(payload)
+        if ref_dirid == dirid:
+            found[os.fsdecode(payload[_ROOT_REF.size: _ROOT_REF.size + name_len])] = child
+    return found
 
 
 def quota_status(fd: int) -> QuotaStatus | None:
@@ -300,15 +319,25 @@ def qgroup_usage(fd: int, qgroupid: int) -> QgroupUsage | None:
     return None
 
 
+def _limit(payload: bytes) -> QgroupLimit:
+    flags, max_rfer, max_excl, _rr, _re = struct.unpack_from("=5Q", payload)
+    return QgroupLimit(
+        max_referenced=max_rfer if flags & QGROUP_LIMIT_MAX_RFER else None,
+        max_exclusive=max_excl if flags & QGROUP_LIMIT_MAX_EXCL else None,
+    )
+
+
 def qgroup_limit(fd: int, qgroupid: int) -> QgroupLimit | None:
     """The limits recorded for ``qgroupid``; None if it has no limit item."""
     for _offset, payload in _search(fd, QUOTA_TREE_OBJECTID, QGROUP_LIMIT_KEY, qgroupid, qgroupid):
-        flags, max_rfer, max_excl, _rr, _re = struct.unpack_from("=5Q", payload)
-        return QgroupLimit(
-            max_referenced=max_rfer if flags & QGROUP_LIMIT_MAX_RFER else None,
-            max_exclusive=max_excl if flags & QGROUP_LIMIT_MAX_EXCL else None,
-        )
+        return _limit(payload)
     return None
+
+
+def qgroup_limits(fd: int) -> dict[int, QgroupLimit]:
+    """Every limit item of the filesystem holding ``fd``: qgroup id -> limits (one search)."""
+    return {qgroupid: _limit(payload)
+            for qgroupid, payload in _search(fd, QUOTA_TREE_OBJECTID, QGROUP_LIMIT_KEY, 0, (1 << 64) - 1)}
 
 
 def set_qgroup_limit(fd: int, qgroupid: int, *, max_referenced: int | None) -> None:
