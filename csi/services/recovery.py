@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 
 from csi.graphdriver.driver import Driver
 from csi.host import mount as mnt
@@ -62,7 +63,11 @@ def roll_back_group(store: StateStore, driver: Driver, group: GroupRecord) -> No
 
 
 def recover(store: StateStore, driver: Driver) -> None:
-    ephemeral = {v.layer: v for v in store.volumes() if v.ephemeral}
+    # Each list is read once and kept in step with what recovery itself removes (nothing else
+    # writes while it runs): at 10,000s of records a full read costs ~0.1 s, and a per-layer
+    # driver call more than that. The layers are read again only after a step removed some.
+    volumes = store.volumes()
+    ephemeral = {v.layer: v for v in volumes if v.ephemeral}
 
     # 1. interrupted publications
     for pub in store.publications():
@@ -81,11 +86,14 @@ def recover(store: StateStore, driver: Driver) -> None:
             log.info("recovery: removing unfinished group snapshot %s (%s, %d member(s))", group.group_id,
                      group.name, len(group.members))
             roll_back_group(store, driver, group)
-    present = {layer.id for layer in driver.layers()}
+    layers = driver.layers()
+    layers_changed = False
+    present = {layer.id for layer in layers}
     publications: dict[str, list[Publication]] = {}
     for pub in store.publications():
         publications.setdefault(pub.layer, []).append(pub)
-    for volume in store.volumes():
+    forgotten: set[str] = set()
+    for volume in volumes:
         published = publications.get(volume.layer, [])
         if volume.state is RecordState.READY and not volume.ephemeral and volume.layer not in present:
             # CreateVolume writes the record while the driver makes the layer (both synced at once,
@@ -93,6 +101,7 @@ def recover(store: StateStore, driver: Driver) -> None:
             log.warning("recovery: volume %s (%s) has no layer: its create was cut short; forgetting it",
                         volume.layer, volume.name)
             store.delete_volume(volume.layer)
+            forgotten.add(volume.layer)
             continue
         if volume.state is RecordState.READY and not (volume.ephemeral and not published):
             continue
@@ -101,26 +110,35 @@ def recover(store: StateStore, driver: Driver) -> None:
         for layer in (volume.layer, volume.base_layer):
             if layer is not None:
                 driver.release(layer)
+        layers_changed = True
         store.delete_volume(volume.layer)
+        forgotten.add(volume.layer)
+    snapshots = []
     for snapshot in store.snapshots():
         if snapshot.state is not RecordState.READY:
             log.info("recovery: removing unfinished snapshot %s (%s)", snapshot.layer, snapshot.name)
             driver.release(snapshot.layer)
+            layers_changed = True
             store.delete_snapshot(snapshot.layer)
+        else:
+            snapshots.append(snapshot)
 
     # 3. layers no record knows of
-    known = {v.layer for v in store.volumes()} | {s.layer for s in store.snapshots()}
-    for layer in driver.layers():
+    known = {v.layer for v in volumes if v.layer not in forgotten} | {s.layer for s in snapshots}
+    if layers_changed:
+        layers, layers_changed = driver.layers(), False
+    for layer in layers:
         if layer.id.startswith(PREFIXES) and layer.id not in known:
             log.info("recovery: removing orphan layer %s", layer.id)
             driver.release(layer.id)
+            layers_changed = True
 
     # 4. pulls and uploads the process was running
     for transfer in store.transfers():
         log.info("recovery: rolling back the pull of %s for volume %r (started %.0f s ago); a retried "
                  "CreateVolume resumes it", transfer.source_id, transfer.name, time.time() - transfer.started)
         store.delete_transfer(transfer.name)
-    for snapshot in store.snapshots():
+    for snapshot in snapshots:
         if snapshot.backup_state == BACKUP_UPLOADING:
             log.info("recovery: the upload of snapshot %s to %s was interrupted; the next CreateSnapshot "
                      "starts it again", snapshot.layer, snapshot.backup_target)
@@ -128,10 +146,13 @@ def recover(store: StateStore, driver: Driver) -> None:
 
     # 5. reference counts and mounts
     pubs = store.publications()
-    for layer in driver.layers():
-        wanted = sum(1 for p in pubs if p.layer == layer.id and (p.kind == STAGE or p.layer in ephemeral))
-        driver.set_references(layer.id, wanted)
-    block_layers = {layer.id for layer in driver.layers() if layer.block}
+    wanted = Counter(p.layer for p in pubs if p.kind == STAGE or p.layer in ephemeral)
+    if layers_changed:
+        layers = driver.layers()
+    for layer in layers:
+        if wanted[layer.id] or layer.mounts:  # neither held nor wanted: nothing to set
+            driver.set_references(layer.id, wanted[layer.id])
+    block_layers = {layer.id for layer in layers if layer.block}
     for pub in sorted(pubs, key=lambda p: p.kind != STAGE):  # stagings first: publications bind from them
         if mnt.is_mount_point(pub.path) or (pub.layer in block_layers and pub.kind == STAGE):
             continue
