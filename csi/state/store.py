@@ -188,6 +188,15 @@ STAGE = "stage"
 PUBLISH = "publish"
 
 
+_STATES = {s.value: s for s in RecordState}
+
+
+def _json_object(text: str | None) -> dict[str, Any]:
+    """A JSON object column; the common empty one without the parser (start-up and every
+    ListVolumes page read thousands of rows)."""
+    return json.loads(text) if text and text != "{}" else {}
+
+
 class StateStore:
     """Transactional access to ``<root>/state.db`` (thread-safe, one connection)."""
 
@@ -270,8 +279,8 @@ class StateStore:
 
     @staticmethod
     def _volume(row: tuple[Any, ...]) -> VolumeRecord:
-        return VolumeRecord(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], row[7],
-                            RecordState(row[8]), bool(row[9]), bool(row[10]), json.loads(row[11] or "{}"))
+        return VolumeRecord(row[0], row[1], row[2], _json_object(row[3]), row[4], row[5], row[6], row[7],
+                            _STATES[row[8]], bool(row[9]), bool(row[10]), _json_object(row[11]))
 
     _VOLUME_COLUMNS = ("layer, name, capacity, parameters, source_kind, source_id, base_layer, "
                        "created, state, ephemeral, block, mutable")
@@ -346,7 +355,7 @@ class StateStore:
 
     @staticmethod
     def _snapshot(row: tuple[Any, ...]) -> SnapshotRecord:
-        return SnapshotRecord(row[0], row[1], row[2], row[3], row[4], RecordState(row[5]), row[6], row[7], row[8],
+        return SnapshotRecord(row[0], row[1], row[2], row[3], row[4], _STATES[row[5]], row[6], row[7], row[8],
                               row[9])
 
     def add_snapshot(self, s: SnapshotRecord) -> SnapshotRecord:
