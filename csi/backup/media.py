@@ -4,8 +4,10 @@ Artifact format (one per snapshot)::
 
     manifest  application/vnd.oci.image.manifest.v1+json, schemaVersion 2
       config  application/vnd.oci.image.config.v1+json   (a valid *image* config)
-      layers  one per frozen layer of the snapshot's chain, oldest first; each is
-              driver.diff(layer, parent) — an OCI layer tar, uncompressed
+      layers  oldest first: one per frozen layer of the snapshot's chain, each
+              driver.diff(layer, parent) — or, incrementally, the layers of an earlier
+              snapshot's backup at the same place followed by driver.diff(snapshot, that
+              snapshot) (:mod:`csi.backup.export`); each an OCI layer tar, uncompressed
               (application/vnd.oci.image.layer.v1.tar) or zstd
               (application/vnd.oci.image.layer.v1.tar+zstd); a restore also reads +gzip layers,
               which is what ``skopeo copy`` to a registry makes of uncompressed ones

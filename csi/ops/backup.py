@@ -60,7 +60,7 @@ import grpc
 
 from csi.backup import (DockerConfig, ExportIndex, VolumeFacts, backup, load_docker_config, open_target,
                         parse_reference, read_artifact, renderer_for, restore)
-from csi.backup.index import ExportRecord
+from csi.backup.index import ArtifactRecord, ExportRecord
 from csi.backup.media import LAYER_TAR
 from csi.backup.progress import Meter, ProgressCallback
 from csi.errors import AlreadyExists, InvalidArgument, NotFound, Relayed, StrataError
@@ -73,6 +73,7 @@ from csi.ops.records import drivers_with_state, plugin_serving, socket_of
 from csi.proto import csi_pb2, csi_pb2_grpc, export_pb2, export_pb2_grpc
 from csi.services.export import export_socket_path
 from csi.services.volume_ids import VOLUME_PREFIX, make_id, parse_id
+from csi.state.readonly import read_records
 from csi.state.store import RecordState, StateStore, VolumeRecord
 from csi.services.exportclient import ExportDiffReader
 
@@ -154,6 +155,15 @@ class ChainIndex:
         if self.inner is not None:
             self.inner.record(rec)
 
+    def artifacts(self, location: str, media_type: str) -> list[ArtifactRecord]:
+        """The node's records of earlier backups (only those of this chain's layers can be
+        built on here: the export service diffs a snapshot against its ancestors only)."""
+        return self.inner.artifacts(location, media_type) if self.inner else []
+
+    def record_artifact(self, rec: ArtifactRecord) -> None:
+        if self.inner is not None:
+            self.inner.record_artifact(rec)
+
 
 def _call(fn: Any) -> Any:
     try:
@@ -167,12 +177,35 @@ def _node_index(root: Path, driver_name: str) -> ExportIndex | None:
     return ExportIndex(home / INDEX_NAME) if home.is_dir() else None
 
 
+def volume_facts(root: Path, driver_name: str, snapshot_id: str, layer_id: str, origin: str | None = None,
+                 node_id: str = "") -> VolumeFacts:
+    """The facts a backup config carries, from the CSI records under ``root`` (read-only): the
+    capacity of the snapshot's volume (the snapshot record's size, else the capacity of the
+    volume it was taken of, ``origin``) and the snapshot's name. Unknown facts are left out
+    (a restore then asks for no particular size); unreadable records do not stop a backup."""
+    names = {"snapshot": snapshot_id, **({"node": node_id} if node_id else {})}
+    try:
+        records = read_records(root)
+    except StrataError as exc:
+        log.warning("backup of %s: the CSI records are unreadable, the capacity is not recorded: %s", snapshot_id, exc)
+        return VolumeFacts(driver=driver_name, source_names=names)
+    snap = next((r for r in records.snapshots if r.layer == layer_id), None)
+    capacity = snap.size if snap is not None and snap.size > 0 else None
+    if snap is not None and snap.name:
+        names["name"] = snap.name
+    source = snap.source_layer if snap is not None and snap.source_layer else origin
+    if capacity is None and source:
+        vol = next((v for v in records.volumes if v.layer == source), None)
+        capacity = vol.capacity if vol is not None and vol.capacity > 0 else None
+    return VolumeFacts(capacity_bytes=capacity, driver=driver_name, source_names=names)
+
+
 def push_remote(channel: grpc.Channel, root: Path, snapshot_id: str, ref_text: str, *, credentials: DockerConfig | None,
                 compression: str, progress: ProgressCallback, max_layer_bytes: int | None = None) -> dict[str, Any]:
     stub = export_pb2_grpc.DiffExportStub(channel)
     chain = RemoteChain(stub, snapshot_id)
     ref = parse_reference(ref_text)
-    facts = VolumeFacts(driver=chain.name, source_names={"snapshot": snapshot_id, "node": chain.node_id})
+    facts = volume_facts(root, chain.name, snapshot_id, chain.top, node_id=chain.node_id)
     with closing(open_target(ref, credentials=credentials, create=True)) as target:
         result = backup(chain, chain.top, target, tag=ref.tag, facts=facts,  # type: ignore[arg-type]
                         index=ChainIndex(chain, _node_index(root, chain.name)),  # type: ignore[arg-type]
@@ -267,7 +300,7 @@ def push_direct(drv: Driver, root: Path, snapshot_id: str, ref_text: str, *, cre
                 compression: str, progress: ProgressCallback, max_layer_bytes: int | None = None) -> dict[str, Any]:
     ref = parse_reference(ref_text)
     layer = _layer_id(snapshot_id)
-    facts = VolumeFacts(driver=drv.name, source_names={"snapshot": snapshot_id})
+    facts = volume_facts(root, drv.name, snapshot_id, layer, drv.layer(layer).origin if drv.exists(layer) else None)
     with closing(open_target(ref, credentials=credentials, create=True)) as target:
         result = backup(drv, layer, target, tag=ref.tag, facts=facts,
                         index=ExportIndex(home_of(root, drv.name) / INDEX_NAME), compression=compression,
