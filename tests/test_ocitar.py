@@ -105,6 +105,30 @@ def test_not_a_tar_is_invalid(tmp_path: Path) -> None:
         apply_tar(tmp_path, io.BytesIO(b"this is not a tar stream" * 100))
 
 
+def test_what_a_tar_applies_is_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restore acknowledges volumes on imported layers: every file the tar wrote and every
+    directory whose entries it changed (a whiteout's too) is fsynced before apply_tar returns
+    (the fsyncs are observed, not replaced: a power cut cannot be made here)."""
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "gone").write_text("old")
+    synced: set[str] = set()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.add(os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), tmp_path))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    sub = tarfile.TarInfo("a/b")
+    sub.type = tarfile.DIRTYPE
+    link = tarfile.TarInfo("a/b/link")
+    link.type, link.linkname = tarfile.SYMTYPE, "../f"
+    apply_tar(tmp_path, _tar((tarfile.TarInfo("a/f"), b"data"), (sub, None), (tarfile.TarInfo("a/b/g"), b""),
+                             (link, None), (tarfile.TarInfo("keep/.wh.gone"), b"")))
+    assert not (tmp_path / "keep" / "gone").exists()
+    assert {"a/f", "a/b/g", ".", "a", "a/b", "keep"} <= synced
+
+
 def test_opaque_keeps_what_the_same_tar_unpacked(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "old").write_text("old")

@@ -24,8 +24,9 @@ Contract (:class:`Driver`)::
                                               driver for anything else
     diff(id, parent) -> tar stream            OCI layer tar of id relative to parent
     changes(id, parent) -> [Change]
-    apply_diff(id, parent, stream) -> int     apply an OCI layer tar onto writable id
-    diff_size(id, parent) -> int
+    apply_diff(id, parent, stream) -> int     apply an OCI layer tar onto writable id;
+                                              what it wrote is on disk when it returns
+    diff_size(id, parent) -> int              bytes of diff(id, parent)'s tar
 
 Rules: only frozen layers are parents; IDs pass :func:`csi.ids.check_layer_id` before
 anything else; every error is a :mod:`csi.errors` type.

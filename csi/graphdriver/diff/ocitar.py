@@ -42,7 +42,11 @@ other non-directory, never follows a symlink, honours whiteouts and opaque marke
 sets directory mtimes last (deepest first). A sparse member (any encoding tarfile reads:
 PAX 0.0/0.1/1.0, old GNU) gets its data segments written at their offsets and the file
 truncated to its size: the holes stay unallocated. Its map is checked first (ascending,
-non-overlapping, inside the size, no more data than the member carries). A layer store with its own on-disk form of
+non-overlapping, inside the size, no more data than the member carries). What it applied is
+durable when :func:`apply_tar` returns: each file's writeback starts as soon as it is written, and
+:meth:`~LayerTarApplier.finish` fsyncs every file written and every directory the tar created,
+changed or deleted from (one journal commit covers the entries' metadata; a restore acknowledges
+a volume on imported layers, so they must survive a power cut). A layer store with its own on-disk form of
 deletions (an overlay upper dir) subclasses it and overrides the hooks
 :meth:`~LayerTarApplier.whiteout`, :meth:`~LayerTarApplier.opaque`,
 :meth:`~LayerTarApplier.clear`, :meth:`~LayerTarApplier.make_dir`,
@@ -373,6 +377,8 @@ class LayerTarApplier:
         self._checked_dirs: set[str] = set()
         self._dir_times: list[tuple[str, int]] = []
         self._chunk: memoryview | None = None
+        self._written: list[Path] = []  # files whose data finish() fsyncs
+        self._touched: set[str] = {""}  # directories (relative) whose entries or metadata changed
 
     def path(self, rel: str) -> Path:
         return self.root / rel if rel else self.root
@@ -456,6 +462,9 @@ class LayerTarApplier:
 
     def apply(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         meaning = classify(member.name)
+        self._touched.add(meaning.path.rpartition("/")[0])
+        if member.isdir() and meaning.kind is MemberKind.ENTRY:
+            self._touched.add(meaning.path)
         if meaning.kind is MemberKind.WHITEOUT:
             self.whiteout(meaning.path)
             return
@@ -506,8 +515,10 @@ class LayerTarApplier:
         try:
             if member.size:
                 self._copy_data(tar, member, fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # starts the writeback; finish() waits
         finally:
             os.close(fd)
+        self._written.append(path)
         self.bytes_written += member.size
 
     def _copy_data(self, tar: tarfile.TarFile, member: tarfile.TarInfo, fd: int) -> None:
@@ -547,12 +558,14 @@ class LayerTarApplier:
                         written += os.pwrite(fd, chunk[written:], offset + done + written)
                     done += len(chunk)
             os.ftruncate(fd, size)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except OSError as exc:
             if exc.errno in (errno.EFBIG, errno.EINVAL):
                 raise InvalidArgument(f"tar member {member.name!r}: sparse size {size} is impossible here: {exc}") from exc
             raise
         finally:
             os.close(fd)
+        self._written.append(path)
         self.bytes_written += size
 
     def _set_metadata(self, path: Path, member: tarfile.TarInfo, *, replace_xattrs: bool) -> None:
@@ -577,15 +590,37 @@ class LayerTarApplier:
         self._dir_times.append((rel, ns))
 
     def finish(self) -> int:
-        """Set directory mtimes (deepest first, the tar's last word on each); returns the
-        content bytes written."""
+        """Set directory mtimes (deepest first, the tar's last word on each), make what was
+        applied durable (the files written, then the directories touched, deepest first);
+        returns the content bytes written."""
         times = dict(self._dir_times)  # a later record of the same directory wins
         for rel, ns in sorted(times.items(), key=lambda item: item[0].count("/") + bool(item[0]), reverse=True):
             path = self.path(rel)
             if lstat_or_none(path) is not None:
                 os.utime(path, ns=(ns, ns), follow_symlinks=False)
         self._dir_times.clear()
+        for path in self._written:
+            _fsync(path, os.O_RDONLY)
+        for rel in sorted(self._touched, key=lambda r: r.count("/") + bool(r), reverse=True):
+            _fsync(self.path(rel), os.O_RDONLY | os.O_DIRECTORY)
+        self._written.clear()
+        self._touched = {""}
         return self.bytes_written
+
+
+def _fsync(path: Path, flags: int) -> None:
+    """fsync ``path`` (never through a symlink); a path a later member replaced by another
+    kind of entry, or removed, has nothing of its own left to sync."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _sparse_size(member: tarfile.TarInfo) -> int:
