@@ -266,8 +266,9 @@ class ExportBackend:
             base = self.driver.layer(base_id) if base_id else None
             diff_id, tar_size = self.diff_id(layer, base)
             ids.append(diff_id)
+            # diff_size is the tar's length, known with the diff_id (cached): a frozen pair's diff is fixed
             out.append(ChainEntry(layer, self.public_id(layer.id), base, self.public_id(base_id) if base_id else "",
-                                  self.driver.diff_size(layer.id, base_id), diff_id, tar_size, chain_id(ids)))
+                                  tar_size, diff_id, tar_size, chain_id(ids)))
         return out
 
     def chain_id_of(self, layer: Layer) -> str:
