@@ -101,27 +101,61 @@ def _credentials(path: str | None) -> DockerConfig | None:
 
 class RemoteChain:
     """The part of the driver contract :func:`csi.backup.backup` reads, answered by the plugin's
-    export service: one snapshot's chain (GetChain) and its diffs (ExportDiff)."""
+    export service: one snapshot's chain (GetChain) and its diffs (ExportDiff).
+
+    A layer outside that chain — the snapshot of an earlier backup that
+    :func:`csi.backup.export.incremental_base` asks about — is looked up once with a GetChain
+    of its own (its ``created`` and ``origin``; NOT_FOUND, or a layer that is no snapshot,
+    is "does not exist"), so a sibling snapshot of the same volume can be the base of the
+    diff, as in direct mode; the service accepts such a base (same origin, older)."""
+
+    _ABSENT = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+               grpc.StatusCode.UNIMPLEMENTED)
 
     def __init__(self, stub: export_pb2_grpc.DiffExportStub, snapshot_id: str) -> None:
         self._stub = stub
-        answer = _call(lambda: stub.GetChain(export_pb2.GetChainRequest(
-            snapshot=export_pb2.SnapshotRef(snapshot_id=snapshot_id))))
+        answer = _call(lambda: self._get_chain(snapshot_id))
         self.name = answer.driver
         self.node_id = answer.node_id
-        self.entries = {_layer_id(e.id): e for e in answer.layers}
-        self._public = {_layer_id(e.id): e.id for e in answer.layers}
+        self.entries: dict[str, Any] = {}
+        self._public: dict[str, str] = {}
+        self._absent: set[str] = set()
+        self._learn(answer)
         self.top = _layer_id(answer.layers[-1].id)
 
+    def _get_chain(self, snapshot_id: str) -> export_pb2.GetChainResponse:
+        return self._stub.GetChain(export_pb2.GetChainRequest(snapshot=export_pb2.SnapshotRef(snapshot_id=snapshot_id)))
+
+    def _learn(self, answer: export_pb2.GetChainResponse) -> None:
+        for e in answer.layers:
+            self.entries.setdefault(_layer_id(e.id), e)
+            self._public.setdefault(_layer_id(e.id), e.id)
+
+    def _known(self, layer_id: str) -> bool:
+        """Whether the plugin has ``layer_id`` as a visible snapshot (one GetChain per layer
+        outside the chain, remembered)."""
+        if layer_id in self.entries:
+            return True
+        if layer_id in self._absent:
+            return False
+        try:
+            self._learn(self._get_chain(layer_id))
+        except grpc.RpcError as exc:
+            if exc.code() not in self._ABSENT:
+                raise Relayed(exc.code().name, str(exc.details())) from None
+            self._absent.add(layer_id)
+            return False
+        return layer_id in self.entries
+
     def layer(self, layer_id: str) -> Layer:
-        if layer_id not in self.entries:
-            raise NotFound(f"layer {layer_id} is not in the chain of {self.top}")
+        if not self._known(layer_id):
+            raise NotFound(f"layer {layer_id} is not a snapshot the plugin has")
         e = self.entries[layer_id]
         return Layer(layer_id, _layer_id(e.parent) if e.parent else None, LayerKind.FROZEN, state=LayerState.READY,
-                     created=e.created)
+                     origin=_layer_id(e.origin) if e.origin else None, created=e.created)
 
     def exists(self, layer_id: str) -> bool:
-        return layer_id in self.entries
+        return self._known(layer_id)
 
     def chain(self, layer_id: str) -> list[Layer]:
         out, current = [], self.layer(layer_id)
@@ -156,8 +190,9 @@ class ChainIndex:
             self.inner.record(rec)
 
     def artifacts(self, location: str, media_type: str) -> list[ArtifactRecord]:
-        """The node's records of earlier backups (only those of this chain's layers can be
-        built on here: the export service diffs a snapshot against its ancestors only)."""
+        """The node's records of earlier backups (those of this chain's layers and of older
+        snapshots of the same volume can be built on: the export service diffs a snapshot
+        against either)."""
         return self.inner.artifacts(location, media_type) if self.inner else []
 
     def record_artifact(self, rec: ArtifactRecord) -> None:
@@ -238,7 +273,7 @@ def restore_remote(export_channel: grpc.Channel, csi_channel: grpc.Channel, ref_
         for desc, diff_id in zip(art.layers, art.diff_ids):
             meter.begin(desc.digest, desc.size)
             header = export_pb2.ImportHeader(parent=parent, diff_id=diff_id, media_type=desc.media_type,
-                                             digest=desc.digest)
+                                             digest=desc.digest, capacity_bytes=art.facts.capacity_bytes or 0)
             try:  # a header-only call first: a layer the node has costs no download
                 answer = stub.ImportDiff(iter([export_pb2.ImportDiffRequest(header=header)]))
             except grpc.RpcError as exc:

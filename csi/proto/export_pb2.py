@@ -24,47 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63si/proto/export.proto\x12\x10strata.export.v1\"C\n\x0bSnapshotRef\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"B\n\x0fGetChainRequest\x12/\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1d.strata.export.v1.SnapshotRef\"{\n\nChainLayer\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x10\n\x08tar_size\x18\x05 \x01(\x04\x12\x10\n\x08\x63hain_id\x18\x06 \x01(\t\x12\x0f\n\x07\x63reated\x18\x07 \x01(\x01\"a\n\x10GetChainResponse\x12,\n\x06layers\x18\x01 \x03(\x0b\x32\x1c.strata.export.v1.ChainLayer\x12\x0e\n\x06\x64river\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\"O\n\x0e\x43hangesRequest\x12/\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1d.strata.export.v1.SnapshotRef\x12\x0c\n\x04\x62\x61se\x18\x02 \x01(\t\"\x87\x01\n\x06\x43hange\x12\x0c\n\x04path\x18\x01 \x01(\t\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x1d.strata.export.v1.Change.Kind\"B\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05\x41\x44\x44\x45\x44\x10\x01\x12\x0c\n\x08MODIFIED\x10\x02\x12\x0b\n\x07\x44\x45LETED\x10\x03\"<\n\x0f\x43hangesResponse\x12)\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x18.strata.export.v1.Change\"P\n\x0f\x44iffSizeRequest\x12/\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1d.strata.export.v1.SnapshotRef\x12\x0c\n\x04\x62\x61se\x18\x02 \x01(\t\" \n\x10\x44iffSizeResponse\x12\x0c\n\x04size\x18\x01 \x01(\x04\"\x9f\x01\n\x11\x45xportDiffRequest\x12/\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1d.strata.export.v1.SnapshotRef\x12\x0c\n\x04\x62\x61se\x18\x02 \x01(\t\x12\x17\n\x0fstarting_offset\x18\x03 \x01(\x04\x12\x32\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x1d.strata.export.v1.Compression\"\x81\x01\n\rExportSummary\x12\x12\n\nmedia_type\x18\x01 \x01(\t\x12\x0f\n\x07\x64iff_id\x18\x02 \x01(\t\x12\x19\n\x11uncompressed_size\x18\x03 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x12\n\nbytes_sent\x18\x06 \x01(\x04\"\x8d\x01\n\x12\x45xportDiffResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\nbytes_done\x18\x03 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x04\x12\x30\n\x07summary\x18\x05 \x01(\x0b\x32\x1f.strata.export.v1.ExportSummary\"S\n\x0cImportHeader\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x0f\n\x07\x64iff_id\x18\x02 \x01(\t\x12\x12\n\nmedia_type\x18\x03 \x01(\t\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\"Q\n\x11ImportDiffRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.strata.export.v1.ImportHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"h\n\x12ImportDiffResponse\x12\x10\n\x08layer_id\x18\x01 \x01(\t\x12\x10\n\x08\x63hain_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64iff_id\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x0f\n\x07\x65xisted\x18\x05 \x01(\x08*!\n\x0b\x43ompression\x12\x08\n\x04NONE\x10\x00\x12\x08\n\x04ZSTD\x10\x01\x32\xc4\x03\n\nDiffExport\x12S\n\x08GetChain\x12!.strata.export.v1.GetChainRequest\x1a\".strata.export.v1.GetChainResponse\"\x00\x12R\n\x07\x43hanges\x12 .strata.export.v1.ChangesRequest\x1a!.strata.export.v1.ChangesResponse\"\x00\x30\x01\x12S\n\x08\x44iffSize\x12!.strata.export.v1.DiffSizeRequest\x1a\".strata.export.v1.DiffSizeResponse\"\x00\x12[\n\nExportDiff\x12#.strata.export.v1.ExportDiffRequest\x1a$.strata.export.v1.ExportDiffResponse\"\x00\x30\x01\x12[\n\nImportDiff\x12#.strata.export.v1.ImportDiffRequest\x1a$.strata.export.v1.ImportDiffResponse\"\x00(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63si/proto/export.proto\x12\x10strata.export.v1\"C\n\x0bSnapshotRef\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"B\n\x0fGetChainRequest\x12/\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1d.strata.export.v1.SnapshotRef\"\x8b\x01\n\nChainLayer\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x10\n\x08tar_size\x18\x05 \x01(\x04\x12\x10\n\x08\x63hain_id\x18\x06 \x01(\t\x12\x0f\n\x07\x63reated\x18\x07 \x01(\x01\x12\x0e\n\x06origin\x18\x08 \x01(\t\"a\n\x10GetChainResponse\x12,\n\x06layers\x18\x01 \x03(\x0b\x32\x1c.strata.export.v1.ChainLayer\x12\x0e\n\x06\x64river\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\"O\n\x0e\x43hangesRequest\x12/\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1d.strata.export.v1.SnapshotRef\x12\x0c\n\x04\x62\x61se\x18\x02 \x01(\t\"\x87\x01\n\x06\x43hange\x12\x0c\n\x04path\x18\x01 \x01(\t\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x1d.strata.export.v1.Change.Kind\"B\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05\x41\x44\x44\x45\x44\x10\x01\x12\x0c\n\x08MODIFIED\x10\x02\x12\x0b\n\x07\x44\x45LETED\x10\x03\"<\n\x0f\x43hangesResponse\x12)\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x18.strata.export.v1.Change\"P\n\x0f\x44iffSizeRequest\x12/\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1d.strata.export.v1.SnapshotRef\x12\x0c\n\x04\x62\x61se\x18\x02 \x01(\t\" \n\x10\x44iffSizeResponse\x12\x0c\n\x04size\x18\x01 \x01(\x04\"\x9f\x01\n\x11\x45xportDiffRequest\x12/\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1d.strata.export.v1.SnapshotRef\x12\x0c\n\x04\x62\x61se\x18\x02 \x01(\t\x12\x17\n\x0fstarting_offset\x18\x03 \x01(\x04\x12\x32\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x1d.strata.export.v1.Compression\"\x81\x01\n\rExportSummary\x12\x12\n\nmedia_type\x18\x01 \x01(\t\x12\x0f\n\x07\x64iff_id\x18\x02 \x01(\t\x12\x19\n\x11uncompressed_size\x18\x03 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x12\n\nbytes_sent\x18\x06 \x01(\x04\"\x8d\x01\n\x12\x45xportDiffResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\nbytes_done\x18\x03 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x04\x12\x30\n\x07summary\x18\x05 \x01(\x0b\x32\x1f.strata.export.v1.ExportSummary\"k\n\x0cImportHeader\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x0f\n\x07\x64iff_id\x18\x02 \x01(\t\x12\x12\n\nmedia_type\x18\x03 \x01(\t\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x05 \x01(\x04\"Q\n\x11ImportDiffRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.strata.export.v1.ImportHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"h\n\x12ImportDiffResponse\x12\x10\n\x08layer_id\x18\x01 \x01(\t\x12\x10\n\x08\x63hain_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64iff_id\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x0f\n\x07\x65xisted\x18\x05 \x01(\x08*!\n\x0b\x43ompression\x12\x08\n\x04NONE\x10\x00\x12\x08\n\x04ZSTD\x10\x01\x32\xc4\x03\n\nDiffExport\x12S\n\x08GetChain\x12!.strata.export.v1.GetChainRequest\x1a\".strata.export.v1.GetChainResponse\"\x00\x12R\n\x07\x43hanges\x12 .strata.export.v1.ChangesRequest\x1a!.strata.export.v1.ChangesResponse\"\x00\x30\x01\x12S\n\x08\x44iffSize\x12!.strata.export.v1.DiffSizeRequest\x1a\".strata.export.v1.DiffSizeResponse\"\x00\x12[\n\nExportDiff\x12#.strata.export.v1.ExportDiffRequest\x1a$.strata.export.v1.ExportDiffResponse\"\x00\x30\x01\x12[\n\nImportDiff\x12#.strata.export.v1.ImportDiffRequest\x1a$.strata.export.v1.ImportDiffResponse\"\x00(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'csi.proto.export_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPRESSION']._serialized_start=1514
-  _globals['_COMPRESSION']._serialized_end=1547
+  _globals['_COMPRESSION']._serialized_start=1555
+  _globals['_COMPRESSION']._serialized_end=1588
   _globals['_SNAPSHOTREF']._serialized_start=44
   _globals['_SNAPSHOTREF']._serialized_end=111
   _globals['_GETCHAINREQUEST']._serialized_start=113
   _globals['_GETCHAINREQUEST']._serialized_end=179
-  _globals['_CHAINLAYER']._serialized_start=181
-  _globals['_CHAINLAYER']._serialized_end=304
-  _globals['_GETCHAINRESPONSE']._serialized_start=306
-  _globals['_GETCHAINRESPONSE']._serialized_end=403
-  _globals['_CHANGESREQUEST']._serialized_start=405
-  _globals['_CHANGESREQUEST']._serialized_end=484
-  _globals['_CHANGE']._serialized_start=487
-  _globals['_CHANGE']._serialized_end=622
-  _globals['_CHANGE_KIND']._serialized_start=556
-  _globals['_CHANGE_KIND']._serialized_end=622
-  _globals['_CHANGESRESPONSE']._serialized_start=624
-  _globals['_CHANGESRESPONSE']._serialized_end=684
-  _globals['_DIFFSIZEREQUEST']._serialized_start=686
-  _globals['_DIFFSIZEREQUEST']._serialized_end=766
-  _globals['_DIFFSIZERESPONSE']._serialized_start=768
-  _globals['_DIFFSIZERESPONSE']._serialized_end=800
-  _globals['_EXPORTDIFFREQUEST']._serialized_start=803
-  _globals['_EXPORTDIFFREQUEST']._serialized_end=962
-  _globals['_EXPORTSUMMARY']._serialized_start=965
-  _globals['_EXPORTSUMMARY']._serialized_end=1094
-  _globals['_EXPORTDIFFRESPONSE']._serialized_start=1097
-  _globals['_EXPORTDIFFRESPONSE']._serialized_end=1238
-  _globals['_IMPORTHEADER']._serialized_start=1240
-  _globals['_IMPORTHEADER']._serialized_end=1323
-  _globals['_IMPORTDIFFREQUEST']._serialized_start=1325
-  _globals['_IMPORTDIFFREQUEST']._serialized_end=1406
-  _globals['_IMPORTDIFFRESPONSE']._serialized_start=1408
-  _globals['_IMPORTDIFFRESPONSE']._serialized_end=1512
-  _globals['_DIFFEXPORT']._serialized_start=1550
-  _globals['_DIFFEXPORT']._serialized_end=2002
+  _globals['_CHAINLAYER']._serialized_start=182
+  _globals['_CHAINLAYER']._serialized_end=321
+  _globals['_GETCHAINRESPONSE']._serialized_start=323
+  _globals['_GETCHAINRESPONSE']._serialized_end=420
+  _globals['_CHANGESREQUEST']._serialized_start=422
+  _globals['_CHANGESREQUEST']._serialized_end=501
+  _globals['_CHANGE']._serialized_start=504
+  _globals['_CHANGE']._serialized_end=639
+  _globals['_CHANGE_KIND']._serialized_start=573
+  _globals['_CHANGE_KIND']._serialized_end=639
+  _globals['_CHANGESRESPONSE']._serialized_start=641
+  _globals['_CHANGESRESPONSE']._serialized_end=701
+  _globals['_DIFFSIZEREQUEST']._serialized_start=703
+  _globals['_DIFFSIZEREQUEST']._serialized_end=783
+  _globals['_DIFFSIZERESPONSE']._serialized_start=785
+  _globals['_DIFFSIZERESPONSE']._serialized_end=817
+  _globals['_EXPORTDIFFREQUEST']._serialized_start=820
+  _globals['_EXPORTDIFFREQUEST']._serialized_end=979
+  _globals['_EXPORTSUMMARY']._serialized_start=982
+  _globals['_EXPORTSUMMARY']._serialized_end=1111
+  _globals['_EXPORTDIFFRESPONSE']._serialized_start=1114
+  _globals['_EXPORTDIFFRESPONSE']._serialized_end=1255
+  _globals['_IMPORTHEADER']._serialized_start=1257
+  _globals['_IMPORTHEADER']._serialized_end=1364
+  _globals['_IMPORTDIFFREQUEST']._serialized_start=1366
+  _globals['_IMPORTDIFFREQUEST']._serialized_end=1447
+  _globals['_IMPORTDIFFRESPONSE']._serialized_start=1449
+  _globals['_IMPORTDIFFRESPONSE']._serialized_end=1553
+  _globals['_DIFFEXPORT']._serialized_start=1591
+  _globals['_DIFFEXPORT']._serialized_end=2043
 # @@protoc_insertion_point(module_scope)

@@ -31,7 +31,7 @@ class GetChainRequest(_message.Message):
     def __init__(self, snapshot: _Optional[_Union[SnapshotRef, _Mapping]] = ...) -> None: ...
 
 class ChainLayer(_message.Message):
-    __slots__ = ("id", "parent", "size", "digest", "tar_size", "chain_id", "created")
+    __slots__ = ("id", "parent", "size", "digest", "tar_size", "chain_id", "created", "origin")
     ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class ChainLayer(_message.Message):
     TAR_SIZE_FIELD_NUMBER: _ClassVar[int]
     CHAIN_ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
     id: str
     parent: str
     size: int
@@ -46,7 +47,8 @@ class ChainLayer(_message.Message):
     tar_size: int
     chain_id: str
     created: float
-    def __init__(self, id: _Optional[str] = ..., parent: _Optional[str] = ..., size: _Optional[int] = ..., digest: _Optional[str] = ..., tar_size: _Optional[int] = ..., chain_id: _Optional[str] = ..., created: _Optional[float] = ...) -> None: ...
+    origin: str
+    def __init__(self, id: _Optional[str] = ..., parent: _Optional[str] = ..., size: _Optional[int] = ..., digest: _Optional[str] = ..., tar_size: _Optional[int] = ..., chain_id: _Optional[str] = ..., created: _Optional[float] = ..., origin: _Optional[str] = ...) -> None: ...
 
 class GetChainResponse(_message.Message):
     __slots__ = ("layers", "driver", "node_id")
@@ -147,16 +149,18 @@ class ExportDiffResponse(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., summary: _Optional[_Union[ExportSummary, _Mapping]] = ...) -> None: ...
 
 class ImportHeader(_message.Message):
-    __slots__ = ("parent", "diff_id", "media_type", "digest")
+    __slots__ = ("parent", "diff_id", "media_type", "digest", "capacity_bytes")
     PARENT_FIELD_NUMBER: _ClassVar[int]
     DIFF_ID_FIELD_NUMBER: _ClassVar[int]
     MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     parent: str
     diff_id: str
     media_type: str
     digest: str
-    def __init__(self, parent: _Optional[str] = ..., diff_id: _Optional[str] = ..., media_type: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
+    capacity_bytes: int
+    def __init__(self, parent: _Optional[str] = ..., diff_id: _Optional[str] = ..., media_type: _Optional[str] = ..., digest: _Optional[str] = ..., capacity_bytes: _Optional[int] = ...) -> None: ...
 
 class ImportDiffRequest(_message.Message):
     __slots__ = ("header", "data")

@@ -4,7 +4,8 @@ snapshots as chains of OCI layer diffs, for backup sidecars, backup tools and ot
 RPCs (all through the one error seam, :mod:`csi.services.status`)::
 
     GetChain(snapshot)            the visible frozen ancestors and the snapshot, oldest first:
-                                  id, parent, diff_size, digest (diff_id), tar size, ChainID
+                                  id, parent, diff_size, digest (diff_id), tar size, ChainID,
+                                  created, origin (the volume it was frozen from)
     Changes(snapshot, base)       stream of (path, added|modified|deleted), batched
     DiffSize(snapshot, base)      driver.diff_size
     ExportDiff(snapshot, base,    stream of ~1 MiB chunks of the OCI layer tar of what snapshot
@@ -19,11 +20,22 @@ Contract:
   INVALID_ARGUMENT) or a VolumeSnapshot ``namespace/name`` (resolved through the API by
   :class:`csi.peers.snapshots.SnapshotResolver`); on the unix socket a raw frozen layer ID
   (as GetChain lists) is accepted too. ``base`` is "" (everything), a snapshot handle or a
-  GetChain ID of an ancestor. A base that exists but is not a *visible ancestor* of the
-  snapshot (another volume's snapshot, a descendant, the snapshot itself) is
-  **FAILED_PRECONDITION** — the request is well formed and both objects exist, but the pair
-  cannot be compared: what CSI's SnapshotMetadata and backup tools treat as "fall back to a
-  full export"; a base that does not exist (or was deleted: a hidden layer) is NOT_FOUND.
+  GetChain ID of either a *visible ancestor* of the snapshot or a *sibling*: a visible frozen
+  layer with the snapshot's ``origin`` (a snapshot of the same volume) and an earlier
+  ``created`` — on vfs, btrfs and devicemapper two snapshots of one volume both have the
+  volume's parent as parent, and the daily backup of the second builds on the first's
+  (``driver.diff`` compares any two layers: the naive differ walks both trees, overlay falls
+  back to it for a base that is not the parent). Any other base (another volume's snapshot,
+  a newer snapshot or a descendant, the snapshot itself) is **FAILED_PRECONDITION** — the
+  request is well formed and both objects exist, but the pair is not offered: what CSI's
+  SnapshotMetadata and backup tools treat as "fall back to a full export"; a base that does
+  not exist (or was deleted: a hidden layer) is NOT_FOUND. GetChain reports each layer's
+  ``origin`` (the CSI volume handle for a CSI volume) so a client can find such a sibling.
+  **Access**: only the named snapshot is authorized (on TCP a VolumeSnapshot the caller may
+  ``get``); the base is never checked on its own. That is sound because a base is an
+  ancestor (part of the snapshot's own content history) or a snapshot *of the same volume*
+  — the same-origin rule is what keeps a sibling base from widening access to another
+  volume's data.
 * **Digests are cached.** A diff_id costs a walk of the data, so it is remembered in the
   export cache (:class:`csi.backup.ExportIndex`, shared with ``strata backup``, keyed by layer,
   base and the layer's creation time): GetChain computes each missing one once, every complete
@@ -39,7 +51,7 @@ Contract:
   (``existed``, once the client's stream ended) and nothing is applied; a *header-only* call
   is a cheap question — ``existed``, or NOT_FOUND when the layer is missing. Otherwise, as
   :mod:`csi.backup.restore` does:
-  ``create(ocitmp-…, parent)``, ``apply_diff`` of the (decompressed) stream while hashing, drain,
+  ``create(ocitmp-…, parent)`` (a parentless one of the header's ``capacity_bytes``), ``apply_diff`` of the (decompressed) stream while hashing, drain,
   compare both digests, ``freeze(tmp, oci-<ChainID>)``, ``remove(tmp)``; any failure removes
   the temporary layer (DATA_LOSS on a digest mismatch), a kill -9 leaves an ``ocitmp-`` layer
   that :func:`csi.backup.sweep_temporaries` removes at start-up. The final ID never exists
@@ -73,7 +85,7 @@ from csi.backup.media import (LAYER_TAR, LAYER_TAR_GZIP, LAYER_TAR_ZSTD, LAYER_T
                               check_digest)
 from csi.errors import (AlreadyExists, DigestMismatch, FailedPrecondition, InvalidArgument, NotFound, OutOfRange,
                         PermissionDenied, Unauthenticated)
-from csi.graphdriver.driver import ChangeKind, Driver, Layer
+from csi.graphdriver.driver import ChangeKind, CreateOpts, Driver, Layer
 from csi.ids import is_layer_id
 from csi.peers.auth import (AccessReviewer, Authorizer, TokenAuthInterceptor, TokenReviewer, allow_service_accounts,
                              by_method, caller_of, preload_client)
@@ -163,6 +175,12 @@ class _Requests(ReadStream):
         return "sha256:" + self._hash.hexdigest()
 
 
+def _sibling(snapshot: Layer, base: Layer) -> bool:
+    """``base`` is an older frozen snapshot of the volume ``snapshot`` was taken of."""
+    return (base.frozen and base.id != snapshot.id and snapshot.origin is not None
+            and base.origin == snapshot.origin and base.created < snapshot.created)
+
+
 class ExportBackend:
     """The service's work on one node's driver (no gRPC in here)."""
 
@@ -202,17 +220,29 @@ class ExportBackend:
         return layer
 
     def base(self, snapshot: Layer, value: str) -> Layer | None:
-        """The visible ancestor ``value`` names (see the module docstring for the codes)."""
+        """The base ``value`` names: a visible ancestor of ``snapshot``, or an older frozen
+        snapshot of the same volume (see the module docstring for the codes)."""
         if not value:
             return None
         layer_id = self._layer_of(value, "base", True)
         if not self.driver.exists(layer_id):
             raise NotFound(f"base {value} does not exist on node {self.node_id} (deleted snapshots cannot be bases)")
         ancestors = [l.id for l in self.driver.chain(snapshot.id)[1:]]
-        if layer_id not in ancestors:
-            raise FailedPrecondition(f"base {value} is not an ancestor of snapshot {self.public_id(snapshot.id)}: "
-                                     "the pair cannot be compared; export without a base")
-        return self.driver.layer(layer_id)
+        base = self.driver.layer(layer_id)
+        if layer_id in ancestors or _sibling(snapshot, base):
+            return base
+        raise FailedPrecondition(f"base {value} is neither an ancestor of snapshot {self.public_id(snapshot.id)} "
+                                 "nor an older snapshot of the same volume: the pair is not offered; export "
+                                 "without a base")
+
+    def public_origin(self, layer: Layer) -> str:
+        """GetChain's ``origin``: the CSI volume handle of a ``vol-`` layer, else the layer ID."""
+        if not layer.origin:
+            return ""
+        try:
+            return make_id(layer.origin, self.node_id)
+        except InvalidArgument:  # not a CSI volume's layer (a bare driver's writable layer)
+            return layer.origin
 
     # ------------------------------------------------------------------ digests
 
@@ -385,7 +415,9 @@ class ExportBackend:
                            f"{self.node_id}: send its data")
         tmp = temp_layer_id()
         parent_id = parent.id if parent else None
-        self.driver.create(tmp, parent_id)
+        # a bottom layer holds the whole volume: as big as the backup's capacity says
+        self.driver.create(tmp, parent_id, CreateOpts(size_bytes=header.capacity_bytes)
+                           if parent_id is None and header.capacity_bytes else None)
         try:
             stream: IO[bytes] = data  # type: ignore[assignment]
             if media_type == LAYER_TAR_ZSTD:
@@ -502,7 +534,8 @@ class DiffExportService(export_pb2_grpc.DiffExportServicer):
     def GetChain(self, request: export_pb2.GetChainRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
         snapshot = self._snapshot(context, request.snapshot)
         layers = [export_pb2.ChainLayer(id=e.id, parent=e.base_id, size=e.size, digest=e.diff_id,
-                                        tar_size=e.tar_size, chain_id=e.chain_id, created=e.layer.created)
+                                        tar_size=e.tar_size, chain_id=e.chain_id, created=e.layer.created,
+                                        origin=self.backend.public_origin(e.layer))
                   for e in self.backend.chain(snapshot)]
         return export_pb2.GetChainResponse(layers=layers, driver=self.backend.driver.name,
                                            node_id=self.backend.node_id)
