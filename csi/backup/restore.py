@@ -9,7 +9,10 @@ Contract of :func:`restore`:
    up from the bottom, a layer this node has is reused: an imported one, or — with the export
    cache — the very layer the backup was made from, when the cache says its diff has this
    diff_id. Nothing is pulled for them; a second restore of the same artifact pulls nothing.
-3. Each missing layer is imported through the contract: ``create(ocitmp-<random>, parent)``,
+3. Each missing layer is imported through the contract: ``create(ocitmp-<random>, parent)``
+   (the bottom layer, which holds the whole volume, with the artifact's capacity as its size:
+   on devicemapper a layer without one gets the pool's base size, too small for a bigger
+   volume's data),
    ``apply_diff`` of the blob streamed from the target (decompressed on the fly for zstd) while
    both the blob digest and the diff_id are computed, the rest of the stream drained and both
    digests checked, then ``freeze(tmp, oci-<chain id>)`` and ``remove(tmp)``. The final ID exists
@@ -32,7 +35,7 @@ from csi.backup.media import (LAYER_TAR, LAYER_TAR_GZIP, LAYER_TAR_ZSTD, Artifac
 from csi.backup.progress import Meter, MeteredReader, ProgressCallback
 from csi.backup.target import Target, VerifyingReader
 from csi.errors import AlreadyExists, DigestMismatch, InvalidArgument, NotFound
-from csi.graphdriver import Driver
+from csi.graphdriver import CreateOpts, Driver
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +84,12 @@ def _original(driver: Driver, index: ExportIndex | None, art: Artifact, i: int, 
 
 
 def _import(driver: Driver, target: Target, desc: Descriptor, diff_id: str, parent: str | None, final: str,
-            meter: Meter) -> None:
+            meter: Meter, capacity: int | None = None) -> None:
     if desc.media_type == LAYER_TAR and desc.digest != diff_id:
         raise DigestMismatch(f"layer {desc.digest} is an uncompressed tar, but the config gives it the diff_id "
                              f"{diff_id}: the artifact is inconsistent")
     tmp = temp_layer_id()
-    driver.create(tmp, parent)
+    driver.create(tmp, parent, CreateOpts(size_bytes=capacity) if parent is None and capacity else None)
     try:
         blob = target.open_blob(desc.digest, desc.size)
         try:
@@ -151,7 +154,7 @@ def restore(driver: Driver, target: Target, digest: str, *, index: ExportIndex |
         desc, final = art.layers[i], ids[i]
         meter.begin(desc.digest, desc.size)
         if not driver.exists(final):  # a concurrent restore may have made it meanwhile
-            _import(driver, target, desc, art.diff_ids[i], parent, final, meter)
+            _import(driver, target, desc, art.diff_ids[i], parent, final, meter, art.facts.capacity_bytes)
             imported.append(final)
             log.info("restore: imported blob %s as layer %s", desc.digest, final)
         meter.end_blob(desc.digest)
