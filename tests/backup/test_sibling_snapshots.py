@@ -45,7 +45,8 @@ def node(request: pytest.FixtureRequest) -> tuple[object, Path]:
     drv.cleanup()  # type: ignore[attr-defined]
 
 
-def _fill(root: Path) -> None:
+def fill_volume(root: Path) -> None:
+    """The volume's first content: fill_base, 6 MiB of random data in bulk/, old-dir/inner/x."""
     fill_base(root)
     (root / "bulk").mkdir()
     for i in range(BULK_FILES):
@@ -81,7 +82,7 @@ def _volume(drv: object) -> str:
     drv.create("vol")  # type: ignore[attr-defined]
     root = drv.get("vol")  # type: ignore[attr-defined]
     try:
-        _fill(root)
+        fill_volume(root)
     finally:
         drv.put("vol")  # type: ignore[attr-defined]
     return "vol"
