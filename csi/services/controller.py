@@ -107,14 +107,20 @@ class ControllerService(PluginService, csi_pb2_grpc.ControllerServicer):
         return record
 
     def _volume_message(self, v: VolumeRecord, context: dict[str, str] | None = None) -> csi_pb2.Volume:
-        source = None
+        volume = csi_pb2.Volume(volume_context=context or {})
+        self._fill_volume(volume, v, csi_pb2.Topology(segments=self.plugin.topology()))
+        return volume
+
+    def _fill_volume(self, volume: csi_pb2.Volume, v: VolumeRecord, topology: csi_pb2.Topology) -> None:
+        """Set ``volume``'s fields from the record, in place (a page of ListVolumes fills the
+        entries of its response: building and copying a message per entry was most of a page)."""
+        volume.volume_id = self._vid(v.layer)
+        volume.capacity_bytes = v.capacity
         if v.source_kind == "snapshot":
-            source = csi_pb2.VolumeContentSource(snapshot={"snapshot_id": v.source_id})
+            volume.content_source.snapshot.snapshot_id = v.source_id
         elif v.source_kind == "volume":
-            source = csi_pb2.VolumeContentSource(volume={"volume_id": v.source_id})
-        return csi_pb2.Volume(volume_id=self._vid(v.layer), capacity_bytes=v.capacity, content_source=source,
-                              volume_context=context or {},
-                              accessible_topology=[csi_pb2.Topology(segments=self.plugin.topology())])
+            volume.content_source.volume.volume_id = v.source_id
+        volume.accessible_topology.append(topology)
 
     def _snapshot_message(self, s: SnapshotRecord) -> csi_pb2.Snapshot:
         return csi_pb2.Snapshot(snapshot_id=self._vid(s.layer), source_volume_id=self._vid(s.source_layer),
@@ -321,9 +327,11 @@ class ControllerService(PluginService, csi_pb2_grpc.ControllerServicer):
         page, token = rows[:limit] if limit else rows, ""
         if limit and len(rows) > limit:
             token = issue_token(self.plugin.paging_key, "volumes", page[-1].layer)
-        return csi_pb2.ListVolumesResponse(
-            entries=[csi_pb2.ListVolumesResponse.Entry(volume=self._volume_message(v)) for v in page],
-            next_token=token)
+        response = csi_pb2.ListVolumesResponse(next_token=token)
+        topology = csi_pb2.Topology(segments=self.plugin.topology())  # once per page
+        for v in page:
+            self._fill_volume(response.entries.add().volume, v, topology)
+        return response
 
     def GetCapacity(self, request: csi_pb2.GetCapacityRequest,
                     context: grpc.ServicerContext) -> csi_pb2.GetCapacityResponse:
