@@ -6,11 +6,13 @@
   its ancestors; a path that does not exist yet is asked about through its nearest existing
   ancestor (:func:`existing_ancestor`);
 * :func:`fsync_dir` — make a directory's entries (a create, rename or unlink in it) durable;
+  :func:`fsync_path` — a file's or directory's content and metadata, never through a symlink;
 * :func:`parse_size` — ``"10G"``, ``"64M"``, ``"512KiB"``, ``"4096"`` to bytes (binary units).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -54,7 +56,20 @@ def fstype_at(path: str | os.PathLike[str]) -> str:
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """fsync a directory, so the names created, renamed or removed in it survive a power cut."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fsync_path(path, directory=True)
+
+
+def fsync_path(path: str | os.PathLike[str], *, directory: bool = False, missing_ok: bool = False) -> None:
+    """fsync the file (or, with ``directory``, the directory) at ``path``, never through a
+    symlink. ``missing_ok``: a path that is gone, or is no longer that kind of entry, has
+    nothing of its own to sync and is skipped."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if missing_ok and exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+            return
+        raise
     try:
         os.fsync(fd)
     finally:

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from csi.host.fsinfo import fsync_dir
+from csi.host.fsinfo import fsync_dir, fsync_path
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 _CHUNK = 8 << 20
@@ -100,7 +100,7 @@ class TreeCopier:
             self._walk(pending, directories)
             if outer and self._unsynced:
                 for path in self._unsynced:
-                    _fsync_path(path)
+                    fsync_path(path)
         finally:
             if outer:
                 self._unsynced = None
@@ -195,14 +195,6 @@ def copy_file_content(src: Path, dst: Path, size: int, *, reflink: bool = True, 
         elif writeback and not cloned and size > 0:
             os.posix_fadvise(fout.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # starts writeback of dirty pages
         return cloned
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def copy_sparse(fd_in: int, fd_out: int, size: int) -> None:

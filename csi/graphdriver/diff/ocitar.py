@@ -68,6 +68,7 @@ from typing import IO, Any
 
 from csi.errors import InvalidArgument
 from csi.graphdriver.diff.whiteouts import MemberKind, classify, is_private_xattr, normalise, opaque_name, whiteout_name
+from csi.host.fsinfo import fsync_path
 from csi.host.pipestream import send_file_data, write_all
 from csi.host.treecopy import remove_tree
 
@@ -600,27 +601,12 @@ class LayerTarApplier:
                 os.utime(path, ns=(ns, ns), follow_symlinks=False)
         self._dir_times.clear()
         for path in self._written:
-            _fsync(path, os.O_RDONLY)
+            fsync_path(path, missing_ok=True)  # a later member may have replaced or removed it
         for rel in sorted(self._touched, key=lambda r: r.count("/") + bool(r), reverse=True):
-            _fsync(self.path(rel), os.O_RDONLY | os.O_DIRECTORY)
+            fsync_path(self.path(rel), directory=True, missing_ok=True)
         self._written.clear()
         self._touched = {""}
         return self.bytes_written
-
-
-def _fsync(path: Path, flags: int) -> None:
-    """fsync ``path`` (never through a symlink); a path a later member replaced by another
-    kind of entry, or removed, has nothing of its own left to sync."""
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
-            return
-        raise
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sparse_size(member: tarfile.TarInfo) -> int:
