@@ -2,7 +2,7 @@
 pays for a call that does nothing, and for one that makes a single record durable, served
 by a Python gRPC server of the same library on the same kind of unix socket.
 
-``python -m csi.bench.floor SOCKET DATABASE`` serves ``csi.v1.Identity`` (the CSI stubs, so
+The server process (:func:`serve` with SOCKET and DATABASE) serves ``csi.v1.Identity`` (the CSI stubs, so
 the messages are as small as a CSI call's), nothing of strata's own code:
 
 * ``Probe`` answers at once: the **RPC floor** — the gRPC stack, the socket, the thread
@@ -37,6 +37,8 @@ from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc as pb_grpc
 
 START_LIMIT_S = 30.0
+# the server process's entry (not ``-m``: csi.bench imports this module before runpy would run it)
+_SERVE = "import sys; from pathlib import Path; from csi.bench.floor import serve; serve(Path(sys.argv[1]), Path(sys.argv[2]))"
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ def _rate(socket: Path, clients: int, calls_each: int) -> float:
 def measure(workdir: Path, rounds: int, clients: int) -> Floor:
     """The floor on the filesystem of ``workdir``; what it makes there is removed afterwards."""
     socket, database = workdir / "f.sock", workdir / "floor.db"  # a short socket name: sun_path is 108 bytes
-    proc = subprocess.Popen([sys.executable, "-m", "csi.bench.floor", str(socket), str(database)],
+    proc = subprocess.Popen([sys.executable, "-c", _SERVE, str(socket), str(database)],
                             stdin=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2])
     try:
         channel = grpc.insecure_channel(f"unix://{socket}")
@@ -151,6 +153,3 @@ def measure(workdir: Path, rounds: int, clients: int) -> Floor:
             os.unlink(leftover)
     return Floor(rpc, durable, clients, rate)
 
-
-if __name__ == "__main__":
-    serve(Path(sys.argv[1]), Path(sys.argv[2]))
