@@ -260,6 +260,13 @@ def _present(driver: Driver, rec: ArtifactRecord) -> Layer | None:
     return layer if layer.frozen and layer.created == rec.created else None
 
 
+def older_sibling(snapshot: Layer, base: Layer) -> bool:
+    """``base`` is an older frozen snapshot of the volume ``snapshot`` was taken of (the same
+    ``Layer.origin``): a base a snapshot may be diffed against besides its ancestors."""
+    return (base.frozen and base.id != snapshot.id and snapshot.origin is not None
+            and base.origin == snapshot.origin and base.created < snapshot.created)
+
+
 def incremental_base(driver: Driver, top: Layer, index: ExportIndex, location: str, media_type: str,
                      target: Target, max_increments: int = MAX_INCREMENTS) -> ArtifactRecord | None:
     """The earlier backup at ``location`` the snapshot ``top`` is written on top of (see the
@@ -275,7 +282,7 @@ def incremental_base(driver: Driver, top: Layer, index: ExportIndex, location: s
         base = _present(driver, rec) if rec.layer_id != top.id else None
         if base is None or base.created >= top.created:
             continue
-        if not (top.origin is not None and base.origin == top.origin):
+        if not older_sibling(top, base):
             if ancestors is None:
                 ancestors = set(_chain_ids(driver, top)[1:])
             if base.id not in ancestors:

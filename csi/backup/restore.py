@@ -83,13 +83,19 @@ def _original(driver: Driver, index: ExportIndex | None, art: Artifact, i: int, 
     return source if rec is not None and rec.diff_id == art.diff_ids[i] else None
 
 
+def create_import_layer(driver: Driver, layer_id: str, parent: str | None, capacity: int | None) -> None:
+    """Create the layer a diff is imported into: a bottom one (no parent) holds the whole volume,
+    so it is made as big as the backup's capacity says (when it says one)."""
+    driver.create(layer_id, parent, CreateOpts(size_bytes=capacity) if parent is None and capacity else None)
+
+
 def _import(driver: Driver, target: Target, desc: Descriptor, diff_id: str, parent: str | None, final: str,
             meter: Meter, capacity: int | None = None) -> None:
     if desc.media_type == LAYER_TAR and desc.digest != diff_id:
         raise DigestMismatch(f"layer {desc.digest} is an uncompressed tar, but the config gives it the diff_id "
                              f"{diff_id}: the artifact is inconsistent")
     tmp = temp_layer_id()
-    driver.create(tmp, parent, CreateOpts(size_bytes=capacity) if parent is None and capacity else None)
+    create_import_layer(driver, tmp, parent, capacity)
     try:
         blob = target.open_blob(desc.digest, desc.size)
         try:

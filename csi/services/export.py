@@ -79,13 +79,14 @@ from typing import IO, Any, Protocol
 
 import grpc
 
-from csi.backup.export import export_chain
+from csi.backup.export import export_chain, older_sibling
 from csi.backup.index import ExportIndex, ExportRecord, IMPORTED_PREFIX, imported_layer_id, temp_layer_id
 from csi.backup.media import (LAYER_TAR, LAYER_TAR_GZIP, LAYER_TAR_ZSTD, LAYER_TYPES, HashingReader, chain_id,
                               check_digest)
+from csi.backup.restore import create_import_layer
 from csi.errors import (AlreadyExists, DigestMismatch, FailedPrecondition, InvalidArgument, NotFound, OutOfRange,
                         PermissionDenied, Unauthenticated)
-from csi.graphdriver.driver import ChangeKind, CreateOpts, Driver, Layer
+from csi.graphdriver.driver import ChangeKind, Driver, Layer
 from csi.ids import is_layer_id
 from csi.peers.auth import (AccessReviewer, Authorizer, TokenAuthInterceptor, TokenReviewer, allow_service_accounts,
                              by_method, caller_of, preload_client)
@@ -175,12 +176,6 @@ class _Requests(ReadStream):
         return "sha256:" + self._hash.hexdigest()
 
 
-def _sibling(snapshot: Layer, base: Layer) -> bool:
-    """``base`` is an older frozen snapshot of the volume ``snapshot`` was taken of."""
-    return (base.frozen and base.id != snapshot.id and snapshot.origin is not None
-            and base.origin == snapshot.origin and base.created < snapshot.created)
-
-
 class ExportBackend:
     """The service's work on one node's driver (no gRPC in here)."""
 
@@ -229,7 +224,7 @@ class ExportBackend:
             raise NotFound(f"base {value} does not exist on node {self.node_id} (deleted snapshots cannot be bases)")
         ancestors = [l.id for l in self.driver.chain(snapshot.id)[1:]]
         base = self.driver.layer(layer_id)
-        if layer_id in ancestors or _sibling(snapshot, base):
+        if layer_id in ancestors or older_sibling(snapshot, base):
             return base
         raise FailedPrecondition(f"base {value} is neither an ancestor of snapshot {self.public_id(snapshot.id)} "
                                  "nor an older snapshot of the same volume: the pair is not offered; export "
@@ -415,9 +410,7 @@ class ExportBackend:
                            f"{self.node_id}: send its data")
         tmp = temp_layer_id()
         parent_id = parent.id if parent else None
-        # a bottom layer holds the whole volume: as big as the backup's capacity says
-        self.driver.create(tmp, parent_id, CreateOpts(size_bytes=header.capacity_bytes)
-                           if parent_id is None and header.capacity_bytes else None)
+        create_import_layer(self.driver, tmp, parent_id, header.capacity_bytes)
         try:
             stream: IO[bytes] = data  # type: ignore[assignment]
             if media_type == LAYER_TAR_ZSTD:
