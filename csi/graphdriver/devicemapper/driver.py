@@ -72,7 +72,7 @@ from csi.graphdriver.devicemapper import ioctl as dm
 from csi.graphdriver.devicemapper import thinmeta
 from csi.graphdriver.driver import BlockMap, Capacity, Layer, Reconciliation
 from csi.graphdriver.layered import LayerDriver
-from csi.host.fsinfo import parse_size
+from csi.host.fsinfo import fsync_path, parse_size
 from csi.host.atomicfile import write_atomic
 
 log = logging.getLogger(__name__)
@@ -81,16 +81,6 @@ LOOP_WARNING = ("devicemapper runs on sparse loop files (dm.loopback=true): for 
                 "never production; give a real thin pool with dm.thinpooldev")
 FILESYSTEMS = ("ext4", "xfs")
 XFS_MIN_BYTES = 300 << 20  # mkfs.xfs refuses smaller filesystems
-
-
-def _fsync(path: Path, flags: int = 0) -> None:
-    """fsync a directory (``os.O_DIRECTORY``) or a block device: the latter writes back its
-    page cache, what its users wrote without O_DIRECT."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 
@@ -355,7 +345,8 @@ class DevmapperDriver(LayerDriver):
         origin_name = self._dev_name(origin.id)
         active = dm.exists(origin_name)
         if active and origin.block:
-            _fsync(dm.device_path(origin_name))  # buffered writes of the device's users
+            # the kernel's /dev/dm-N node (no symlink): writes back the buffered writes of the device's users
+            fsync_path(dm.device_path(origin_name))
         if active:
             dm.suspend(origin_name)
         try:
