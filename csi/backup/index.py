@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from csi.backup.media import Descriptor, LayerFacts, check_digest
+from csi.errors import InvalidArgument
 from csi.graphdriver import Driver
 from csi.ids import check_layer_id
 from csi.host.atomicfile import write_atomic
@@ -143,14 +144,15 @@ class ArtifactRecord:
     @classmethod
     def from_json(cls, raw: object) -> ArtifactRecord | None:
         """The record, or None for anything malformed (a lost record only costs a full backup)."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("layers"), list):
+            return None
         try:
-            assert isinstance(raw, dict)
             layers = tuple(LayerFacts(str(l["source"]), check_digest(l["diff_id"]),
                                       Descriptor(str(l["media_type"]), check_digest(l["digest"]), int(l["size"])))
                            for l in raw["layers"])
             rec = cls(str(raw["layer_id"]), float(raw["created"]), str(raw["location"]), str(raw["media_type"]),
                       layers, int(raw["increments"]), str(raw.get("manifest", "")))
-        except (AssertionError, KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, InvalidArgument):  # InvalidArgument: a malformed digest
             return None
         return rec if rec.layers and rec.increments >= 0 else None
 
@@ -208,7 +210,7 @@ class ExportIndex:
             rec = ExportRecord(**{**raw, "locations": tuple(raw.get("locations", ()))})
             check_digest(rec.digest)
             check_digest(rec.diff_id)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, InvalidArgument):  # InvalidArgument: a malformed digest
             return None
         return rec if rec.created == created else None
 
@@ -242,7 +244,8 @@ class ExportIndex:
         """Drop records (diffs and artifacts) of layers the driver no longer has; returns how many."""
         with self._locked():
             records, artifacts = self._load_all()
-            keep = {k: v for k, v in records.items() if driver.exists(str(v.get("layer_id", "")))}
+            keep = {k: v for k, v in records.items()
+                    if isinstance(v, dict) and driver.exists(str(v.get("layer_id", "")))}
             kept = {k: v for k, v in artifacts.items()
                     if isinstance(v, dict) and driver.exists(str(v.get("layer_id", "")))}
             dropped = len(records) - len(keep) + len(artifacts) - len(kept)
