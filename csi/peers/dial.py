@@ -6,7 +6,9 @@ to that node's TCP listener (TLS, this process's ServiceAccount token on every c
 the cached address and channel after a call failed, so the next ``dial`` looks it up again.
 
 * :class:`CachingDialer` — the shared machinery: a ``resolve(node) -> HOST:PORT`` function,
-  an address and a channel cached per node, both dropped by ``forget``.
+  an address and a channel cached per node, both dropped by ``forget``; ``connect(node,
+  port)`` opens a TLS socket to another port of the node's address (the bulk lane,
+  :mod:`csi.peers.bulk`), trusting the same CA and checking the same name.
 * :class:`StaticDialer` — addresses given up front (tests, a cluster without the API).
 * :class:`csi.peers.kubedial.KubernetesDialer` — the Node's InternalIP from the API.
 * :func:`call_node` — one unary call to a node through a dialer: a channel failure
@@ -20,6 +22,8 @@ Callers raise :class:`csi.errors.Unavailable` naming the node when it cannot be 
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -28,7 +32,7 @@ from typing import Protocol, TypeVar
 import grpc
 
 from csi.errors import Relayed, Unavailable
-from csi.peers.tls import client_channel
+from csi.peers.tls import client_channel, client_context
 
 TokenSource = Callable[[], str]
 T = TypeVar("T")
@@ -42,6 +46,9 @@ class PeerDialer(Protocol):
     def forget(self, node_id: str) -> None:
         """A call to ``node_id`` failed: drop its cached channel and address."""
 
+    def connect(self, node_id: str, port: int, timeout: float = 10.0) -> ssl.SSLSocket:
+        """A TLS socket to ``port`` at ``node_id``'s address; Unavailable naming the node."""
+
 
 class CachingDialer:
     """Node ID -> ``resolve(node)`` (``HOST:PORT``, cached); TLS trusting ``ca`` (checking
@@ -54,6 +61,7 @@ class CachingDialer:
         self._ca, self._token, self._server_name = ca, token, server_name or None
         self._addresses: dict[str, str] = {}
         self._channels: dict[str, grpc.Channel] = {}
+        self._context: ssl.SSLContext | None = None
         self._lock = threading.Lock()
 
     def address(self, node_id: str) -> str:
@@ -73,6 +81,21 @@ class CachingDialer:
                 channel = self._channels[node_id] = client_channel(address, self._ca, self._token,
                                                                    server_name=self._server_name)
             return channel
+
+    def connect(self, node_id: str, port: int, timeout: float = 10.0) -> ssl.SSLSocket:
+        host = self.address(node_id).rpartition(":")[0].strip("[]")
+        if self._context is None:
+            self._context = client_context(self._ca)
+        try:
+            raw = socket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            raise Unavailable(f"node {node_id} cannot be reached at {host} port {port}: {exc.strerror or exc}") from exc
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return self._context.wrap_socket(raw, server_hostname=self._server_name or host)
+        except (OSError, ssl.SSLError) as exc:
+            raw.close()
+            raise Unavailable(f"node {node_id} at {host} port {port}: TLS failed: {exc}") from exc
 
     def forget(self, node_id: str) -> None:
         with self._lock:

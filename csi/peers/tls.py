@@ -16,14 +16,20 @@ Contract:
   overriding the name checked in the server's certificate), with a bearer token sent on every
   call from ``token`` (a string, or a callable re-read per call — a projected ServiceAccount
   token file rotates).
+* The same for a plain socket (the bulk lane, :mod:`csi.peers.bulk`): :class:`ServerContexts`
+  — an ``ssl.SSLContext`` for the server's files, made again when they change (as the gRPC
+  credentials above); :func:`client_context` — a context trusting ``ca`` that checks the
+  server's name. TLS 1.2 at least; plain TCP is never offered.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 from collections.abc import Callable
+from typing import Generic, TypeVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +38,7 @@ import grpc
 from csi.errors import InvalidArgument, StrataError
 
 log = logging.getLogger("strata.peers.tls")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -63,54 +70,96 @@ def _mtimes(files: TlsFiles) -> tuple[int, ...]:
     return tuple(out)
 
 
-class _Reloader:
-    """The certificate fetcher gRPC calls at each handshake."""
+def _grpc_configuration(f: TlsFiles) -> grpc.ServerCertificateConfiguration:
+    pair = (_read(f.key, "key"), _read(f.cert, "certificate"))
+    ca = _read(f.ca, "CA bundle") if f.ca else None
+    return grpc.ssl_server_certificate_configuration([pair], root_certificates=ca)
 
-    def __init__(self, files: TlsFiles) -> None:
+
+def _ssl_context(f: TlsFiles) -> ssl.SSLContext:
+    _read(f.cert, "certificate"), _read(f.key, "key")  # the same errors as the gRPC listener's
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(f.cert, f.key)
+        if f.ca is not None:
+            context.load_verify_locations(cadata=_read(f.ca, "CA bundle").decode())
+    except (ssl.SSLError, OSError) as exc:
+        raise InvalidArgument(f"cannot use TLS certificate {f.cert} with key {f.key}: {exc}") from exc
+    if f.require_client_cert:
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class _Watched(Generic[T]):
+    """``make(files)``, made again when the files' modification times change; a pair that
+    cannot be loaded yet keeps the previous one (and is tried again at the next look)."""
+
+    def __init__(self, files: TlsFiles, make: Callable[[TlsFiles], T]) -> None:
         if files.require_client_cert and files.ca is None:
             raise InvalidArgument("client certificates are required but no CA bundle is given")
-        self.files = files
+        self.files, self._make = files, make
         self._lock = threading.Lock()
         self._seen = _mtimes(files)
-        self.initial = self._configuration()
+        self.value = make(files)
 
-    def _configuration(self) -> grpc.ServerCertificateConfiguration:
-        f = self.files
-        pair = (_read(f.key, "key"), _read(f.cert, "certificate"))
-        ca = _read(f.ca, "CA bundle") if f.ca else None
-        return grpc.ssl_server_certificate_configuration([pair], root_certificates=ca)
-
-    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+    def changed(self) -> T | None:
+        """The new value when the files changed and load, else None."""
         with self._lock:
             now = _mtimes(self.files)
             if now == self._seen:
                 return None
             try:
-                config = self._configuration()
+                self.value = self._make(self.files)
             except InvalidArgument as exc:
                 log.warning("TLS files changed but cannot be used yet (%s); keeping the previous ones", exc)
                 return None
             self._seen = now
             log.info("TLS certificate reloaded from %s", self.files.cert)
-            return config
+            return self.value
 
 
 def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
     """Server credentials that follow rotations of ``files`` (see the module docstring)."""
-    reloader = _Reloader(files)
-    return grpc.dynamic_ssl_server_credentials(reloader.initial, reloader,
+    reloader = _Watched(files, _grpc_configuration)  # gRPC asks reloader.changed at each handshake
+    return grpc.dynamic_ssl_server_credentials(reloader.value, reloader.changed,
                                                require_client_authentication=files.require_client_cert)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (an IPv6 host in brackets) -> ``(host, port)``; InvalidArgument otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise InvalidArgument(f"listen address {address!r} must be HOST:PORT")
+    return host.strip("[]"), int(port)
 
 
 def listen_tls(server: grpc.Server, address: str, files: TlsFiles) -> int:
     """Bind ``address`` (``HOST:PORT``) with TLS; return the bound port."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise InvalidArgument(f"listen address {address!r} must be HOST:PORT")
+    split_address(address)
     bound = server.add_secure_port(address, server_credentials(files))
     if bound == 0:
         raise StrataError(f"cannot listen on {address}")
     return bound
+
+
+class ServerContexts:
+    """``current()``: an ``ssl.SSLContext`` serving ``files``, made again when they change."""
+
+    def __init__(self, files: TlsFiles) -> None:
+        self._watched = _Watched(files, _ssl_context)
+
+    def current(self) -> ssl.SSLContext:
+        return self._watched.changed() or self._watched.value
+
+
+def client_context(ca: Path | bytes) -> ssl.SSLContext:
+    """A client context trusting only ``ca`` and checking the server's name."""
+    root = ca if isinstance(ca, bytes) else _read(ca, "CA bundle")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_verify_locations(cadata=root.decode())
+    return context
 
 
 TokenSource = str | Callable[[], str]

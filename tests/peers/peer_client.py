@@ -7,7 +7,11 @@ one JSON line: ``{"code": "OK" | status name, "details": …, "result": …}``.
 
 CALLs: ``chain SNAPSHOT_ID`` · ``chain-vs NAMESPACE NAME`` · ``export SNAPSHOT_ID [BASE]``
 (result: blob bytes, sha256 of the blob, the summary's digest) · ``import-probe PARENT DIFF_ID``
-(a header-only ImportDiff) · ``expand VOLUME_ID BYTES`` · ``modify VOLUME_ID KEY=VALUE…``.
+(a header-only ImportDiff) · ``expand VOLUME_ID BYTES`` · ``modify VOLUME_ID KEY=VALUE…`` ·
+the bulk lane (OpenExport over the channel, then the lane's TLS socket): ``bulk SNAPSHOT_ID
+[BASE]`` (as ``export``), ``bulk-twice SNAPSHOT_ID`` (the same ticket redeemed twice: the
+second's error), ``bulk-forged SNAPSHOT_ID`` (a ticket never issued), ``bulk-plain
+SNAPSHOT_ID`` (the ticket sent over plain TCP: what came back).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,12 +28,65 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from csi.peers.tls import client_channel, token_from_file  # noqa: E402
+from csi.errors import StrataError  # noqa: E402
+from csi.peers.bulk import receive  # noqa: E402
+from csi.peers.tls import client_channel, client_context, token_from_file  # noqa: E402
 from csi.proto import csi_pb2, csi_pb2_grpc, export_pb2, export_pb2_grpc  # noqa: E402
 
 
-def call(channel: grpc.Channel, name: str, args: list[str]) -> Any:
+def read_until_closed(sock: socket.socket) -> bytes:
+    """What arrives until the peer closes (or resets) the connection."""
+    got = b""
+    try:
+        while piece := sock.recv(65536):
+            got += piece
+    except ConnectionResetError:  # a TLS server refusing what is not TLS may reset
+        pass
+    return got
+
+
+def fetch(address: str, ca: str, server_name: str, port: int, ticket: str) -> dict[str, Any]:
+    """One ticket's stream on the lane at ``port`` of ``address``'s host."""
+    host = address.rpartition(":")[0].strip("[]")
+    sock = client_context(Path(ca)).wrap_socket(socket.create_connection((host, port), timeout=20),
+                                                server_hostname=server_name or host)
+    frames = receive(sock, ticket)
+    blob, size = hashlib.sha256(), 0
+    while True:
+        try:
+            data = next(frames)
+        except StopIteration as end:
+            summary = export_pb2.ExportSummary.FromString(end.value)
+            return {"bytes": size, "sha256": "sha256:" + blob.hexdigest(), "summary_digest": summary.digest}
+        blob.update(data)
+        size += len(data)
+
+
+def bulk(export: export_pb2_grpc.DiffExportStub, name: str, args: list[str], options: argparse.Namespace) -> Any:
+    request = export_pb2.ExportDiffRequest(snapshot=export_pb2.SnapshotRef(snapshot_id=args[0]),
+                                           base=args[1] if len(args) > 1 else "")
+    answer = export.OpenExport(request, timeout=20)
+    lane = (options.address, options.ca, options.server_name, answer.port)
+    if name == "bulk":
+        return fetch(*lane, answer.ticket)
+    if name == "bulk-plain":
+        host = options.address.rpartition(":")[0].strip("[]")
+        with socket.create_connection((host, answer.port), timeout=20) as plain:
+            plain.sendall(b"STRATA-BULK/1 " + answer.ticket.encode() + b"\n")
+            got = read_until_closed(plain)
+        return {"data_frame": got[:1] == b"D", "bytes": len(got)}
+    first = fetch(*lane, answer.ticket) if name == "bulk-twice" else None
+    try:
+        fetch(*lane, answer.ticket if name == "bulk-twice" else "ab" * 32)
+    except StrataError as exc:
+        return {"first": first, "error": type(exc).__name__, "message": str(exc)}
+    return {"first": first, "error": None}
+
+
+def call(channel: grpc.Channel, name: str, args: list[str], options: argparse.Namespace) -> Any:
     export = export_pb2_grpc.DiffExportStub(channel)
+    if name.startswith("bulk"):
+        return bulk(export, name, args, options)
     controller = csi_pb2_grpc.ControllerStub(channel)
     if name == "chain":
         answer = export.GetChain(export_pb2.GetChainRequest(snapshot=export_pb2.SnapshotRef(snapshot_id=args[0])),
@@ -86,7 +144,7 @@ def main() -> None:
         channel = client_channel(args.address, Path(args.ca), token_from_file(args.token_file) if args.token_file
                                  else None, server_name=args.server_name or None)
     try:
-        print(json.dumps({"code": "OK", "details": "", "result": call(channel, args.call, args.args)}))
+        print(json.dumps({"code": "OK", "details": "", "result": call(channel, args.call, args.args, args)}))
     except grpc.RpcError as exc:
         print(json.dumps({"code": exc.code().name, "details": exc.details() or "", "result": None}))
 
