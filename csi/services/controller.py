@@ -447,6 +447,8 @@ class ControllerService(PluginService, csi_pb2_grpc.ControllerServicer):
                 raise
             if wanted.target:
                 self._upload(record, wanted.compression, credentials)
+            elif self.plugin.config.digest_snapshots:
+                self.plugin.digests.later(layer)  # its first restore elsewhere finds the digests made
             return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot_message(record))
 
     def _upload(self, record: SnapshotRecord, compression: str, credentials: object) -> None:

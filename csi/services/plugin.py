@@ -32,6 +32,7 @@ from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from csi.backup.digests import Digests
 from csi.backup.index import ExportIndex
 from csi.errors import ResourceExhausted
 from csi.graphdriver.driver import Driver
@@ -57,6 +58,7 @@ class PluginConfig:
     driver_name: str = DEFAULT_DRIVER_NAME
     driver_options: Mapping[str, str] = field(default_factory=dict)
     max_volumes_per_node: int = 0
+    digest_snapshots: bool = False  # hash each new snapshot's chain in the background (csi.backup.digests)
     transfer_wait_seconds: float = field(
         default_factory=lambda: float(os.environ.get("STRATA_TRANSFER_WAIT_SECONDS", DEFAULT_TRANSFER_WAIT)))
 
@@ -78,6 +80,7 @@ class Plugin:
         self.store = StateStore(self.root)
         self.dialer = dialer
         self.index = ExportIndex(home_of(self.root, self.driver.name) / INDEX_NAME)
+        self.digests = Digests(self.driver, self.index)
         self.sources = ContentSources(self.driver, self.store, config.node_id, dialer, self.index,
                                       config.transfer_wait_seconds)
         self.uploads = Uploads(self.driver, self.store, config.node_id, self.index)
@@ -120,6 +123,7 @@ class Plugin:
 
     def close(self) -> None:
         self.ready.clear()
+        self.digests.close()
         self.store.close()
 
 

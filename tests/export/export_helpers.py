@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from dataclasses import dataclass
@@ -22,6 +23,19 @@ SNAP0 = "snap-" + "0" * 31 + "a"
 SNAP1 = "snap-" + "0" * 31 + "b"
 OTHER = "snap-" + "0" * 31 + "c"  # a snapshot of another volume (not an ancestor of SNAP1)
 BIG = 3 * (1 << 20) + 12345
+
+
+def driver_digest(drv: object, layer: str, base: str | None) -> tuple[str, int]:
+    """``(sha256:…, size)`` of the driver's diff of the pair, read here."""
+    raw = drv.diff(layer, base)  # type: ignore[attr-defined]
+    h, n = hashlib.sha256(), 0
+    try:
+        while data := raw.read(1 << 20):
+            h.update(data)
+            n += len(data)
+    finally:
+        raw.close()
+    return "sha256:" + h.hexdigest(), n
 
 
 def make_snapshots(drv: object) -> None:

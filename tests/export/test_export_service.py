@@ -22,7 +22,7 @@ import pytest
 from csi.errors import Busy
 import zstandard
 
-from export_helpers import BIG, NODE, OTHER, SNAP0, SNAP1, Export  # isort: skip (puts backup_helpers on the path)
+from export_helpers import BIG, NODE, OTHER, SNAP0, SNAP1, Export, driver_digest  # isort: skip (puts backup_helpers on the path)
 from backup_helpers import snapshot_tree  # isort: skip
 
 from csi.backup.index import ExportIndex, is_temporary
@@ -34,18 +34,6 @@ from csi.services.export import CHUNK, ExportBackend, start_unix_export
 
 def ref(snapshot_id: str) -> pb.SnapshotRef:
     return pb.SnapshotRef(snapshot_id=snapshot_id)
-
-
-def driver_digest(drv: object, layer: str, base: str | None) -> tuple[str, int]:
-    raw = drv.diff(layer, base)  # type: ignore[attr-defined]
-    h, n = hashlib.sha256(), 0
-    try:
-        while data := raw.read(1 << 20):
-            h.update(data)
-            n += len(data)
-    finally:
-        raw.close()
-    return "sha256:" + h.hexdigest(), n
 
 
 def download(stub: export_pb2_grpc.DiffExportStub, snapshot: str, base: str = "", offset: int = 0,
@@ -283,7 +271,14 @@ def test_a_cancelled_export_releases_the_layers(export: Export) -> None:
     """A client that goes away mid-stream stops the diff: its producer thread ends, no mount
     reference is left behind, and the next export (resumed where the client stopped) completes."""
     drv = export.backend.driver
-    sid1, sid0 = export.sid(SNAP1), export.sid(SNAP0)
+    # a diff larger than every buffer between the producer and the client (pipe, read-ahead,
+    # gRPC's window), so the producer is still running when the client goes away
+    top = "snap-" + "0" * 31 + "d"
+    drv.create("vol-d", SNAP1)  # type: ignore[attr-defined]
+    (drv.get("vol-d") / "large").write_bytes(os.urandom(32 << 20))  # type: ignore[attr-defined]
+    drv.put("vol-d")  # type: ignore[attr-defined]
+    drv.freeze("vol-d", top)  # type: ignore[attr-defined]
+    sid1, sid0 = export.sid(top), export.sid(SNAP1)
 
     def producers() -> list[threading.Thread]:
         return [t for t in threading.enumerate() if t.name.startswith("diff-") and t.is_alive()]
@@ -294,18 +289,18 @@ def test_a_cancelled_export_releases_the_layers(export: Export) -> None:
     assert producers()  # the diff is still being produced (the stream is several MiB)
     if drv.name != "overlay":  # overlay's native diff reads the upper dir without mounting anything
         # the stream reads through views: in use (not removable), yet never a recorded reference
-        assert drv.references(SNAP1) + drv.references(SNAP0) == 0
+        assert drv.references(top) + drv.references(SNAP1) == 0
         with pytest.raises(Busy):
-            drv.remove(SNAP1)
+            drv.remove(top)
     call.cancel()
 
     def removable() -> bool:
-        return all(not drv._views.get(layer) for layer in (SNAP1, SNAP0))  # type: ignore[attr-defined]
+        return all(not drv._views.get(layer) for layer in (top, SNAP1))  # type: ignore[attr-defined]
 
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and (producers() or not removable()):
         time.sleep(0.05)
     assert producers() == [] and removable()
-    assert drv.references(SNAP1) == 0 and drv.references(SNAP0) == 0
+    assert drv.references(top) == 0 and drv.references(SNAP1) == 0
     rest, summary, _ = download(export.stub, sid1, sid0, CHUNK)
     assert "sha256:" + hashlib.sha256(first.data + rest).hexdigest() == summary.digest
