@@ -148,6 +148,14 @@ class ExportDiffResponse(_message.Message):
     summary: ExportSummary
     def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., summary: _Optional[_Union[ExportSummary, _Mapping]] = ...) -> None: ...
 
+class ExportTicket(_message.Message):
+    __slots__ = ("ticket", "port")
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    ticket: str
+    port: int
+    def __init__(self, ticket: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
 class ImportHeader(_message.Message):
     __slots__ = ("parent", "diff_id", "media_type", "digest", "capacity_bytes")
     PARENT_FIELD_NUMBER: _ClassVar[int]

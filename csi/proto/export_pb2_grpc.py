@@ -59,6 +59,11 @@ class DiffExportStub:
                 request_serializer=csi_dot_proto_dot_export__pb2.ImportDiffRequest.SerializeToString,
                 response_deserializer=csi_dot_proto_dot_export__pb2.ImportDiffResponse.FromString,
                 _registered_method=True)
+        self.OpenExport = channel.unary_unary(
+                '/strata.export.v1.DiffExport/OpenExport',
+                request_serializer=csi_dot_proto_dot_export__pb2.ExportDiffRequest.SerializeToString,
+                response_deserializer=csi_dot_proto_dot_export__pb2.ExportTicket.FromString,
+                _registered_method=True)
 
 
 class DiffExportServicer:
@@ -94,6 +99,12 @@ class DiffExportServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenExport(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiffExportServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +132,11 @@ def add_DiffExportServicer_to_server(servicer, server):
                     servicer.ImportDiff,
                     request_deserializer=csi_dot_proto_dot_export__pb2.ImportDiffRequest.FromString,
                     response_serializer=csi_dot_proto_dot_export__pb2.ImportDiffResponse.SerializeToString,
+            ),
+            'OpenExport': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenExport,
+                    request_deserializer=csi_dot_proto_dot_export__pb2.ExportDiffRequest.FromString,
+                    response_serializer=csi_dot_proto_dot_export__pb2.ExportTicket.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +274,33 @@ class DiffExport:
             '/strata.export.v1.DiffExport/ImportDiff',
             csi_dot_proto_dot_export__pb2.ImportDiffRequest.SerializeToString,
             csi_dot_proto_dot_export__pb2.ImportDiffResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenExport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.export.v1.DiffExport/OpenExport',
+            csi_dot_proto_dot_export__pb2.ExportDiffRequest.SerializeToString,
+            csi_dot_proto_dot_export__pb2.ExportTicket.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,6 +11,8 @@ RPCs (all through the one error seam, :mod:`csi.services.status`)::
     ExportDiff(snapshot, base,    stream of ~1 MiB chunks of the OCI layer tar of what snapshot
       starting_offset, compr.)    adds to base (or to nothing), zstd on request; the last
                                   message has the diff_id, the blob digest and both sizes
+    OpenExport(as ExportDiff)     the same stream on the node's bulk lane (csi.peers.bulk): a
+                                  one-time ticket and the lane's port (TCP listener only)
     ImportDiff(header, chunks…)   a new frozen layer oci-<ChainID>, verified before it exists
 
 Contract:
@@ -79,6 +81,7 @@ from typing import IO, Any, Protocol
 
 import grpc
 
+from csi.backup.digests import Digests
 from csi.backup.export import export_chain, older_sibling
 from csi.backup.index import ExportIndex, ExportRecord, IMPORTED_PREFIX, imported_layer_id, temp_layer_id
 from csi.backup.media import (LAYER_TAR, LAYER_TAR_GZIP, LAYER_TAR_ZSTD, LAYER_TYPES, HashingReader, chain_id,
@@ -92,6 +95,7 @@ from csi.peers.auth import (AccessReviewer, Authorizer, TokenAuthInterceptor, To
                              by_method, caller_of, preload_client)
 from csi.peers.snapshots import GROUP as SNAPSHOT_GROUP, SNAPSHOTS, SnapshotResolver, check_object_name
 from csi.host.pipestream import ReadStream
+from csi.peers.bulk import Payload, TicketBook, Trailer
 from csi.peers.tls import TlsFiles, listen_tls
 from csi.proto import export_pb2, export_pb2_grpc
 from csi.services.listen import listen_unix, new_server
@@ -179,10 +183,12 @@ class _Requests(ReadStream):
 class ExportBackend:
     """The service's work on one node's driver (no gRPC in here)."""
 
-    def __init__(self, driver: Driver, node_id: str, index: ExportIndex | None = None) -> None:
+    def __init__(self, driver: Driver, node_id: str, index: ExportIndex | None = None,
+                 digests: Digests | None = None) -> None:
         self.driver = driver
         self.node_id = node_id
         self.index = index
+        self.digests = digests if digests is not None else Digests(driver, index)
 
     # ------------------------------------------------------------------ naming
 
@@ -239,49 +245,6 @@ class ExportBackend:
         except InvalidArgument:  # not a CSI volume's layer (a bare driver's writable layer)
             return layer.origin
 
-    # ------------------------------------------------------------------ digests
-
-    def cached(self, layer: Layer, base: Layer | None) -> ExportRecord | None:
-        if self.index is None:
-            return None
-        base_id = base.id if base else None
-        rec = self.index.lookup(layer.id, base_id, LAYER_TAR, layer.created)
-        if rec is not None:
-            return rec
-        for media in (LAYER_TAR_ZSTD, LAYER_TAR_GZIP):  # a diff_id without the tar's size
-            other = self.index.lookup(layer.id, base_id, media, layer.created)
-            if other is not None:
-                return ExportRecord(layer.id, base_id, layer.created, LAYER_TAR, other.diff_id, other.diff_id, -1)
-        return None
-
-    def _remember(self, layer: Layer, base: Layer | None, media_type: str, digest: str, diff_id: str,
-                  size: int, tar_size: int) -> None:
-        if self.index is None:
-            return
-        base_id = base.id if base else None
-        self.index.record(ExportRecord(layer.id, base_id, layer.created, LAYER_TAR, diff_id, diff_id, tar_size))
-        if media_type != LAYER_TAR:
-            self.index.record(ExportRecord(layer.id, base_id, layer.created, media_type, digest, diff_id, size))
-
-    def diff_id(self, layer: Layer, base: Layer | None) -> tuple[str, int]:
-        """``(diff_id, tar size)`` of the pair, from the cache or by hashing its diff once."""
-        rec = self.cached(layer, base)
-        if rec is not None and rec.size >= 0:
-            return rec.diff_id, rec.size
-        h, size = hashlib.sha256(), 0
-        raw = self.driver.diff(layer.id, base.id if base else None)
-        try:
-            while data := raw.read(CHUNK):
-                h.update(data)
-                size += len(data)
-        finally:
-            raw.close()
-        digest = "sha256:" + h.hexdigest()
-        if rec is not None and rec.diff_id != digest:
-            log.warning("layer %s: diff hashes to %s, the cache said %s", layer.id, digest, rec.diff_id)
-        self._remember(layer, base, LAYER_TAR, digest, digest, size, size)
-        return digest, size
-
     # ------------------------------------------------------------------ the RPCs' work
 
     def chain(self, snapshot: Layer) -> list[ChainEntry]:
@@ -289,7 +252,7 @@ class ExportBackend:
         ids: list[str] = []
         for layer, base_id in export_chain(self.driver, snapshot.id):
             base = self.driver.layer(base_id) if base_id else None
-            diff_id, tar_size = self.diff_id(layer, base)
+            diff_id, tar_size = self.digests.diff_id(layer, base)
             ids.append(diff_id)
             # diff_size is the tar's length, known with the diff_id (cached): a frozen pair's diff is fixed
             out.append(ChainEntry(layer, self.public_id(layer.id), base, self.public_id(base_id) if base_id else "",
@@ -311,50 +274,53 @@ class ExportBackend:
         if batch:
             yield export_pb2.ChangesResponse(changes=batch)
 
-    def export(self, snapshot: Layer, base: Layer | None, compression: int,
-               offset: int) -> Iterator[export_pb2.ExportDiffResponse]:
+    def blob(self, snapshot: Layer, base: Layer | None, compression: int,
+             offset: int) -> Iterator[tuple[int, bytes, int, int] | export_pb2.ExportSummary]:
+        """The pair's blob from ``offset``: ``(at, data, tar bytes done, tar bytes total)`` per
+        ~CHUNK, then the summary (see "Determinism and resume" in the module docstring). An
+        uncompressed blob whose diff_id is cached is not hashed again: the receiver hashes
+        what it gets and compares it with the summary."""
         if compression not in MEDIA:
             raise InvalidArgument(f"compression {compression} is not NONE or ZSTD")
         media_type = MEDIA[compression]
-        rec = self.cached(snapshot, base)
+        rec = self.digests.cached(snapshot, base)
         total = rec.size if rec is not None and rec.size >= 0 else 0
+        known = rec.diff_id if total and media_type == LAYER_TAR else None
         compressor = None
         if media_type == LAYER_TAR_ZSTD:
             import zstandard
 
             compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0).compressobj()
-        tar_hash = hashlib.sha256()
+        tar_hash = None if known else hashlib.sha256()
         blob_hash = tar_hash if compressor is None else hashlib.sha256()  # an uncompressed blob is the tar
-        done = position = sent = 0
+        done = position = 0
         pending: list[bytes] = []
         pending_len = 0
         pending_at = offset
-
-        def message(data: bytes, at: int) -> export_pb2.ExportDiffResponse:
-            return export_pb2.ExportDiffResponse(data=data, offset=at, bytes_done=done, bytes_total=total)
-
         raw = self.driver.diff(snapshot.id, base.id if base else None)
 
-        def blob() -> Iterator[tuple[int, bytes]]:
+        def pieces() -> Iterator[tuple[int, bytes]]:
             """(tar bytes, blob bytes) per CHUNK of the tar, hashed (and compressed)."""
             last = False
             while not last:
                 piece = _read_full(raw, CHUNK)
                 last = len(piece) < CHUNK
-                tar_hash.update(piece)
+                if tar_hash is not None:
+                    tar_hash.update(piece)
                 if compressor is None:
                     yield len(piece), piece
                     continue
                 out = compressor.compress(piece)
                 if last:
                     out += compressor.flush()
+                assert blob_hash is not None
                 blob_hash.update(out)
                 yield len(piece), out
 
         try:
-            pieces = read_ahead(blob(), READ_AHEAD, f"export-{snapshot.id}")
+            ahead = read_ahead(pieces(), READ_AHEAD, f"export-{snapshot.id}")
             try:
-                for n, out in pieces:
+                for n, out in ahead:
                     done += n
                     start, position = position, position + len(out)
                     if position <= offset:
@@ -365,24 +331,47 @@ class ExportBackend:
                     while pending_len >= CHUNK:
                         data = b"".join(pending)
                         chunk, rest = data[:CHUNK], data[CHUNK:]
-                        yield message(chunk, pending_at)
-                        sent += len(chunk)
+                        yield pending_at, chunk, done, total
                         pending_at += len(chunk)
                         pending, pending_len = ([rest], len(rest)) if rest else ([], 0)
             finally:
-                pieces.close()  # type: ignore[attr-defined]  # the reader thread ends before raw closes
+                ahead.close()  # type: ignore[attr-defined]  # the reader thread ends before raw closes
             if pending_len:
-                yield message(b"".join(pending), pending_at)
-                sent += pending_len
+                yield pending_at, b"".join(pending), done, total
+                pending_at += pending_len
         finally:
             raw.close()
-        diff_id, digest = "sha256:" + tar_hash.hexdigest(), "sha256:" + blob_hash.hexdigest()
         if offset > position:
             raise OutOfRange(f"starting_offset {offset} is past the end of the stream ({position} bytes)")
-        self._remember(snapshot, base, media_type, digest, diff_id, position, done)
-        summary = export_pb2.ExportSummary(media_type=media_type, diff_id=diff_id, uncompressed_size=done,
-                                           digest=digest, size=position, bytes_sent=sent)
-        yield export_pb2.ExportDiffResponse(offset=position, bytes_done=done, bytes_total=done, summary=summary)
+        if known is not None:
+            if done != total:
+                log.warning("layer %s: its diff is %d bytes, the cache said %d", snapshot.id, done, total)
+            diff_id = digest = known
+        else:
+            assert tar_hash is not None and blob_hash is not None
+            diff_id, digest = "sha256:" + tar_hash.hexdigest(), "sha256:" + blob_hash.hexdigest()
+            self.digests.remember(snapshot, base, media_type, digest, diff_id, position, done)
+        yield export_pb2.ExportSummary(media_type=media_type, diff_id=diff_id, uncompressed_size=done,
+                                       digest=digest, size=position, bytes_sent=pending_at - offset)
+
+    def export(self, snapshot: Layer, base: Layer | None, compression: int,
+               offset: int) -> Iterator[export_pb2.ExportDiffResponse]:
+        """ExportDiff's messages: :meth:`blob` as chunks, the summary last."""
+        for item in self.blob(snapshot, base, compression, offset):
+            if isinstance(item, export_pb2.ExportSummary):
+                yield export_pb2.ExportDiffResponse(offset=item.size, bytes_done=item.uncompressed_size,
+                                                    bytes_total=item.uncompressed_size, summary=item)
+            else:
+                at, data, done, total = item
+                yield export_pb2.ExportDiffResponse(data=data, offset=at, bytes_done=done, bytes_total=total)
+
+    def bulk(self, snapshot: Layer, base: Layer | None, compression: int, offset: int) -> Payload:
+        """The bulk lane's payload for the same stream (:mod:`csi.peers.bulk`): the chunks'
+        data, then the serialized summary as the trailer."""
+        def payload() -> Iterator[bytes | Trailer]:
+            for item in self.blob(snapshot, base, compression, offset):
+                yield Trailer(item.SerializeToString()) if isinstance(item, export_pb2.ExportSummary) else item[1]
+        return payload
 
     def parent_for_import(self, value: str) -> Layer | None:
         if not value:
@@ -439,7 +428,7 @@ class ExportBackend:
             except Exception:  # noqa: BLE001 - the start-up sweep removes it
                 log.warning("could not remove the import layer %s", tmp, exc_info=True)
         layer = self.driver.layer(final)
-        self._remember(layer, parent, media_type, data.digest(), diff_id, data.count, tar.count)
+        self.digests.remember(layer, parent, media_type, data.digest(), diff_id, data.count, tar.count)
         log.info("imported layer %s (diff_id %s, %d bytes) on %s", final, diff_id, tar.count, parent_id or "nothing")
         return export_pb2.ImportDiffResponse(layer_id=final, chain_id=new_chain, diff_id=diff_id, size=tar.count)
 
@@ -516,10 +505,20 @@ class KubernetesAccess:
 # ---------------------------------------------------------------------- the servicer
 
 
+@dataclass(frozen=True)
+class BulkLane:
+    """This node's bulk lane (:class:`csi.peers.bulk.BulkServer`): where OpenExport's tickets
+    are kept and the port they are redeemed on."""
+
+    tickets: TicketBook
+    port: int
+
+
 class DiffExportService(export_pb2_grpc.DiffExportServicer):
-    def __init__(self, backend: ExportBackend, access: Access) -> None:
+    def __init__(self, backend: ExportBackend, access: Access, lane: BulkLane | None = None) -> None:
         self.backend = backend
         self.access = access
+        self.lane = lane
 
     def _snapshot(self, context: grpc.ServicerContext, ref: export_pb2.SnapshotRef) -> Layer:
         return self.backend.snapshot(self.access.snapshot_id(context, ref), self.access.allow_layer_ids)
@@ -546,6 +545,19 @@ class DiffExportService(export_pb2_grpc.DiffExportServicer):
         snapshot = self._snapshot(context, request.snapshot)
         base = self.backend.base(snapshot, request.base)
         yield from self.backend.export(snapshot, base, request.compression, request.starting_offset)
+
+    def OpenExport(self, request: export_pb2.ExportDiffRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        """ExportDiff's request, checked as ExportDiff checks it; the stream is made when the
+        ticket is redeemed on the bulk lane (FAILED_PRECONDITION on a listener without one)."""
+        snapshot = self._snapshot(context, request.snapshot)
+        base = self.backend.base(snapshot, request.base)
+        if request.compression not in MEDIA:
+            raise InvalidArgument(f"compression {request.compression} is not NONE or ZSTD")
+        if self.lane is None:
+            raise FailedPrecondition("this listener has no bulk lane: use ExportDiff")
+        ticket = self.lane.tickets.issue(self.backend.bulk(snapshot, base, request.compression,
+                                                           request.starting_offset))
+        return export_pb2.ExportTicket(ticket=ticket, port=self.lane.port)
 
     def ImportDiff(self, request_iterator: Iterator[export_pb2.ImportDiffRequest],  # noqa: N802
                    context: grpc.ServicerContext) -> Any:
@@ -621,7 +633,7 @@ class ChannelAccess(KubernetesAccess):
 
 def start_tcp_export(backend: ExportBackend, config: TcpExportConfig, api_client: Any, *, workers: int = 8,
                      services: Iterable[tuple[str, Callable[[grpc.Server], None]]] = (),
-                     observer: Observer | None = None) -> tuple[grpc.Server, int]:
+                     observer: Observer | None = None, lane: BulkLane | None = None) -> tuple[grpc.Server, int]:
     """The node's one TCP listener for everything that crosses the network; returns the started
     server and its port. ``api_client`` is a ``kubernetes.client.ApiClient`` (or a callable
     returning one).
@@ -633,7 +645,8 @@ def start_tcp_export(backend: ExportBackend, config: TcpExportConfig, api_client
     :class:`ChannelAccess`; and ``services`` — ``(method prefix, add(server))`` pairs of
     strata-internal services (the forwarded Controller calls, :mod:`csi.services.forwarder`)
     — for strata's own accounts only (``peers`` and ``controllers``). A method no rule names
-    is PERMISSION_DENIED (:func:`csi.peers.auth.by_method`)."""
+    is PERMISSION_DENIED (:func:`csi.peers.auth.by_method`). With ``lane``, OpenExport hands
+    out tickets for it (the caller's authority is checked here, on the channel)."""
     reviewer = TokenReviewer(api_client, config.audiences)
     preload_client()  # every first call is a TokenReview through the client
     services = tuple(services)
@@ -644,7 +657,7 @@ def start_tcp_export(backend: ExportBackend, config: TcpExportConfig, api_client
                         observer=observer)
     access = ChannelAccess(SnapshotResolver(api_client, config.driver_name), AccessReviewer(api_client),
                            config.importers, config.peers)
-    export_pb2_grpc.add_DiffExportServicer_to_server(DiffExportService(backend, access), server)
+    export_pb2_grpc.add_DiffExportServicer_to_server(DiffExportService(backend, access, lane), server)
     for _, add in services:
         add(server)
     port = listen_tls(server, config.address, config.tls)
@@ -652,6 +665,6 @@ def start_tcp_export(backend: ExportBackend, config: TcpExportConfig, api_client
     return server, port
 
 
-__all__ = ["Access", "ChainEntry", "ChannelAccess", "DiffExportService", "ExportBackend", "KubernetesAccess",
+__all__ = ["Access", "BulkLane", "ChainEntry", "ChannelAccess", "DiffExportService", "ExportBackend", "KubernetesAccess",
            "LocalAccess",
            "TcpExportConfig", "export_socket_path", "start_tcp_export", "start_unix_export"]

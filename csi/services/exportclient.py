@@ -8,19 +8,29 @@ read, is :class:`~csi.errors.DigestMismatch`; any other failure is raised as ``r
 makes it (by default :class:`~csi.errors.Relayed`, naming ``source``). ``close`` cancels a
 stream that has not ended. Used by ``strata backup`` through the plugin's socket and by a node
 pulling another node's layers.
+
+**Two lanes.** Given ``connect`` (a node pulling from another node), the bytes come on the
+owner's bulk lane (:mod:`csi.peers.bulk`): ``OpenExport`` over the channel (the same request,
+the same checks as ExportDiff) answers a ticket and a port, ``connect(port)`` opens the TLS
+socket, and the frames carry the same chunks and the same summary. An owner without the lane
+(``OpenExport`` UNIMPLEMENTED or FAILED_PRECONDITION) is read through ExportDiff. A broken
+lane resumes like a broken stream, with a new ticket.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import socket
+import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import grpc
 
 from csi.errors import DigestMismatch, Relayed, Unavailable
 from csi.host.pipestream import ReadStream
+from csi.peers.bulk import receive
 from csi.proto import export_pb2, export_pb2_grpc
 from csi.services.readahead import read_ahead
 
@@ -29,6 +39,9 @@ log = logging.getLogger(__name__)
 RESUME_ATTEMPTS = 5
 READ_AHEAD = 4  # messages received and hashed ahead of the reader
 _RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+_NO_LANE = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION)
+TICKET_TIMEOUT = 60.0  # seconds for OpenExport
+Event = tuple[int, bytes] | export_pb2.ExportSummary  # (offset, data) or the stream's summary
 
 
 class ExportDiffReader(ReadStream):
@@ -36,8 +49,10 @@ class ExportDiffReader(ReadStream):
 
     def __init__(self, stub: export_pb2_grpc.DiffExportStub, snapshot: str, base: str, *,
                  source: str = "the plugin", relay: Callable[[grpc.RpcError], Exception] | None = None,
-                 on_bytes: Callable[[int], None] | None = None) -> None:
+                 on_bytes: Callable[[int], None] | None = None,
+                 connect: Callable[[int], ssl.SSLSocket] | None = None) -> None:
         self._stub, self._snapshot, self._base, self._source = stub, snapshot, base, source
+        self._connect = connect
         self._relay = relay or (lambda exc: Relayed(exc.code().name, f"ExportDiff of {snapshot} from {source}: "
                                                                      f"{exc.details()}"))
         self._on_bytes = on_bytes
@@ -49,46 +64,77 @@ class ExportDiffReader(ReadStream):
         self._error: BaseException | None = None
         self._closed = False
         self._attempts = 0
-        self._messages = self._open()
+        self._messages: Iterator[Event] | None = None  # opened by the reader thread's first _next
+        self._call: grpc.Future | None = None  # the ExportDiff call being read, if any
+        self._sock: ssl.SSLSocket | None = None  # the bulk lane's socket being read, if any
         self._chunks = read_ahead(self._receive(), READ_AHEAD, f"pull-{snapshot}"[:64], on_stop=self._cancel)
 
-    def _open(self) -> Iterator[export_pb2.ExportDiffResponse]:
-        return self._stub.ExportDiff(export_pb2.ExportDiffRequest(
-            snapshot=export_pb2.SnapshotRef(snapshot_id=self._snapshot), base=self._base,
-            starting_offset=self._position, compression=export_pb2.NONE))
+    def _open(self) -> Iterator[Event]:
+        request = export_pb2.ExportDiffRequest(snapshot=export_pb2.SnapshotRef(snapshot_id=self._snapshot),
+                                               base=self._base, starting_offset=self._position,
+                                               compression=export_pb2.NONE)
+        if self._connect is not None:
+            try:
+                ticket = self._stub.OpenExport(request, timeout=TICKET_TIMEOUT)
+            except grpc.RpcError as exc:
+                if exc.code() not in _NO_LANE:
+                    raise
+                log.info("%s has no bulk lane (%s); reading through ExportDiff", self._source, exc.details())
+                self._connect = None
+            else:
+                self._sock = self._connect(ticket.port)
+                return self._bulk(receive(self._sock, ticket.ticket), self._position)
+        self._call = self._stub.ExportDiff(request)
+        return (m.summary if m.HasField("summary") else (m.offset, m.data) for m in self._call)
 
-    def _next(self) -> export_pb2.ExportDiffResponse | None:
+    @staticmethod
+    def _bulk(frames: Generator[bytes, None, bytes], offset: int) -> Iterator[Event]:
         while True:
             try:
-                return next(self._messages, None)  # type: ignore[call-overload]
-            except grpc.RpcError as exc:
-                if self._closed or exc.code() not in _RESUMABLE or self._attempts >= RESUME_ATTEMPTS:
-                    raise self._relay(exc) from None
+                data = next(frames)
+            except StopIteration as end:
+                yield export_pb2.ExportSummary.FromString(end.value)
+                return
+            yield offset, data
+            offset += len(data)
+
+    def _next(self) -> Event | None:
+        while True:
+            try:
+                if self._messages is None:
+                    self._messages = self._open()
+                return next(self._messages, None)
+            except (grpc.RpcError, Unavailable) as exc:
+                resumable = isinstance(exc, Unavailable) or exc.code() in _RESUMABLE
+                if self._closed or not resumable or self._attempts >= RESUME_ATTEMPTS:
+                    if isinstance(exc, grpc.RpcError):
+                        raise self._relay(exc) from None
+                    raise
                 self._attempts += 1
                 log.warning("export stream of %s from %s broke at byte %d (%s); resuming", self._snapshot,
-                            self._source, self._position, exc.details())
+                            self._source, self._position, exc.details() if isinstance(exc, grpc.RpcError) else exc)
+                self._drop()
                 time.sleep(0.2 * self._attempts)
-                self._messages = self._open()
 
     def _receive(self) -> Iterator[bytes]:
         """The stream's data, checked and hashed message by message, ending after the summary
         was checked; run ahead of the reader in a thread (:func:`read_ahead`), so receiving
         and hashing overlap with what the reader does with the data."""
         while True:
-            message = self._next()
-            if message is None:
+            event = self._next()
+            if event is None:
                 raise Unavailable(f"the export stream of {self._snapshot} from {self._source} ended early")
-            if message.HasField("summary"):
+            if isinstance(event, export_pb2.ExportSummary):
                 actual = self.digest()
-                if actual != message.summary.digest or self._position != message.summary.size:
+                if actual != event.digest or self._position != event.size:
                     raise DigestMismatch(f"ExportDiff of {self._snapshot} from {self._source}: received "
                                          f"{self._position} bytes hashing to {actual}; announced "
-                                         f"{message.summary.size} bytes, {message.summary.digest}")
+                                         f"{event.size} bytes, {event.digest}")
                 return
-            if message.offset != self._position:
-                raise DigestMismatch(f"{self._source} sent {self._snapshot} at offset {message.offset}, "
+            offset, data = event
+            if offset != self._position:
+                raise DigestMismatch(f"{self._source} sent {self._snapshot} at offset {offset}, "
                                      f"expected {self._position}")
-            data = message.data
             self._hash.update(data)
             self._position += len(data)
             if self._on_bytes is not None:
@@ -140,15 +186,29 @@ class ExportDiffReader(ReadStream):
         """``sha256:…`` of the bytes received so far (of the whole blob once read to its end)."""
         return "sha256:" + self._hash.hexdigest()
 
+    def _drop(self) -> None:
+        """Let go of the current stream: a gRPC call is cancelled, a bulk socket closed."""
+        call, sock = self._call, self._sock
+        self._messages = self._call = self._sock = None
+        if call is not None:
+            call.cancel()
+        if sock is not None:
+            sock.close()
+
     def _cancel(self) -> None:
+        """Unblock the reader thread: cancel the call, shut the socket (it closes it)."""
         self._closed = True
-        cancel = getattr(self._messages, "cancel", None)
-        if cancel is not None:
-            cancel()
+        call, sock = self._call, self._sock
+        if call is not None:
+            call.cancel()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def close(self) -> None:
         """Stop the stream (cancelled unless it has ended) and its reader thread."""
         self._closed = True
         self._chunks.close()  # type: ignore[attr-defined]  # a thread reading ahead ends first
-        if not self._done:
-            self._cancel()
+        self._drop()

@@ -33,6 +33,11 @@ The node-to-node channel, one TCP listener for everything that crosses the netwo
   ``ControllerModifyVolume`` (:mod:`csi.services.forwarder`) for ``--peer-account`` and
   ``--controller-account`` only. The former ``--export-listen``, ``--export-tls-cert``,
   ``--export-tls-key`` and ``--export-audience`` are accepted as aliases.
+* Beside it, the bulk lane (``--bulk-port``, default any free port, ``-1`` none;
+  :mod:`csi.peers.bulk`): the same certificate, no tokens of its own — a node that the
+  channel authorized for an ExportDiff gets a one-time ticket (OpenExport) and fetches the
+  bytes there. ``--digest-snapshots`` (default: with ``--peer-listen``) hashes each new
+  snapshot's layers in the background (:mod:`csi.backup.digests`).
 * Dialing other nodes (the plugin's :class:`~csi.peers.dial.PeerDialer`, used to restore
   another node's snapshot): ``--tls-ca`` (the CA bundle of the peers' certificates) and
   ``--token-file`` (this pod's projected ServiceAccount token) enable it; addresses from
@@ -69,20 +74,21 @@ from pathlib import Path
 import grpc
 
 from csi import __version__
-from csi.backup import ExportIndex, sweep_temporaries
-from csi.graphdriver.registry import DRIVER_CLASSES, home_of
+from csi.backup import sweep_temporaries
+from csi.graphdriver.registry import DRIVER_CLASSES
 from csi.errors import InvalidArgument
 from csi.kube import incluster_api_client, resolve_driver
+from csi.peers.bulk import BulkServer, TicketBook
 from csi.peers.dial import CachingDialer, StaticDialer
-from csi.peers.kubedial import KubernetesDialer
-from csi.peers.tls import TlsFiles, token_from_file
+from csi.peers.kubedial import KubernetesDialer, host_port
+from csi.peers.tls import TlsFiles, split_address, token_from_file
 from csi.proto import csi_pb2_grpc
 from csi.services.controller import ControllerService
 from csi.services.forwarder import forwarded_controller
 from csi.services.snapshot_metadata import SnapshotMetadataService, peer_service
 from csi.services.group import GroupControllerService
 from csi.services.identity import IdentityService
-from csi.services.export import (ExportBackend, TcpExportConfig, export_socket_path, start_tcp_export,
+from csi.services.export import (BulkLane, ExportBackend, TcpExportConfig, export_socket_path, start_tcp_export,
                                  start_unix_export)
 from csi.services.metrics import Metrics, MetricsEndpoint, serve_metrics
 from csi.services.listen import (key_values, node_addresses, DEFAULT_DRIVER_NAME, Running, add_common_flags, configure_logging, listen_unix,
@@ -120,6 +126,8 @@ class ServeConfig:
     peer_server_name: str = ""  # name checked in the peers' certificate ("" = the address)
     peer_port: int = 0  # peers' listener port (0: the port of peer_listen)
     node_addresses: tuple[tuple[str, str], ...] = ()  # static NODE -> HOST:PORT instead of the API
+    bulk_port: int = 0  # the bulk lane's port beside peer_listen (0: any free one, -1: no lane)
+    digest_snapshots: bool | None = None  # hash new snapshots in the background (None: with peer_listen)
 
     def socket_path(self) -> Path:
         return socket_path(self.endpoint or f"unix://{Path(self.root).resolve() / 'csi.sock'}")
@@ -127,7 +135,9 @@ class ServeConfig:
     def plugin_config(self) -> PluginConfig:
         return PluginConfig(root=Path(self.root).resolve(), node_id=self.node_id, driver=self.driver,
                             driver_name=self.driver_name, max_volumes_per_node=self.max_volumes_per_node,
-                            driver_options=dict(self.storage_opts))
+                            driver_options=dict(self.storage_opts),
+                            digest_snapshots=bool(self.peer_listen) if self.digest_snapshots is None
+                            else self.digest_snapshots)
 
 
 def build_server(config: ServeConfig, plugin: Plugin, metrics: Metrics | None = None) -> grpc.Server:
@@ -165,26 +175,35 @@ def build_dialer(config: ServeConfig) -> CachingDialer | None:
     return KubernetesDialer(port, ca, token, config.peer_server_name)
 
 
-def start_exports(config: ServeConfig, plugin: Plugin, metrics: Metrics | None = None) -> list[grpc.Server]:
+def start_exports(config: ServeConfig, plugin: Plugin,
+                  metrics: Metrics | None = None) -> list[grpc.Server | BulkServer]:
     """The Diff export service on ``export.sock`` beside the CSI socket (0600, for a sidecar in
     the pod), and with ``peer_listen`` the node's one TCP listener: TLS, ServiceAccount tokens,
-    the Diff export service and the forwarded Controller calls."""
-    index = ExportIndex(home_of(plugin.root, plugin.driver.name) / "backup-index.json")
-    backend = ExportBackend(plugin.driver, config.node_id, index)
-    servers = [start_unix_export(backend, export_socket_path(config.socket_path()))[0]]
+    the Diff export service and the forwarded Controller calls; beside it (``bulk_port`` >= 0)
+    the bulk lane its OpenExport tickets are redeemed on (:mod:`csi.peers.bulk`)."""
+    backend = ExportBackend(plugin.driver, config.node_id, plugin.index, plugin.digests)
+    servers: list[grpc.Server | BulkServer] = [start_unix_export(backend, export_socket_path(config.socket_path()))[0]]
     if config.peer_listen:
+        tls = TlsFiles(Path(config.tls_cert), Path(config.tls_key))
         try:
+            lane = None
+            if config.bulk_port >= 0:
+                host = split_address(config.peer_listen)[0]  # a malformed address fails here first
+                bulk = BulkServer(host_port(host, config.bulk_port), tls, TicketBook())
+                servers.append(bulk)
+                lane = BulkLane(bulk.tickets, bulk.port)
             tcp, port = start_tcp_export(backend, TcpExportConfig(
-                config.peer_listen, TlsFiles(Path(config.tls_cert), Path(config.tls_key)),
+                config.peer_listen, tls,
                 audiences=config.peer_audiences, importers=config.export_importers, driver_name=config.driver_name,
                 peers=config.peer_accounts, controllers=config.controller_accounts), incluster_api_client,
                 services=[forwarded_controller(ControllerService(plugin)), peer_service(plugin)],
-                observer=metrics.observe_rpc if metrics else None)
+                observer=metrics.observe_rpc if metrics else None, lane=lane)
         except BaseException:
-            servers[0].stop(0)
+            for server in servers:
+                server.stop(0)
             raise
-        log.info("peer listener on %s (port %d): TLS, tokens for %s", config.peer_listen, port,
-                 ", ".join(config.peer_audiences))
+        log.info("peer listener on %s (port %d): TLS, tokens for %s%s", config.peer_listen, port,
+                 ", ".join(config.peer_audiences), f"; bulk lane on port {lane.port}" if lane else "")
         servers.append(tcp)
     return servers
 
@@ -204,7 +223,7 @@ class ServerHandle:
     endpoint: str
     metrics: Metrics | None = None
     metrics_endpoint: MetricsEndpoint | None = None
-    export_servers: tuple[grpc.Server, ...] = ()
+    export_servers: tuple[grpc.Server | BulkServer, ...] = ()
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls, let in-flight ones finish, release the store."""
@@ -236,6 +255,7 @@ def start_server(config: ServeConfig) -> ServerHandle:
             metrics.record_reconciliation(plugin.driver.recovered)
         recover(plugin.store, plugin.driver)
         sweep_temporaries(plugin.driver)  # layers a killed import left (csi.backup.index)
+        plugin.index.forget_missing(plugin.driver)  # export records of layers deleted meanwhile
         server = build_server(config, plugin, metrics)
         if metrics is not None:  # before the socket: a port in use fails start-up cleanly
             metrics.watch(plugin.root, plugin.driver)
@@ -301,6 +321,13 @@ def parse_args(argv: list[str]) -> tuple[ServeConfig, str]:
     peer.add_argument("--peer-port", type=int, default=0, help="peers' listener port (default: --peer-listen's)")
     peer.add_argument("--node-address", action="append", default=[], metavar="NODE=HOST:PORT",
                       help="a peer's address instead of its Node's InternalIP (repeatable)")
+    peer.add_argument("--bulk-port", type=int, default=0,
+                      help="port of the bulk lane beside --peer-listen, where other nodes fetch layer bytes with "
+                           "tickets the channel hands out (default 0: any free port; -1: no lane, bytes go "
+                           "through ExportDiff)")
+    peer.add_argument("--digest-snapshots", choices=("auto", "yes", "no"), default="auto",
+                      help="hash each new snapshot's layers in the background at low priority, so its first "
+                           "restore on another node or backup need not (default auto: with --peer-listen)")
     parser.add_argument("--metrics-address", default="",
                         help="HOST:PORT or :PORT to serve Prometheus metrics on /metrics (default: off)")
     parser.add_argument("--version", action="version", version=f"strata {__version__}")
@@ -311,6 +338,8 @@ def parse_args(argv: list[str]) -> tuple[ServeConfig, str]:
         parser.error("dialing peers needs both --tls-ca and --token-file")
     if not 0 <= args.peer_port < 65536:
         parser.error("--peer-port must be 1-65535")
+    if not -1 <= args.bulk_port < 65536:
+        parser.error("--bulk-port must be -1, 0 or a port")
     table = node_addresses(parser, args.node_address)
     storage_opts = key_values(parser, "--storage-opt", args.storage_opt)
     config = ServeConfig(root=Path(args.root), endpoint=args.endpoint, node_id=args.node_id, driver=args.driver,
@@ -323,7 +352,8 @@ def parse_args(argv: list[str]) -> tuple[ServeConfig, str]:
                          controller_accounts=_accounts(parser, "--controller-account", args.controller_account),
                          export_importers=_accounts(parser, "--export-importer", args.export_importer),
                          tls_ca=args.tls_ca, token_file=args.token_file, peer_server_name=args.peer_server_name,
-                         peer_port=args.peer_port, node_addresses=tuple(table))
+                         peer_port=args.peer_port, node_addresses=tuple(table), bulk_port=args.bulk_port,
+                         digest_snapshots={"auto": None, "yes": True, "no": False}[args.digest_snapshots])
     return config, args.log_level
 
 

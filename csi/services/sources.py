@@ -20,7 +20,8 @@ What a CreateVolume content source names, and what happens to it (:func:`classif
 
 **One import path.** Every pull is :func:`csi.backup.restore`: B's chain is presented as an
 in-memory OCI artifact (:class:`PeerTarget`: a manifest and config built from GetChain, each
-layer blob an uncompressed ExportDiff stream, checked against B's diff_id as it arrives), so a
+layer blob an uncompressed ExportDiff stream — its bytes on B's bulk lane, :mod:`csi.peers.bulk`
+— checked against B's diff_id as it arrives), so a
 layer is ``oci-<ChainID>`` whether it came from a registry or from a peer — the same layer —
 and a layer this node already has (by ChainID) does not move: a second restore of the same
 snapshot is GetChain plus existence checks. Each layer is imported into an ``ocitmp-`` layer,
@@ -52,6 +53,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -155,10 +157,11 @@ class PeerTarget:
     :func:`csi.backup.restore` reads it as it reads a registry."""
 
     def __init__(self, stub: export_pb2_grpc.DiffExportStub, owner: str, snapshot_id: str,
-                 chain: export_pb2.GetChainResponse, on_bytes: Callable[[int], None] | None = None) -> None:
+                 chain: export_pb2.GetChainResponse, on_bytes: Callable[[int], None] | None = None,
+                 connect: Callable[[int], ssl.SSLSocket] | None = None) -> None:
         if not chain.layers:
             raise NotFound(f"node {owner} answered an empty chain for snapshot {snapshot_id}")
-        self._stub, self.owner, self._on_bytes = stub, owner, on_bytes
+        self._stub, self.owner, self._on_bytes, self._connect = stub, owner, on_bytes, connect
         self._entries: dict[str, export_pb2.ChainLayer] = {}
         facts = []
         for entry in chain.layers:
@@ -186,7 +189,7 @@ class PeerTarget:
             raise NotFound(f"blob {digest} is not in the chain of node {self.owner}")
         stream = ExportDiffReader(self._stub, entry.id, entry.parent, source=f"node {self.owner}",
                                   relay=lambda exc: _relay(exc, self.owner, f"layer {entry.id}"),
-                                  on_bytes=self._on_bytes)
+                                  on_bytes=self._on_bytes, connect=self._connect)
         return VerifyingReader(stream, digest, size, f"layer {entry.id} from node {self.owner}",  # type: ignore[arg-type,return-value]
                                hashed=True)
 
@@ -349,7 +352,9 @@ class ContentSources:
         def moved(n: int) -> None:
             job.moved += n
 
-        target = PeerTarget(stub, owner, snapshot_id, chain, moved)
+        dialer = self.dialer
+        target = PeerTarget(stub, owner, snapshot_id, chain, moved,
+                            connect=(lambda port: dialer.connect(owner, port)) if dialer is not None else None)
         job.total = target.total
         try:
             result = restore(self.driver, target, target.digest, index=self.index)  # type: ignore[arg-type]

@@ -268,6 +268,37 @@ def test_plain_tcp_and_an_untrusted_certificate_are_refused(cluster: Cluster, sn
     assert cluster.client(b(cluster), "chain", snapshot_a)["code"] == "OK"
 
 
+# ---------------------------------------------------------------------------- the bulk lane
+
+
+def test_the_bulk_lane_carries_what_export_diff_carries(cluster: Cluster, snapshot_a: str) -> None:
+    """OpenExport over the channel, then the bytes on the lane's own TLS socket: the same blob
+    and summary as ExportDiff on the channel."""
+    exported = cluster.client(b(cluster), "export", snapshot_a)
+    fetched = cluster.client(b(cluster), "bulk", snapshot_a)
+    assert fetched["code"] == "OK", fetched
+    assert fetched["result"] == exported["result"]
+    assert fetched["result"]["sha256"] == fetched["result"]["summary_digest"]
+
+
+def test_a_bulk_ticket_is_used_once_and_only_the_channel_issues_one(cluster: Cluster, snapshot_a: str) -> None:
+    twice = cluster.client(b(cluster), "bulk-twice", snapshot_a)
+    assert twice["code"] == "OK", twice
+    assert twice["result"]["first"]["bytes"] > 18000
+    assert twice["result"]["error"] == "PermissionDenied" and "ticket" in twice["result"]["message"]
+    forged = cluster.client(b(cluster), "bulk-forged", snapshot_a)
+    assert forged["result"]["error"] == "PermissionDenied", forged
+    # OpenExport is a Diff export call: the channel's tokens and per-request rules decide
+    for token, code in (("bogus", "UNAUTHENTICATED"), (None, "UNAUTHENTICATED"), ("intruder", "INVALID_ARGUMENT")):
+        refused = cluster.client(b(cluster), "bulk", snapshot_a, token=token)
+        assert refused["code"] == code, (token, refused)
+    # a ticket sent in the clear gets no data: the lane speaks TLS only
+    plain = cluster.client(b(cluster), "bulk-plain", snapshot_a)
+    assert plain["code"] == "OK" and plain["result"]["data_frame"] is False, plain
+    # the ticket never reaches the owner's log
+    assert "STRATA-BULK" not in cluster.log("node-a")
+
+
 # ---------------------------------------------------------------------------- strata controller
 
 

@@ -5,8 +5,10 @@ start-up (:func:`csi.services.server.start_server`) on a unix socket, with
   CA, no token), as the server's node-to-node wiring passes its dialer to ``Plugin``;
 * a stand-in for the node's TLS peer listener on ``--listen``: the Diff export service with
   the unix socket's policy (every snapshot by handle or layer ID) and the CSI Controller (for
-  the freeze a cross-node clone asks of the owner). No token check: the channel's own
-  authentication is tested with its listener; here the subject is what travels over it.
+  the freeze a cross-node clone asks of the owner), with the node's real bulk lane beside it
+  (:mod:`csi.peers.bulk`, any free port), so layers travel as they do between served nodes.
+  No token check: the channel's own authentication is tested with its listener; here the
+  subject is what travels over it.
 
 Usage: node_main.py --root R --socket S --node-id N --driver D --listen HOST:PORT
                     --cert C --key K --ca CA --peer NODE=HOST:PORT ...
@@ -22,12 +24,13 @@ import sys
 import threading
 from pathlib import Path
 
+from csi.peers.bulk import BulkServer, TicketBook
 from csi.peers.dial import StaticDialer
 from csi.peers.tls import TlsFiles, listen_tls
 from csi.proto import csi_pb2_grpc, export_pb2_grpc
 from csi.services import server as srv
 from csi.services.controller import ControllerService
-from csi.services.export import DiffExportService, ExportBackend, LocalAccess
+from csi.services.export import BulkLane, DiffExportService, ExportBackend, LocalAccess
 from csi.services.listen import configure_logging, new_server
 from csi.services.plugin import Plugin
 
@@ -45,16 +48,20 @@ def main() -> int:
     handle = srv.start_server(srv.ServeConfig(root=Path(args.root), endpoint=f"unix://{args.socket}",
                                               node_id=args.node_id, driver=args.driver, grace_seconds=2))
     peer = new_server(8, "peer-standin")
-    backend = ExportBackend(handle.plugin.driver, args.node_id, handle.plugin.index)
-    export_pb2_grpc.add_DiffExportServicer_to_server(DiffExportService(backend, LocalAccess()), peer)
+    backend = ExportBackend(handle.plugin.driver, args.node_id, handle.plugin.index, handle.plugin.digests)
+    tls = TlsFiles(Path(args.cert), Path(args.key))
+    bulk = BulkServer(f"{args.listen.rpartition(':')[0]}:0", tls, TicketBook())
+    export_pb2_grpc.add_DiffExportServicer_to_server(
+        DiffExportService(backend, LocalAccess(), BulkLane(bulk.tickets, bulk.port)), peer)
     csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(handle.plugin), peer)
-    listen_tls(peer, args.listen, TlsFiles(Path(args.cert), Path(args.key)))
+    listen_tls(peer, args.listen, tls)
     peer.start()
     print("READY", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stop.wait()
     peer.stop(1).wait()
+    bulk.stop(1).wait()
     handle.stop(2)
     dialer.close()
     logging.shutdown()

@@ -36,6 +36,7 @@ class ServedNode:
     name: str
     base: Path
     channel: grpc.Channel
+    lane: bool = True  # serves a bulk lane
 
     @property
     def controller(self) -> rpc.ControllerStub:
@@ -71,8 +72,10 @@ class ServedNode:
                 time.sleep(0.2)
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, scratch_root: Path) -> Iterator[dict[str, ServedNode]]:
+@pytest.fixture(params=["bulk-lane", "no-lane"])
+def cluster(request: pytest.FixtureRequest, tmp_path: Path, scratch_root: Path) -> Iterator[dict[str, ServedNode]]:
+    """Two nodes; with ``no-lane`` node A serves no bulk lane (``--bulk-port=-1``), so B reads
+    the layers through ExportDiff on the channel."""
     import shutil
 
     if shutil.which("ip") is None or shutil.which("nsenter") is None:
@@ -97,7 +100,9 @@ def cluster(tmp_path: Path, scratch_root: Path) -> Iterator[dict[str, ServedNode
                     f"--root={base / 'root'}", "--driver=vfs", f"--peer-listen={host.ip}:{PORT}",
                     f"--tls-cert={pki.cert}", f"--tls-key={pki.key}", "--peer-audience=strata-peer",
                     f"--peer-account={NODE_SA}", f"--tls-ca={pki.ca}", f"--token-file={token}",
-                    f"--peer-server-name={PEER_NAME}"]
+                    f"--peer-server-name={PEER_NAME}", "--log-level=info"]
+            if request.param == "no-lane" and name == "node-a":
+                argv.append("--bulk-port=-1")
             proc = host.popen(argv, env=kube.env(tmp_path / "kubeconfig"), log=base / "serve.log")
             channel = grpc.insecure_channel(f"unix://{sock}")
             end = time.monotonic() + 60
@@ -107,7 +112,7 @@ def cluster(tmp_path: Path, scratch_root: Path) -> Iterator[dict[str, ServedNode
                     break
                 except grpc.FutureTimeoutError:
                     assert proc.poll() is None and time.monotonic() < end, (base / "serve.log").read_text()[-3000:]
-            served[name] = ServedNode(name, base, channel)
+            served[name] = ServedNode(name, base, channel, "--bulk-port=-1" not in argv)
         yield served
     finally:
         for node in served.values():
@@ -135,6 +140,8 @@ def test_restore_over_the_authenticated_channel(cluster: dict[str, ServedNode]) 
     assert restored.volume_id.endswith("@node-b")
     assert_same_tree(expected, b.mounted(restored.volume_id, "pod-restored"))
     assert pulls(b)[-1][0] >= 1  # type: ignore[arg-type]
+    fell_back = "has no bulk lane" in (b.base / "serve.log").read_text(errors="replace")
+    assert fell_back == (not a.lane), "B did not read A's layers the way A serves them"
     again = b.create("pvc-again", snapshot_source(snap.snapshot_id))
     assert pulls(b)[-1][0] == 0 and pulls(b)[-1][2] == 0, pulls(b)  # type: ignore[arg-type]
     assert_same_tree(expected, b.mounted(again.volume_id, "pod-again"))
