@@ -392,6 +392,10 @@ def test_peer_channel_settings_agree(case: str, rendered: dict[str, list[Obj]]) 
         assert flag(c, "peer-listen") == f"$(NODE_IP):{peers['port']}"
         assert {e["name"]: e for e in c["env"]}["NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
         assert {"name": "peer", "containerPort": peers["port"], "protocol": "TCP"} in c["ports"]
+        # the bulk lane beside the listener: its own host port, announced in the tickets
+        assert flag(c, "bulk-port") == str(peers["bulkPort"]) and peers["bulkPort"] != peers["port"]
+        assert {"name": "peer-bulk", "containerPort": peers["bulkPort"], "protocol": "TCP"} in c["ports"]
+        assert flag(c, "digest-snapshots") == ("yes" if peers["digestSnapshots"] else "no")
         tls_dir, volume = mounted(ds, c, "peer-tls")
         assert volume["secret"]["secretName"] == secret_name
         assert flag(c, "tls-cert") == f"{tls_dir}/tls.crt" and flag(c, "tls-key") == f"{tls_dir}/tls.key"
