@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from csi.errors import InvalidArgument
 from csi.graphdriver.driver import ChangeKind
 from csi.graphdriver.diff.naive import NaiveDiffer
-from csi.graphdriver.diff.ocitar import LayerTarApplier, LayerTarWriter, apply_tar, format_ns, parse_ns
+from csi.graphdriver.diff.ocitar import DIRECT_MIN, LayerTarApplier, LayerTarWriter, apply_tar, format_ns, parse_ns
 from csi.graphdriver.diff.whiteouts import MemberKind, classify, opaque_name, whiteout_name
 from csi.graphdriver.vfs import VfsDriver
 from conformance import assert_same_tree, open_driver
@@ -242,3 +244,40 @@ def test_on_ext4_equal_files_are_read(ext4_dir: Path, monkeypatch: pytest.Monkey
         drv.create("v1", "s0")
         drv.freeze("v1", "s1")
         assert drv.changes("s1", "s0") == [] and read == ["same"]
+
+
+@pytest.fixture
+def tmpfs_dir(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "tmpfs"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.parametrize("fs", ["ext4_dir", "btrfs_dir", "tmpfs_dir"])
+def test_large_files_land_whole_with_or_without_o_direct(fs: str, request: pytest.FixtureRequest) -> None:
+    """Files from DIRECT_MIN up are written with O_DIRECT where the file system takes it (whole
+    blocks from an aligned buffer, the partial last block buffered) and buffered where not:
+    either way every byte lands, at every size around the block and chunk edges, and the
+    result survives the applier's fsyncs."""
+    root = request.getfixturevalue(fs) / "applied"
+    root.mkdir()
+    sizes = {"below": DIRECT_MIN - 1, "exact": DIRECT_MIN, "one-more": DIRECT_MIN + 1,
+             "tail": 3 * DIRECT_MIN + 123, "blocks": 2 * DIRECT_MIN + 4096, "odd": 5 * DIRECT_MIN - 4095}
+    contents = {name: os.urandom(size) for name, size in sizes.items()}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in contents.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o640
+            tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    written = apply_tar(root, buf)
+    assert written == sum(sizes.values())
+    for name, data in contents.items():
+        path = root / name
+        assert path.stat().st_size == len(data) and path.read_bytes() == data, name
+        assert path.stat().st_mode & 0o777 == 0o640

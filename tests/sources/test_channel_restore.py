@@ -134,6 +134,12 @@ def test_restore_over_the_authenticated_channel(cluster: dict[str, ServedNode]) 
     mount = a.mounted(vol, "pod-src")
     populate(mount)
     snap = a.controller.CreateSnapshot(pb.CreateSnapshotRequest(name="snap-1", source_volume_id=vol)).snapshot
+    # A digests the new snapshot in the background (--digest-snapshots is on with --peer-listen)
+    layer = snap.snapshot_id.partition("@")[0]
+    deadline = time.monotonic() + 60
+    while not any(layer in p.read_text() for p in (a.base / "root").rglob("backup-index.json")):
+        assert time.monotonic() < deadline, "node-a never digested its new snapshot"
+        time.sleep(0.1)
     expected = a.mounted(a.create("pvc-local", snapshot_source(snap.snapshot_id)).volume_id, "pod-local")
 
     restored = b.create("pvc-restored", snapshot_source(snap.snapshot_id))
