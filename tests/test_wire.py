@@ -47,4 +47,4 @@ def test_export_proto_is_generated_and_checked_too(tmp_path: Path) -> None:
     assert service.full_name == "strata.export.v1.DiffExport"
     streams = {m.name: (m.client_streaming, m.server_streaming) for m in service.methods}
     assert streams == {"GetChain": (False, False), "Changes": (False, True), "DiffSize": (False, False),
-                       "ExportDiff": (False, True), "ImportDiff": (True, False)}
+                       "ExportDiff": (False, True), "ImportDiff": (True, False), "OpenExport": (False, False)}
