@@ -35,6 +35,7 @@ CHUNK = 1 << 20
 NICE = 10
 _IOPRIO_SET = {"x86_64": 251, "aarch64": 30}
 _IOPRIO_WHO_PROCESS, _IOPRIO_CLASS_BE = 1, 2
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def _set_priority(tid: int, low: bool) -> None:
@@ -47,8 +48,8 @@ def _set_priority(tid: int, low: bool) -> None:
     number = _IOPRIO_SET.get(os.uname().machine)
     if number is not None:
         try:
-            ctypes.CDLL(None, use_errno=True).syscall(number, _IOPRIO_WHO_PROCESS, tid,
-                                                      (_IOPRIO_CLASS_BE << 13) | (7 if low else 4))
+            _LIBC.syscall(number, _IOPRIO_WHO_PROCESS, tid,
+                          (_IOPRIO_CLASS_BE << 13) | (7 if low else 4))
         except (OSError, AttributeError):
             pass
 

@@ -93,7 +93,7 @@ class CachingDialer:
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return self._context.wrap_socket(raw, server_hostname=self._server_name or host)
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:  # ssl.SSLError included
             raw.close()
             raise Unavailable(f"node {node_id} at {host} port {port}: TLS failed: {exc}") from exc
 

@@ -79,7 +79,7 @@ def bulk(export: export_pb2_grpc.DiffExportStub, name: str, args: list[str], opt
     try:
         fetch(*lane, answer.ticket if name == "bulk-twice" else "ab" * 32)
     except StrataError as exc:
-        return {"first": first, "error": type(exc).__name__, "message": str(exc)}
+        return {"first": first, "error": type(exc).__name__, "message": str(exc), "ticket": answer.ticket}
     return {"first": first, "error": None}
 
 

@@ -46,8 +46,8 @@ non-overlapping, inside the size, no more data than the member carries). What it
 durable when :func:`apply_tar` returns: a file of ``DIRECT_MIN`` bytes or more is written with
 ``O_DIRECT`` from a page-aligned buffer (its last partial block buffered) where the file system
 takes it — the data goes to the disk as it arrives, past the page cache, so a large restore does
-not wait on the cache's writeback (on this VM's disk 1 GiB took 0.6 s direct, 0.3-3.5 s buffered
-with the writeback started per file); a smaller file's writeback starts as soon as it is
+not wait on the cache's writeback (on this VM's disk, ad hoc and not by the bench, 1 GiB took
+0.6 s direct and 0.3-3.5 s buffered with the writeback started per file); a smaller file's writeback starts as soon as it is
 written; and :meth:`~LayerTarApplier.finish` fsyncs every file written and every directory the tar created,
 changed or deleted from (one journal commit covers the entries' metadata; a restore acknowledges
 a volume on imported layers, so they must survive a power cut). A layer store with its own on-disk form of
